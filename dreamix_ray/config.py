@@ -1,0 +1,135 @@
+"""Frozen configs and the paper's default numbers, in one place (Dreamix, arXiv 2302.01329)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGE_KINDS = ("base", "tsr", "ssr")
+
+# Paper App. A.1: the last, largest SSR samples sub-chunks of 32 frames.
+PAPER_SSR_CHUNK_FRAMES = 32
+# Paper App. A.1: classifier-free guidance weight 1.0, i.e. off.
+PAPER_GUIDANCE_SCALE = 1.0
+# Paper Sec. 4.1 / App. A.3: good strengths without finetuning 0.4-0.85, after finetuning 0.95-1.0.
+PAPER_STRENGTH_NO_FINETUNE = (0.4, 0.85)
+PAPER_STRENGTH_FINETUNED = (0.95, 1.0)
+# Paper App. A.2: learning rate of every finetuning recipe.
+PAPER_FINETUNE_LR = 6e-6
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is out of range; the message says which and what to do."""
+
+
+class _Dict:
+    """to_dict / from_dict for frozen dataclasses (unknown keys are an error, not ignored)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(names)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class StageConfig(_Dict):
+    """One cascade stage: what it produces and how it samples (paper App. A.1)."""
+
+    name: str
+    kind: str  # base | tsr | ssr
+    frames: int  # frames this stage was trained on (its default clip length)
+    height: int
+    width: int
+    fps: float
+    factor: int = 1  # tsr: frames multiplier; ssr: pixels multiplier; base: 1
+    steps: int = 32
+    eta: float = 0.5
+    finetune: bool = False  # finetuned by default (paper: base + first two SSR)
+
+    def __post_init__(self):
+        if self.kind not in STAGE_KINDS:
+            raise ConfigError(f"stage {self.name!r}: kind must be one of {STAGE_KINDS}, got {self.kind!r}")
+        if self.kind != "base" and self.factor < 1:
+            raise ConfigError(f"stage {self.name!r}: factor must be >= 1")
+
+
+@dataclass(frozen=True)
+class CascadeConfig(_Dict):
+    """The cascade: a text encoder and an ordered list of stages."""
+
+    stages: tuple[StageConfig, ...]
+    text_encoder: dict = field(default_factory=dict)  # {"kind": "minilm"|"t5"|"clip", "path": ...}
+    name: str = "cascade"
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "text_encoder": dict(self.text_encoder),
+            "stages": [s.to_dict() for s in self.stages],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CascadeConfig":
+        stages = tuple(StageConfig.from_dict(s) for s in data["stages"])
+        return cls(stages=stages, text_encoder=dict(data.get("text_encoder", {})),
+                   name=data.get("name", "cascade"), description=data.get("description", ""))
+
+
+def validate_strength(strength: float) -> float:
+    """Strength s is the base model's diffusion time in [0, 1] (paper Sec. 4.1)."""
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        raise ConfigError(f"strength must be a number in [0, 1], got {strength!r}") from None
+    if math.isnan(s) or not 0.0 <= s <= 1.0:
+        raise ConfigError(
+            f"strength must be in [0, 1] (0 keeps the degraded video, 1 is pure noise), got {strength!r}; "
+            f"the paper uses {PAPER_STRENGTH_NO_FINETUNE[0]}-{PAPER_STRENGTH_NO_FINETUNE[1]} without finetuning"
+        )
+    return s
+
+
+@dataclass(frozen=True)
+class EditConfig(_Dict):
+    """How one edit runs (paper Sec. 4.1, App. A.1)."""
+
+    strength: float = 0.7
+    seed: int = 0
+    steps: tuple[int, ...] = ()  # per-stage step counts; empty = each stage's default
+    eta: float | None = None  # None = each stage's default
+    guidance_scale: float = PAPER_GUIDANCE_SCALE
+    num_frames: int | None = None  # base-stage frames; None = the base stage's trained length
+    ssr_chunk_frames: int = PAPER_SSR_CHUNK_FRAMES
+    fit: str = "crop"  # how the input is fitted to the stage size: crop | pad
+
+    def __post_init__(self):
+        validate_strength(self.strength)
+        if any(int(n) < 1 for n in self.steps):
+            raise ConfigError(f"steps must all be >= 1, got {list(self.steps)}")
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"eta must be in [0, 1], got {self.eta}")
+        if self.guidance_scale < 1.0:
+            raise ConfigError(f"guidance scale must be >= 1 (1 = off), got {self.guidance_scale}")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ConfigError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.ssr_chunk_frames < 1:
+            raise ConfigError(f"the SSR chunk must hold >= 1 frame, got {self.ssr_chunk_frames}")
+        if self.fit not in ("crop", "pad"):
+            raise ConfigError(f"fit must be 'crop' or 'pad', got {self.fit!r}")
+
+    def stage_steps(self, index: int, stage: StageConfig) -> int:
+        return int(self.steps[index]) if index < len(self.steps) else stage.steps
+
+    def stage_eta(self, stage: StageConfig) -> float:
+        return stage.eta if self.eta is None else self.eta

@@ -1,0 +1,137 @@
+"""The cascade: a text encoder plus ordered stages, and its on-disk format.
+
+On disk: `cascade.json` (CascadeConfig) and one folder per stage holding the denoiser in
+diffusers `save_pretrained` format plus its `scheduler_config.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+
+from ..config import CascadeConfig, StageConfig
+from ..sampling import make_scheduler
+from .stage import StageDenoiser
+from .text import TextEncoder, load_text_encoder
+
+CASCADE_FILE = "cascade.json"
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "default_cascade"
+
+
+class CascadeError(ValueError):
+    """A cascade directory is missing or malformed; the message says what to do."""
+
+
+@dataclass
+class Stage:
+    config: StageConfig
+    denoiser: StageDenoiser
+    scheduler: DDIMScheduler
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.denoiser.parameters())
+
+
+class Cascade:
+    """Text encoder + stages; `edit.py` runs it, `finetune.py` trains parts of it."""
+
+    def __init__(self, config: CascadeConfig, text_encoder: TextEncoder, stages: list[Stage], source: str = ""):
+        if not stages or stages[0].config.kind != "base":
+            raise CascadeError("a cascade needs a first stage of kind 'base'")
+        self.config, self.text_encoder, self.stages, self.source = config, text_encoder, stages, source
+
+    @property
+    def base(self) -> Stage:
+        return self.stages[0]
+
+    def last_ssr_index(self) -> int | None:
+        idx = [i for i, s in enumerate(self.stages) if s.config.kind == "ssr"]
+        return idx[-1] if idx else None
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = CascadeConfig(stages=tuple(s.config for s in self.stages), text_encoder=self.text_encoder.spec(),
+                               name=self.config.name, description=self.config.description)
+        for stage in self.stages:
+            stage.denoiser.save_pretrained(path / stage.config.name)
+            stage.scheduler.save_pretrained(path / stage.config.name)
+        (path / CASCADE_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, text_encoder: TextEncoder | None = None) -> "Cascade":
+        path = Path(path)
+        if not (path / CASCADE_FILE).is_file():
+            raise CascadeError(f"{path} is not a cascade directory (no {CASCADE_FILE}); "
+                               "give a directory written by Cascade.save_pretrained or `dreamix convert`")
+        try:
+            config = CascadeConfig.from_dict(json.loads((path / CASCADE_FILE).read_text()))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CascadeError(f"{path / CASCADE_FILE} is malformed: {exc}") from None
+        stages = []
+        for sc in config.stages:
+            folder = path / sc.name
+            if not folder.is_dir():
+                raise CascadeError(f"cascade {path} lists stage {sc.name!r} but has no folder {folder}")
+            denoiser = StageDenoiser.from_pretrained(folder).eval()
+            scheduler = DDIMScheduler.from_pretrained(folder)
+            stages.append(Stage(sc, denoiser, scheduler))
+        text_encoder = text_encoder or load_text_encoder(config.text_encoder, root=path)
+        return cls(config, text_encoder, stages, source=str(path))
+
+    def cascade_id(self) -> str:
+        """Content hash of the config and every weight: keys finetuned artifacts to this exact cascade."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for stage in self.stages:
+            for name, tensor in sorted(stage.denoiser.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def info(self) -> list[dict]:
+        return [dict(name=s.config.name, kind=s.config.kind, factor=s.config.factor, frames=s.config.frames,
+                     height=s.config.height, width=s.config.width, fps=s.config.fps, steps=s.config.steps,
+                     parameters=s.num_parameters) for s in self.stages]
+
+
+def build_cascade(config: CascadeConfig, denoiser_kwargs: dict[str, dict], text_encoder: TextEncoder,
+                  seed: int = 0) -> Cascade:
+    """A freshly initialised cascade (pretraining start, tests)."""
+    torch.manual_seed(seed)
+    stages = []
+    for sc in config.stages:
+        kwargs = dict(denoiser_kwargs.get(sc.name, {}))
+        kwargs.setdefault("text_dim", text_encoder.hidden_size)
+        kwargs.setdefault("cond_channels", 0 if sc.kind == "base" else 3)
+        stages.append(Stage(sc, StageDenoiser(**kwargs).eval(), make_scheduler()))
+    return Cascade(config, text_encoder, stages, source="built")
+
+
+def tiny_cascade(text_encoder: TextEncoder | None = None, seed: int = 0, ssr_factor: int = 2) -> Cascade:
+    """A tiny random base -> TSR 2x -> SSR cascade that runs in seconds on a CPU (tests)."""
+    stages = (
+        StageConfig("base", "base", frames=4, height=8, width=8, fps=2.0, steps=3, finetune=True),
+        StageConfig("tsr", "tsr", frames=8, height=8, width=8, fps=4.0, factor=2, steps=2),
+        StageConfig("ssr", "ssr", frames=8, height=8 * ssr_factor, width=8 * ssr_factor, fps=4.0,
+                    factor=ssr_factor, steps=2, finetune=True),
+    )
+    small = dict(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                 up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=4, attention_head_dim=4)
+    kwargs = {"base": dict(small, position_frames=4), "tsr": dict(small, position_frames=8),
+              "ssr": dict(small, frame_position=False)}
+    te = text_encoder or TextEncoder("minilm")
+    cascade = build_cascade(CascadeConfig(stages, te.spec(), name="tiny"), kwargs, te, seed)
+    # Zero-initialised output layers would make every stage ignore its input; tests need real signal.
+    gen = torch.Generator().manual_seed(seed)
+    for stage in cascade.stages:
+        for p in stage.denoiser.parameters():
+            if not p.detach().abs().sum():
+                p.data.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return cascade

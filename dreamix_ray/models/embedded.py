@@ -1,0 +1,39 @@
+"""The embedded default cascade's architecture (trained on the shapes world by `dreamix pretrain`)."""
+
+from __future__ import annotations
+
+from ..config import CascadeConfig, StageConfig
+
+EMBEDDED_NAME = "dreamix-shapes-64"
+EMBEDDED_DESCRIPTION = (
+    "Tiny cascade trained only on the procedural shapes world (coloured circles, squares and "
+    "triangles moving over plain backgrounds). It knows nothing else: real footage comes out as "
+    "shapes-world-like colour blobs."
+)
+
+# base 8x16x16 @4fps -> TSR 2x -> 16x16x16 @8fps -> SSR 4x -> 16x64x64 @8fps (2 s clips).
+EMBEDDED_STAGES = (
+    StageConfig("base", "base", frames=8, height=16, width=16, fps=4.0, steps=32, eta=0.5, finetune=True),
+    StageConfig("tsr", "tsr", frames=16, height=16, width=16, fps=8.0, factor=2, steps=12, eta=0.5),
+    StageConfig("ssr", "ssr", frames=16, height=64, width=64, fps=8.0, factor=4, steps=12, eta=0.5,
+                finetune=True),
+)
+
+EMBEDDED_DENOISERS = {
+    "base": dict(block_out_channels=(32, 64, 64), position_frames=8,
+                 down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+                 up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D")),
+    # Temporal SR at 16x16: cross-attention only at 8x8 and below keeps it cheap.
+    "tsr": dict(block_out_channels=(32, 64, 64), position_frames=16,
+                down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D")),
+    # Spatial SR at 64x64 is local work: no attention at full resolution, no frame position
+    # (it runs on frame chunks whose position in the clip varies).
+    "ssr": dict(block_out_channels=(32, 48, 64), frame_position=False,
+                down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
+                up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D")),
+}
+
+
+def embedded_config(text_encoder_spec: dict) -> CascadeConfig:
+    return CascadeConfig(EMBEDDED_STAGES, dict(text_encoder_spec), EMBEDDED_NAME, EMBEDDED_DESCRIPTION)

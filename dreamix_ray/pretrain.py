@@ -1,0 +1,180 @@
+"""Pretrain the embedded cascade's stages on the procedural shapes world (videos and images)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import StageConfig, _Dict
+from .degrade import downsample_for_training, frames_to_tensor, upsample_condition
+from .models.cascade import Cascade, Stage, build_cascade
+from .models.embedded import EMBEDDED_DENOISERS, embedded_config
+from .models.text import TextEncoder
+from .sampling import make_scheduler
+from .world.captions import caption
+from .world.render import render
+from .world.scene import sample_scene
+
+
+@dataclass(frozen=True)
+class PretrainConfig(_Dict):
+    """One stage's pretraining run (Imagen Video style: videos plus frames-as-images)."""
+
+    stage: str = "base"
+    minutes: float = 60.0
+    max_steps: int = 1_000_000
+    batch_size: int = 8
+    lr: float = 1e-3
+    ema_decay: float = 0.995
+    image_fraction: float = 0.15  # steps trained in frame mode on frames as independent images
+    ssr_crop: int = 32  # SSR trains on random crops of its output size (it is fully convolutional)
+    ssr_crop_frames: int = 8
+    cond_noise: float = 0.1  # max Gaussian noise on an SR stage's low-res input (robust to base errors)
+    seed: int = 0
+    checkpoint_every_s: float = 180.0
+    grad_clip: float = 1.0
+
+
+def held_out(scene) -> bool:
+    """Held-out (colour, shape, motion, background) combos: never trained on, used for evaluation."""
+    o = scene.objects[0]
+    key = f"{o.colour}|{o.shape}|{o.motion}|{scene.background}".encode()
+    return hashlib.sha256(key).digest()[0] % 8 == 0
+
+
+def training_scenes(rng: np.random.Generator, n: int):
+    scenes = []
+    while len(scenes) < n:
+        scene = sample_scene(rng, n_objects=1 if rng.random() < 0.85 else 2)
+        if not held_out(scene):
+            scenes.append(scene)
+    return scenes
+
+
+def world_batch(stage: StageConfig, cfg: PretrainConfig, step: int):
+    """(target [B,3,F,H,W], low-res condition or None, captions) for `step`; a pure function of (seed, step)."""
+    rng = np.random.default_rng([cfg.seed, step])
+    scenes = training_scenes(rng, cfg.batch_size)
+    captions = [caption(s, rng) for s in scenes]
+    if stage.kind == "ssr":
+        hi = torch.cat([frames_to_tensor(render(s, stage.frames, stage.height, stage.fps)) for s in scenes])
+        c, f = cfg.ssr_crop, cfg.ssr_crop_frames
+        ys = rng.integers(0, (stage.height - c) // stage.factor + 1, len(scenes)) * stage.factor
+        xs = rng.integers(0, (stage.width - c) // stage.factor + 1, len(scenes)) * stage.factor
+        ts = rng.integers(0, stage.frames - f + 1, len(scenes))
+        hi = torch.stack([hi[i, :, t:t + f, y:y + c, x:x + c] for i, (t, y, x) in enumerate(zip(ts, ys, xs))])
+    else:
+        hi = torch.cat([frames_to_tensor(render(s, stage.frames, stage.height, stage.fps)) for s in scenes])
+    if stage.kind == "base":
+        return hi, None, captions
+    low = downsample_for_training(hi, stage)
+    sigma = torch.from_numpy(rng.uniform(0, cfg.cond_noise, (len(scenes), 1, 1, 1, 1))).float()
+    noise = torch.from_numpy(rng.standard_normal(low.shape)).float()
+    return hi, upsample_condition(low + sigma * noise, stage), captions
+
+
+def diffusion_loss(stage: Stage, x0, cond, tokens, pooled, gen: torch.Generator, frame_mode_on: bool):
+    """v-prediction MSE at a uniformly drawn timestep (the loss finetuning reuses)."""
+    b = x0.shape[0]
+    t = torch.randint(0, stage.scheduler.config.num_train_timesteps, (b,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = stage.scheduler.add_noise(x0, noise, t)
+    target = stage.scheduler.get_velocity(x0, noise, t)
+    pred = stage.denoiser(x_t, t, tokens, pooled, cond, frame_mode_on=frame_mode_on)
+    return F.mse_loss(pred, target)
+
+
+class EMA:
+    """Exponential moving average of weights; the exported model is the average."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.shadow = decay, copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow.parameters(), model.parameters()):
+            s.lerp_(p.detach(), 1 - d)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEncoder | None = None,
+                log=print) -> Path:
+    """Train one stage until `minutes` or `max_steps`, checkpointing; a rerun resumes."""
+    text_encoder = text_encoder or TextEncoder("minilm")
+    cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder, cfg.seed)
+    stage = next(s for s in cascade.stages if s.config.name == cfg.stage)
+    model = stage.denoiser.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = EMA(model, cfg.ema_decay)
+    out = Path(run_dir) / cfg.stage
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, step = out / "checkpoint.pt", 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        ema.shadow.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        log(f"[{cfg.stage}] resumed at step {step}")
+    deadline = time.time() + cfg.minutes * 60
+    last_ckpt, losses = time.time(), []
+    with (out / "log.jsonl").open("a") as log_file:
+        while step < cfg.max_steps and time.time() < deadline:
+            x0, cond, captions = world_batch(stage.config, cfg, step)
+            tokens, pooled = text_encoder(captions)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            image_step = torch.rand((), generator=gen).item() < cfg.image_fraction
+            loss = diffusion_loss(stage, x0, cond, tokens, pooled, gen, frame_mode_on=image_step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model, step)
+            step += 1
+            losses.append(loss.item())
+            if step % 25 == 0:
+                rec = {"step": step, "loss": float(np.mean(losses)), "time": time.time()}
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+                log(f"[{cfg.stage}] step {step} loss {rec['loss']:.4f}")
+                losses = []
+            if time.time() - last_ckpt > cfg.checkpoint_every_s:
+                _checkpoint(ckpt_path, model, ema, opt, step)
+                last_ckpt = time.time()
+    _checkpoint(ckpt_path, model, ema, opt, step)
+    return ckpt_path
+
+
+def _checkpoint(path: Path, model, ema: EMA, opt, step: int) -> None:
+    _save_atomic({"model": model.state_dict(), "ema": ema.shadow.state_dict(), "opt": opt.state_dict(),
+                  "step": step}, path)
+    ema.shadow.save_pretrained(path.parent / "ema")  # diffusers format: export reads only this
+
+
+def export_cascade(run_dir: str | Path, out_dir: str | Path, text_encoder: TextEncoder | None = None) -> Cascade:
+    """Assemble the EMA weights of every trained stage into a cascade directory."""
+    text_encoder = text_encoder or TextEncoder("minilm")
+    cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder)
+    for stage in cascade.stages:
+        ema_dir = Path(run_dir) / stage.config.name / "ema"
+        if not ema_dir.is_dir():
+            raise FileNotFoundError(f"stage {stage.config.name!r} has no trained weights in {ema_dir}")
+        stage.denoiser = type(stage.denoiser).from_pretrained(ema_dir).eval()
+        stage.scheduler = make_scheduler()
+    cascade.save_pretrained(out_dir)
+    return cascade
