@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import UserError
+
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ PAPER_STRENGTH_FINETUNED = (0.95, 1.0)
 PAPER_FINETUNE_LR = 6e-6
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-supplied setting is out of range; the message says which and what to do."""
 
 
@@ -70,11 +72,13 @@ class CascadeConfig(_Dict):
     text_encoder: dict = field(default_factory=dict)  # {"kind": "minilm"|"t5"|"clip", "path": ...}
     name: str = "cascade"
     description: str = ""
+    finetune_lr: float | None = None  # what works for this cascade; None = the paper's 6e-6
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": self.description,
+            "finetune_lr": self.finetune_lr,
             "text_encoder": dict(self.text_encoder),
             "stages": [s.to_dict() for s in self.stages],
         }
@@ -83,7 +87,8 @@ class CascadeConfig(_Dict):
     def from_dict(cls, data: dict[str, Any]) -> "CascadeConfig":
         stages = tuple(StageConfig.from_dict(s) for s in data["stages"])
         return cls(stages=stages, text_encoder=dict(data.get("text_encoder", {})),
-                   name=data.get("name", "cascade"), description=data.get("description", ""))
+                   name=data.get("name", "cascade"), description=data.get("description", ""),
+                   finetune_lr=data.get("finetune_lr"))
 
 
 def validate_strength(strength: float) -> float:

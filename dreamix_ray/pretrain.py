@@ -7,18 +7,19 @@ import hashlib
 import json
 import os
 import time
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import StageConfig, _Dict
 from .degrade import downsample_for_training, frames_to_tensor, upsample_condition
 from .models.cascade import Cascade, Stage, build_cascade
 from .models.embedded import EMBEDDED_DENOISERS, embedded_config
 from .models.text import TextEncoder
+from .objective import diffusion_loss
 from .sampling import make_scheduler
 from .world.captions import caption
 from .world.render import render
@@ -80,17 +81,6 @@ def world_batch(stage: StageConfig, cfg: PretrainConfig, step: int):
     sigma = torch.from_numpy(rng.uniform(0, cfg.cond_noise, (len(scenes), 1, 1, 1, 1))).float()
     noise = torch.from_numpy(rng.standard_normal(low.shape)).float()
     return hi, upsample_condition(low + sigma * noise, stage), captions
-
-
-def diffusion_loss(stage: Stage, x0, cond, tokens, pooled, gen: torch.Generator, frame_mode_on: bool):
-    """v-prediction MSE at a uniformly drawn timestep (the loss finetuning reuses)."""
-    b = x0.shape[0]
-    t = torch.randint(0, stage.scheduler.config.num_train_timesteps, (b,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    x_t = stage.scheduler.add_noise(x0, noise, t)
-    target = stage.scheduler.get_velocity(x0, noise, t)
-    pred = stage.denoiser(x_t, t, tokens, pooled, cond, frame_mode_on=frame_mode_on)
-    return F.mse_loss(pred, target)
 
 
 class EMA:
@@ -178,3 +168,29 @@ def export_cascade(run_dir: str | Path, out_dir: str | Path, text_encoder: TextE
         stage.scheduler = make_scheduler()
     cascade.save_pretrained(out_dir)
     return cascade
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dreamix pretrain", description=__doc__)
+    p.add_argument("--stages", nargs="+", default=["base", "tsr", "ssr"], choices=["base", "tsr", "ssr"])
+    p.add_argument("--minutes", type=float, nargs="+", default=[60.0],
+                   help="wall-clock budget per stage (one value, or one per stage)")
+    p.add_argument("--run-dir", default="runs/pretrain", help="checkpoints and logs; rerun to resume")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-steps", type=int, default=1_000_000)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export", default=None, help="write the trained cascade to this directory when done")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    minutes = args.minutes if len(args.minutes) == len(args.stages) else [args.minutes[0]] * len(args.stages)
+    for stage, budget in zip(args.stages, minutes):
+        cfg = PretrainConfig(stage=stage, minutes=budget, batch_size=args.batch_size, lr=args.lr,
+                             max_steps=args.max_steps, seed=args.seed)
+        train_stage(cfg, args.run_dir, log=lambda m: print(m, flush=True))
+    if args.export:
+        export_cascade(args.run_dir, args.export)
+        print(f"exported cascade to {args.export}")
+    return 0

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import re
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
@@ -15,6 +15,8 @@ from pathlib import Path
 import av
 import numpy as np
 from PIL import Image, ImageOps
+
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ _MP4_AUDIO = ("aac", "mp3", "ac3", "eac3", "alac")
 _WHITE_GAP = 8
 
 
-class VideoError(ValueError):
+class VideoError(UserError):  # UserError is a ValueError: the CLI prints it in one line
     """A problem with a user's video or image, with what to do about it."""
 
 
@@ -51,8 +53,8 @@ class VideoLimits:
     @classmethod
     def from_dict(cls, d: dict) -> "VideoLimits":
         """Build limits from a dict, refusing unknown keys."""
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(d) - set(known))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
         if unknown:
             raise VideoError(f"unknown video limits {unknown}: use only {sorted(known)}")
         return cls(**{k: (float(v) if k == "max_duration_s" else int(v)) for k, v in d.items()})
@@ -131,9 +133,11 @@ def _open(p: Path, limits: VideoLimits):
         fmt = container.format.name
         if fmt in _NOT_VIDEO_FORMATS or fmt.endswith("_pipe"):
             raise VideoError(f"{p} is a still image or text ({fmt}), not a video: {_GIVE}")
-        if not container.streams.video:
+        # Cover art in music files is a one-picture "video" stream; skip it.
+        videos = [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+        if not videos:
             raise VideoError(f"{p} has no video stream: {_GIVE}")
-        stream = container.streams.video[0]
+        stream = videos[0]
         cc = stream.codec_context
         _check_limits(p, limits, cc.width, cc.height, _header_duration(container, stream), stream.frames or None)
         # An mp4/mov cut after its moov atom opens fine; its sample table then points past the end.
@@ -164,9 +168,9 @@ def _header_fps(container, stream) -> float | None:
 
 def _rotation(frame, stream) -> int:
     """Counter-clockwise quarter turns that make the frame upright."""
-    deg = frame.rotation  # display matrix, counter-clockwise degrees
-    if not deg and stream.metadata.get("rotate"):
-        deg = -float(stream.metadata["rotate"])  # legacy tag is clockwise
+    deg, tag = frame.rotation, stream.metadata.get("rotate", "")  # display matrix: counter-clockwise
+    if not deg and tag.lstrip("-").isdigit():
+        deg = -int(tag)  # the legacy tag is clockwise
     return int(round(deg / 90.0)) % 4
 
 
@@ -174,6 +178,8 @@ def read_video(path: str | os.PathLike, limits: VideoLimits = VideoLimits(), max
                folder_fps: float = 8.0) -> Video:
     """Decode a video file or a folder of frames to RGB, refusing inputs over `limits`."""
     p = _existing(path)
+    if max_frames is not None and max_frames < 1:
+        raise VideoError(f"max_frames must be >= 1 or None, not {max_frames}: pass a positive frame count")
     if p.is_dir():
         return _read_folder(p, limits, max_frames, folder_fps)
     container, stream = _open(p, limits)
@@ -192,7 +198,9 @@ def read_video(path: str | os.PathLike, limits: VideoLimits = VideoLimits(), max
                 if t - times[0] > limits.max_duration_s:
                     raise VideoError(f"{p} lasts over {limits.max_duration_s:g} s (still decoding at "
                                      f"{t - times[0]:.2f} s), over the limit: trim it")
-                _check_limits(p, limits, frames=len(frames) + 1)
+                if len(frames) >= limits.max_frames:
+                    raise VideoError(f"{p} has over {limits.max_frames} frames, over the frame limit: "
+                                     "trim it or lower its frame rate")
                 # Reformat to the first frame's size so a mid-stream resolution change still stacks.
                 rgb = frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
                 frames.append(np.ascontiguousarray(np.rot90(rgb, rot)) if rot else rgb)
@@ -211,18 +219,17 @@ def read_video(path: str | os.PathLike, limits: VideoLimits = VideoLimits(), max
         if not stopped and expected and len(frames) < 0.9 * expected - 1:
             raise VideoError(f"{p} is truncated: its header promises {expected} frames but only {len(frames)} "
                              "decode: re-export or re-download the file")
-    if fps is None:
+    if fps is None:  # no rate in the header: measure it from the timestamps
         span = times[-1] - times[0]
-        fps = (len(times) - 1) / span if len(times) > 1 and span > 0 else folder_fps
+        fps = (len(times) - 1) / span if span > 0 else folder_fps
     return Video(np.stack(frames), fps)
 
 
 def _expected_frames(container, stream, fps) -> int | None:
-    counts = [stream.frames or None]
-    d = _header_duration(container, stream)
-    if d and fps:
-        counts.append(int(round(d * fps)))
-    counts = [c for c in counts if c]
+    """Frames the header promises: the smaller of its frame count and duration * fps."""
+    # A container's duration also covers audio, which may outlast the video; trust it only when alone.
+    d = _header_duration(container, stream) if stream.duration or len(container.streams) == 1 else None
+    counts = [c for c in (stream.frames, round(d * fps) if d and fps else 0) if c]
     return min(counts) if counts else None
 
 
@@ -230,29 +237,20 @@ def _natural_key(p: Path):
     return [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)]
 
 
-def _frame_files(p: Path) -> list[Path]:
-    files = sorted((f for f in p.iterdir() if f.suffix.lower() in FRAME_EXTENSIONS and f.is_file()), key=_natural_key)
+def _folder_header(p: Path, limits: VideoLimits, default_fps: float):
+    """Frame files, fps and size of a frame folder, checked against limits without decoding pixels."""
+    files = sorted((f for f in p.iterdir() if f.suffix.lower() in FRAME_EXTENSIONS and f.is_file()),
+                   key=_natural_key)
     if not files:
         raise VideoError(f"{p} is a folder without png/jpg frames: put frames named in order (00000.png, ...) in it")
-    return files
-
-
-def _folder_fps(p: Path, default: float) -> float:
-    fps_file = p / "fps.txt"
-    if not fps_file.exists():
-        return float(default)
-    try:
-        fps = float(fps_file.read_text().strip())
-    except ValueError:
-        fps = -1.0
+    fps, fps_file = float(default_fps), p / "fps.txt"
+    if fps_file.exists():
+        try:
+            fps = float(Fraction(fps_file.read_text().strip()))  # "8", "29.97" or "30000/1001"
+        except (ValueError, ZeroDivisionError):
+            fps = 0.0
     if not (math.isfinite(fps) and fps > 0):
-        raise VideoError(f"{fps_file} does not hold a positive number: write the frame rate in it, e.g. 8")
-    return fps
-
-
-def _folder_header(p: Path, limits: VideoLimits, folder_fps: float):
-    """Frame files, fps and size of a frame folder, checked against limits without decoding pixels."""
-    files, fps = _frame_files(p), _folder_fps(p, folder_fps)
+        raise VideoError(f"{fps_file} does not hold a positive frame rate: write one in it, e.g. 8")
     try:
         with Image.open(files[0]) as im:  # lazy: reads the header only
             w, h = im.size
@@ -282,19 +280,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise VideoError(f"{p} is not an image PIL can read ({e}): give a png or jpg")
 
 
-def probe_video(path: str | os.PathLike, limits: VideoLimits = VideoLimits()) -> dict:
-    """Header facts (width, height, fps, duration, has_audio, codec, ...) after checking limits.
-
-    Decodes at most the first frame: it proves the file decodes and carries the rotation.
-    """
+def probe_video(path: str | os.PathLike, limits: VideoLimits = VideoLimits(), folder_fps: float = 8.0) -> dict:
+    """Header facts (width, height, fps, duration, has_audio, codec, ...) after checking limits."""
     p = _existing(path)
     if p.is_dir():
-        files, fps, w, h = _folder_header(p, limits, 8.0)
+        files, fps, w, h = _folder_header(p, limits, folder_fps)
         return dict(width=w, height=h, fps=fps, duration=len(files) / fps, num_frames=len(files),
                     has_audio=False, codec="images", format="folder", rotation=0)
     container, stream = _open(p, limits)
     with container:
         cc = stream.codec_context
+        # Only the first frame is decoded: it proves the file decodes and carries the rotation.
         try:
             first = next(container.decode(stream), None)
         except av.FFmpegError as e:
@@ -303,9 +299,10 @@ def probe_video(path: str | os.PathLike, limits: VideoLimits = VideoLimits()) ->
             raise VideoError(f"{p} has zero frames: {_GIVE}")
         rot = _rotation(first, stream)
         w, h = (cc.height, cc.width) if rot % 2 else (cc.width, cc.height)
-        return dict(width=w, height=h, fps=_header_fps(container, stream), duration=_header_duration(container, stream),
-                    num_frames=stream.frames or None, has_audio=bool(container.streams.audio),
-                    codec=cc.name, format=container.format.name, rotation=rot * 90)
+        return dict(width=w, height=h, fps=_header_fps(container, stream),
+                    duration=_header_duration(container, stream), num_frames=stream.frames or None,
+                    has_audio=bool(container.streams.audio), codec=cc.name, format=container.format.name,
+                    rotation=rot * 90)
 
 
 # ---------------------------------------------------------------- resampling
@@ -333,6 +330,12 @@ def _resize(frame: np.ndarray, height: int, width: int, fit: str) -> np.ndarray:
     return out
 
 
+def _source_index(i: np.ndarray, fps: float, src: Video) -> np.ndarray:
+    """Source frame shown at output times i / fps (nearest earlier frame, last frame held)."""
+    # eps: exact hits such as 4 frames at 23.976 fps == 5 at 29.97 fps must not floor one frame early.
+    return np.minimum(np.floor(i * (src.fps / fps) + 1e-6).astype(int), src.num_frames - 1)
+
+
 def resample(video: Video, fps: float, num_frames: int | None, height: int, width: int, fit: str = "crop") -> Video:
     """Nearest-frame fps change, optional exact frame count (last frame held), aspect-kept resize."""
     if fit not in FIT_MODES:
@@ -340,14 +343,9 @@ def resample(video: Video, fps: float, num_frames: int | None, height: int, widt
     if not (fps > 0 and height > 0 and width > 0) or (num_frames is not None and num_frames < 1):
         raise VideoError(f"cannot resample to fps={fps}, {num_frames} frames, {width}x{height}: "
                          "use positive values")
-    ratio = video.fps / fps
-    # eps keeps exact multiples (e.g. 3 * (10/30)) from flooring one frame early.
-    n = num_frames if num_frames is not None else max(1, math.ceil(video.num_frames / ratio - 1e-6))
-    idx = np.minimum(np.floor(np.arange(n) * ratio + 1e-6).astype(int), video.num_frames - 1)
-    cache: dict[int, np.ndarray] = {}  # held or repeated source frames are resized once
-    for i in idx.tolist():
-        if i not in cache:
-            cache[i] = _resize(video.frames[i], height, width, fit)
+    n = num_frames if num_frames is not None else max(1, math.ceil(video.num_frames * fps / video.fps - 1e-6))
+    idx = _source_index(np.arange(n), fps, video)
+    cache = {i: _resize(video.frames[i], height, width, fit) for i in set(idx.tolist())}  # held frames once
     return Video(np.stack([cache[i] for i in idx.tolist()]), fps)
 
 
@@ -359,8 +357,8 @@ def _atomic_path(path, suffix: str):
     """Yield a temp path next to `path`; move it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(fd)
+    # Not mkstemp: its 0600 mode would survive os.replace and hide outputs from other readers.
+    tmp = str(path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{suffix}"))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -374,7 +372,7 @@ def _add_audio(out, src_path):
     try:
         src = av.open(str(_existing(src_path)))
     except (av.FFmpegError, OSError) as e:
-        raise VideoError(f"cannot read audio from {src_path} ({e}): pass the original video or drop the audio option")
+        raise VideoError(f"cannot read audio from {src_path} ({e}): pass the original video or drop audio")
     if not src.streams.audio:
         log.warning("%s has no audio stream; writing the video without audio", src_path)
         src.close()
@@ -388,16 +386,13 @@ def _add_audio(out, src_path):
 def _mux_audio(out, audio, duration: float):
     """Copy (or transcode) audio packets up to `duration`, aligned to the source's first video frame."""
     src, a, dst, transcode = audio
-    v = src.streams.video
-    start = v[0].start_time * v[0].time_base if v and v[0].start_time is not None else (a.start_time or 0) * a.time_base
+    v = src.streams.video[0] if src.streams.video else a
+    start = (v.start_time or 0) * v.time_base  # our frame 0 is the source's first video frame
     if not transcode:
+        shift = int(start / a.time_base)
         for pkt in src.demux(a):
-            if pkt.dts is None or pkt.pts is None:
-                continue  # demuxer flush packet
-            t = pkt.pts * a.time_base - start
-            if t < 0 or t >= duration:
-                continue
-            shift = int(start / a.time_base)
+            if pkt.dts is None or pkt.pts is None or not 0 <= pkt.pts * a.time_base - start < duration:
+                continue  # a demuxer flush packet, or outside the kept span
             pkt.pts, pkt.dts, pkt.stream = pkt.pts - shift, pkt.dts - shift, dst
             out.mux(pkt)
         return
@@ -452,8 +447,8 @@ def contact_sheet(original: Video, edited: Video, path: str | os.PathLike, max_c
     tw = max(1, round(edited.width * th / edited.height))
     idx = np.linspace(0, edited.num_frames - 1, cols).round().astype(int)
     # Pad the original into the edit's cell size so both rows line up even if aspects differ.
-    rows = [resample(v, edited.fps, edited.num_frames, th, tw, fit=f).frames[idx]
-            for v, f in ((original, "pad"), (edited, "crop"))]
+    rows = [[_resize(original.frames[i], th, tw, "pad") for i in _source_index(idx, edited.fps, original)],
+            [_resize(edited.frames[i], th, tw, "crop") for i in idx]]
     g = _WHITE_GAP
     sheet = np.full((2 * th + 3 * g, cols * tw + (cols + 1) * g, 3), 255, np.uint8)
     for r, row in enumerate(rows):

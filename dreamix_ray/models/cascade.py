@@ -6,6 +6,8 @@ diffusers `save_pretrained` format plus its `scheduler_config.json`.
 
 from __future__ import annotations
 
+from ..errors import UserError
+
 import hashlib
 import json
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ CASCADE_FILE = "cascade.json"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "default_cascade"
 
 
-class CascadeError(ValueError):
+class CascadeError(UserError):
     """A cascade directory is missing or malformed; the message says what to do."""
 
 
@@ -58,7 +60,8 @@ class Cascade:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = CascadeConfig(stages=tuple(s.config for s in self.stages), text_encoder=self.text_encoder.spec(),
-                               name=self.config.name, description=self.config.description)
+                               name=self.config.name, description=self.config.description,
+                               finetune_lr=self.config.finetune_lr)
         for stage in self.stages:
             stage.denoiser.save_pretrained(path / stage.config.name)
             stage.scheduler.save_pretrained(path / stage.config.name)
@@ -135,3 +138,19 @@ def tiny_cascade(text_encoder: TextEncoder | None = None, seed: int = 0, ssr_fac
             if not p.detach().abs().sum():
                 p.data.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return cascade
+
+
+def load_cascade(model_dir: str | Path | None = None) -> Cascade:
+    """A cascade directory, or the embedded default that ships inside the package."""
+    if model_dir is not None:
+        return Cascade.from_pretrained(model_dir)
+    if (EMBEDDED_DIR / CASCADE_FILE).is_file():
+        return Cascade.from_pretrained(EMBEDDED_DIR)
+    import warnings
+
+    from .embedded import EMBEDDED_DENOISERS, embedded_config
+
+    warnings.warn("the embedded cascade's weights are not in this package yet: using UNTRAINED weights "
+                  "(run `dreamix pretrain` to train them)")
+    text_encoder = TextEncoder("minilm")
+    return build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder)

@@ -142,11 +142,9 @@ def _parse_object(chunk: str) -> dict:
 
 
 def parse_caption(text: str, fill_defaults: bool = True) -> dict:
-    """Best-effort inverse of caption(): background, texture, objects and first-object keys.
-
-    With fill_defaults, attributes a canonical caption leaves unsaid (size, style, texture)
-    get their defaults so canonical captions round-trip; other missing attributes are None.
-    """
+    """Best-effort inverse of caption(): background, texture, objects and first-object keys."""
+    # fill_defaults: size/style/texture left unsaid by canonical captions get their defaults so
+    # they round-trip; any other attribute that is not found is None.
     text = " ".join(re.findall(r"[a-z]+", text.lower()))
     background, texture, rest = _parse_background(text)
     chunks = [c for c in re.split(r"\band\b|,|\bwith\b", rest) if re.search(r"[a-z]", c)]

@@ -46,6 +46,7 @@ BOUNCE_HEIGHT = 0.25  # frame heights
 BOUNCE_PERIOD = 1.0  # seconds per bounce
 GROW_START, GROW_END = 0.6, 1.3  # scale factor at t=0 and t=CLIP_SECONDS
 MARGIN = 0.02  # keeps anti-aliased edges off the frame border
+MIN_GAP = 0.1  # min gap between objects: keeps them separate blobs even at 16x16
 
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 
@@ -76,6 +77,16 @@ class Scene:
     texture: str
     objects: tuple[ObjectSpec, ...]
     seed: int = 0
+
+    def __post_init__(self):
+        if self.background not in BACKGROUND_COLOURS or self.texture not in BACKGROUND_TEXTURES:
+            raise ValueError(f"bad background {self.background!r}/{self.texture!r}")
+        for o in self.objects:
+            if (o.shape not in SHAPES or o.colour not in OBJECT_COLOURS or o.size not in SIZES
+                    or o.style not in STYLES or o.motion not in MOTIONS):
+                raise ValueError(f"bad object {o}")
+            if o.colour == self.background:
+                raise ValueError("object colour must differ from the background")
 
     def replace_object(self, i: int, **attrs) -> "Scene":
         """Return a copy with object i's attributes replaced (start kept valid for new motion/size)."""
@@ -177,7 +188,7 @@ def sample_scene(rng: np.random.Generator, n_objects: int = 1, **fixed) -> Scene
             used = {o.colour for o in objects}
             for _ in range(20):
                 cand = _sample_object(rng, background, {}, used)
-                if all(_min_gap(cand, o) > 0.04 for o in objects):
+                if all(_min_gap(cand, o) > MIN_GAP for o in objects):
                     objects.append(cand)
                     break
         if len(objects) == n_objects:

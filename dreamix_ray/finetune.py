@@ -1,0 +1,261 @@
+"""Mixed video-image finetuning (paper Sec. 4.2): finetune once per video, edit with many prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import PAPER_FINETUNE_LR, ConfigError, _Dict
+from .degrade import frames_to_tensor
+from .models.cascade import Cascade, Stage
+from .objective import diffusion_loss, is_frame_step, sr_condition
+from .storage import ArtifactStore
+
+# Paper App. A.2 recipes: (alpha, steps); learning rate 6e-6 for all.
+PRESETS = {"video": (1.0, 64), "mixed": (0.35, 250), "frames": (0.0, 100)}
+# A single rare wordpiece in MiniLM's vocabulary (DreamBooth's "sks" splits into two pieces there).
+DEFAULT_TOKEN = "naia"
+ARTIFACT_FILE = "finetune.json"  # written last: its presence marks a complete artifact
+
+ProgressCallback = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_Dict):
+    """One finetuning run; `finetune_preset` fills alpha and steps from the paper's recipes."""
+
+    preset: str = "mixed"
+    alpha: float = 0.35  # weight of L_vid; 1 - alpha weighs L_frame
+    steps: int = 250  # per finetuned stage
+    lr: float | None = None  # None = the cascade's finetune_lr, else the paper's 6e-6
+    stages: tuple[str, ...] = ()  # empty = the stages the cascade marks `finetune`
+    token: str = DEFAULT_TOKEN
+    caption: str = ""  # optional words after the token in the training prompt
+    seed: int = 0
+    grad_clip: float = 1.0
+    num_frames: int | None = None  # clip length for L_vid; None = each stage's trained length
+    fit: str = "crop"
+    checkpoint_every: int = 25
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0 or math.isnan(self.alpha):
+            raise ConfigError(f"alpha must be in [0, 1] (1 = video only, 0 = frames only), got {self.alpha}")
+        if self.steps < 1:
+            raise ConfigError(f"finetuning needs at least 1 step, got {self.steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"the learning rate must be > 0, got {self.lr}")
+        if not self.token.strip() or " " in self.token.strip():
+            raise ConfigError(f"the finetuning token must be one word, got {self.token!r}")
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.token} {self.caption}".strip()
+
+
+def finetune_preset(name: str, **overrides) -> FinetuneConfig:
+    """A paper recipe by name (video | mixed | frames), with any field overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown finetune preset {name!r}: choose one of {sorted(PRESETS)}")
+    alpha, steps = PRESETS[name]
+    fields = {"preset": name, "alpha": alpha, "steps": steps}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return FinetuneConfig.from_dict(fields)
+
+
+def finetuned_prompt(prompt: str, cfg: FinetuneConfig | str) -> str:
+    """Edits of a finetuned video name its token; it is prepended when the prompt lacks it."""
+    token = cfg if isinstance(cfg, str) else cfg.token
+    return prompt if token in prompt.split() else f"{token} {prompt}"
+
+
+def finetuned_stage_names(cascade: Cascade, cfg: FinetuneConfig) -> list[str]:
+    names = list(cfg.stages) or [s.config.name for s in cascade.stages if s.config.finetune]
+    known = [s.config.name for s in cascade.stages]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {bad} to finetune; this cascade has {known}")
+    return names
+
+
+def artifact_key(source_bytes: bytes, cfg: FinetuneConfig, cascade: Cascade) -> str:
+    """hash(input bytes, finetune config, base cascade id): same video + config -> same artifact."""
+    h = hashlib.sha256(source_bytes)
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(cascade_id(cascade).encode())
+    return "ft-" + h.hexdigest()[:20]
+
+
+def cascade_id(cascade: Cascade) -> str:
+    if not hasattr(cascade, "_id"):
+        cascade._id = cascade.cascade_id()
+    return cascade._id
+
+
+def video_bytes(video) -> bytes:
+    """Stand-in for file bytes when only decoded frames exist (in-memory videos)."""
+    return np.ascontiguousarray(video.frames).tobytes() + repr(float(video.fps)).encode()
+
+
+class _StageData:
+    """The clip (for L_vid) and the pool of all frames (for L_frame) at one stage's resolution."""
+
+    def __init__(self, video, stage: Stage, cfg: FinetuneConfig):
+        from .video import resample
+
+        sc = stage.config
+        frames = cfg.num_frames or sc.frames
+        clip = resample(video, fps=sc.fps, num_frames=frames, height=sc.height, width=sc.width, fit=cfg.fit)
+        every = resample(video, fps=video.fps, num_frames=None, height=sc.height, width=sc.width, fit=cfg.fit)
+        self.clip_bcfhw = frames_to_tensor(clip.frames)
+        self.frames_cfhw = frames_to_tensor(every.frames)[0]
+        self.frames_per_step = sc.frames
+
+    def frame_batch(self, rng: np.random.Generator) -> torch.Tensor:
+        """Frames of the whole video in random order, laid out as one clip that frame mode keeps apart."""
+        n = self.frames_cfhw.shape[1]
+        idx = rng.choice(n, self.frames_per_step, replace=n < self.frames_per_step)
+        return self.frames_cfhw[:, idx].unsqueeze(0)
+
+
+def finetune_stage(stage: Stage, data: _StageData, text, cfg: FinetuneConfig, lr: float, stage_index: int,
+                   state: dict | None = None, on_checkpoint=None, progress: bool = False,
+                   on_step: ProgressCallback | None = None) -> None:
+    """Train one stage in place with alpha * L_vid + (1 - alpha) * L_frame (paper Sec. 4.2)."""
+    model = stage.denoiser.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    start = 0
+    if state:
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    tokens, pooled = text
+    bar = tqdm(range(start, cfg.steps), desc=f"finetune {stage.config.name}", disable=not progress,
+               initial=start, total=cfg.steps, leave=False, unit="step")
+    try:
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, stage_index, step])
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            frames_step = is_frame_step(cfg.seed, step, cfg.alpha)
+            x0 = data.frame_batch(rng) if frames_step else data.clip_bcfhw
+            cond = sr_condition(stage, x0, frames_as_images=frames_step)
+            loss = diffusion_loss(stage, x0, cond, tokens, pooled, gen, frame_mode_on=frames_step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}", mode="frames" if frames_step else "video")
+            if on_step:
+                on_step(stage.config.name, step + 1, cfg.steps, loss.item())
+            if on_checkpoint and (step + 1) % cfg.checkpoint_every == 0:
+                on_checkpoint(stage, opt, step + 1)
+    except KeyboardInterrupt:
+        if on_checkpoint:  # Ctrl-C keeps the last finished step; a rerun resumes from it
+            on_checkpoint(stage, opt, bar.n)
+        raise
+    finally:
+        model.eval().requires_grad_(False)
+
+
+def copy_for_finetuning(cascade: Cascade, names: list[str]) -> Cascade:
+    """A cascade sharing every untouched stage and the text encoder, with private copies of `names`."""
+    import copy
+
+    stages = [Stage(s.config, copy.deepcopy(s.denoiser) if s.config.name in names else s.denoiser, s.scheduler)
+              for s in cascade.stages]
+    return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source)
+
+
+def finetune(video, cfg: FinetuneConfig, cascade: Cascade, work_dir: Path | None = None, progress: bool = False,
+             on_step: ProgressCallback | None = None) -> Cascade:
+    """Finetune the configured stages on `video`; `work_dir` holds resumable checkpoints."""
+    names = finetuned_stage_names(cascade, cfg)
+    tuned = copy_for_finetuning(cascade, names)
+    lr = cfg.lr or cascade.config.finetune_lr or PAPER_FINETUNE_LR
+    text = cascade.text_encoder([cfg.prompt])
+    for index, stage in enumerate(tuned.stages):
+        if stage.config.name not in names:
+            continue
+        ckpt = Path(work_dir, f"{stage.config.name}.pt") if work_dir else None
+        state = None
+        if ckpt and ckpt.exists():
+            state = torch.load(ckpt, weights_only=False)
+            stage.denoiser.load_state_dict(state["model"])
+            if state["step"] >= cfg.steps:
+                continue
+
+        def save(stage_, opt, step, _ckpt=ckpt):
+            if _ckpt is not None:
+                _ckpt.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"model": stage_.denoiser.state_dict(), "opt": opt.state_dict(), "step": step},
+                           _ckpt.with_suffix(".tmp"))
+                _ckpt.with_suffix(".tmp").replace(_ckpt)
+
+        data = _StageData(video, stage, cfg)
+        finetune_stage(stage, data, text, cfg, lr, index, state, save, progress, on_step)
+        save(stage, torch.optim.AdamW(stage.denoiser.parameters()), cfg.steps)
+    return tuned
+
+
+def save_artifact(tuned: Cascade, cfg: FinetuneConfig, key: str, store: ArtifactStore, base: Cascade) -> str:
+    """Write the finetuned stages' weights (exact, fp32) and finetune.json to the store."""
+    names = finetuned_stage_names(base, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in tuned.stages:
+            if stage.config.name in names:
+                stage.denoiser.save_pretrained(Path(tmp, stage.config.name))
+        meta = {"id": key, "config": cfg.to_dict(), "cascade_id": cascade_id(base), "stages": names}
+        Path(tmp, ARTIFACT_FILE).write_text(json.dumps(meta, indent=2))
+        store.put_dir(key, tmp, marker=ARTIFACT_FILE)
+    return key
+
+
+def load_finetuned(cascade: Cascade, key: str, store: ArtifactStore) -> tuple[Cascade, FinetuneConfig]:
+    """The cascade with the artifact's stages swapped in, and the config that made it."""
+    from .storage import StorageError
+
+    if not store.has(key, ARTIFACT_FILE):
+        raise StorageError(f"no finetuned artifact {key!r} in store {store.root}: run `dreamix finetune` first")
+    meta = json.loads(store.get(key, ARTIFACT_FILE))
+    if meta["cascade_id"] != cascade_id(cascade):
+        raise ConfigError(f"artifact {key} was finetuned from another cascade ({meta['cascade_id']}); "
+                          f"load it with the same --model")
+    tmp = Path(tempfile.mkdtemp(prefix="dreamix-ft-"))
+    try:
+        store.get_dir(key, tmp)
+        stages = []
+        for s in cascade.stages:
+            den = type(s.denoiser).from_pretrained(tmp / s.config.name).eval() if s.config.name in meta["stages"] \
+                else s.denoiser
+            stages.append(Stage(s.config, den, s.scheduler))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source), FinetuneConfig.from_dict(
+        meta["config"])
+
+
+def finetune_or_load(video, cfg: FinetuneConfig, cascade: Cascade, store: ArtifactStore, progress: bool = False,
+                     source_bytes: bytes | None = None, on_step: ProgressCallback | None = None
+                     ) -> tuple[Cascade, str]:
+    """Finetune once, edit many: reuse the stored artifact for the same input, config and cascade."""
+    key = artifact_key(source_bytes if source_bytes is not None else video_bytes(video), cfg, cascade)
+    if store.has(key, ARTIFACT_FILE):
+        return load_finetuned(cascade, key, store)[0], key
+    work_dir = Path(tempfile.gettempdir(), "dreamix-finetune", key)  # survives Ctrl-C for a resume
+    tuned = finetune(video, cfg, cascade, work_dir, progress, on_step)
+    save_artifact(tuned, cfg, key, store, cascade)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return tuned, key
+
+
+def with_overrides(cfg: FinetuneConfig, **kwargs) -> FinetuneConfig:
+    return dataclasses.replace(cfg, **{k: v for k, v in kwargs.items() if v is not None})
