@@ -138,6 +138,7 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
             step += 1
             losses.append(loss.item())
             if step % 25 == 0:
+                _follow_thread_file(out.parent / "threads")
                 rec = {"step": step, "loss": float(np.mean(losses)), "time": time.time()}
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
@@ -148,6 +149,16 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
                 last_ckpt = time.time()
     _checkpoint(ckpt_path, model, ema, opt, step)
     return ckpt_path
+
+
+def _follow_thread_file(path: Path) -> None:
+    """Let a long run take more cores when a neighbouring run finishes (write a number to `path`)."""
+    try:
+        threads = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return
+    if threads > 0 and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
 
 
 def _checkpoint(path: Path, model, ema: EMA, opt, step: int) -> None:

@@ -1,0 +1,139 @@
+"""Request fields of every route, validated the same way from a multipart form or a JSON body."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ...config import PAPER_STRENGTH_FINETUNED, PAPER_STRENGTH_NO_FINETUNE, validate_strength
+
+# Paper Sec. 4.1 / App. A.3: 0.4-0.85 without finetuning, 0.95-1.0 after it.
+EDIT_PRESETS = {
+    "subtle": {"strength": 0.5},
+    "balanced": {"strength": 0.7},
+    "strong": {"strength": PAPER_STRENGTH_NO_FINETUNE[1]},
+    "finetuned": {"strength": PAPER_STRENGTH_FINETUNED[0], "finetune": "mixed"},
+}
+NO, YES = {"", "0", "false", "no", "none", "off"}, {"1", "true", "yes", "on"}
+TOKEN = re.compile(r"^[a-z][a-z0-9]{1,31}$")
+SEED = Field(0, ge=0, le=2**31 - 1, description="random seed; the same seed and inputs give the same output")
+STEPS = Field(None, ge=1, description="sampling steps per stage (default: each stage's own)")
+
+
+class _Fields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _EditCommon(_Fields):
+    """What edits and animations share."""
+
+    prompt: str = Field(min_length=1, max_length=500, description="what the edited video shows")
+    preset: Optional[str] = Field(None, description=f"one of {sorted(EDIT_PRESETS)}; explicit fields override it")
+    strength: Optional[float] = Field(None, description="noise strength s in [0, 1] (paper Sec. 4.1); default 0.7")
+    seed: int = SEED
+    steps: Optional[int] = STEPS
+    finetune: Optional[str] = Field(None, description="false, true, a finetune preset (video, mixed, frames) or "
+                                                      "the id of a finished /v1/finetunes job")
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v):
+        return None if v is None else validate_strength(v)
+
+
+class EditFields(_EditCommon):
+    """POST /v1/edits: a video (file field `video`, or `video_uri`) edited toward `prompt`."""
+
+    video_uri: Optional[str] = Field(None, description="s3://BUCKET/KEY in a configured bucket (JSON bodies)")
+
+
+class AnimationFields(_EditCommon):
+    """POST /v1/animations: an image (file field `image`, or `image_uri`) animated toward `prompt`."""
+
+    image_uri: Optional[str] = Field(None, description="s3://BUCKET/KEY of a png / jpg / webp")
+    camera: str = Field("static", description="static, pan-left, pan-right, pan-up, pan-down, zoom-in, zoom-out")
+
+
+class GenerationFields(_Fields):
+    """POST /v1/generations: text-to-video, optionally of a learned subject."""
+
+    prompt: str = Field(min_length=1, max_length=500)
+    seed: int = SEED
+    steps: Optional[int] = STEPS
+    subject: Optional[str] = Field(None, description="the id of a finished /v1/subjects (or /v1/finetunes) job")
+
+
+class FinetuneFields(_Fields):
+    """POST /v1/finetunes: finetune once on a video (file `video` or `video_uri`), then edit by its id."""
+
+    preset: str = Field("mixed", description="video, mixed or frames (paper App. A.2)")
+    steps: Optional[int] = Field(None, ge=1, description="optimizer steps per finetuned stage")
+    token: Optional[str] = Field(None, description="the rare word that will name this video in prompts")
+    video_uri: Optional[str] = None
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v):
+        if v is not None and not TOKEN.match(v):
+            raise ValueError("token must be one lowercase word of 2-32 letters or digits, starting with a letter")
+        return v
+
+
+class SubjectFields(_Fields):
+    """POST /v1/subjects: learn a subject from 2 or more images (file field `images`, or `image_uris`)."""
+
+    token: str = Field("naia", description="the rare word that will name the subject in prompts")
+    steps: Optional[int] = Field(None, ge=1)
+    image_uris: Optional[list[str]] = None
+
+    _token = field_validator("token")(FinetuneFields._token.__func__)
+
+
+# route kind -> (fields model, file field, media, min files, max files or None for settings.max_images)
+ROUTES = {
+    "edit": (EditFields, "video", "video", 1, 1),
+    "animation": (AnimationFields, "image", "image", 1, 1),
+    "generation": (GenerationFields, None, None, 0, 0),
+    "finetune": (FinetuneFields, "video", "video", 1, 1),
+    "subject": (SubjectFields, "images", "image", 2, None),
+}
+
+
+def uris_of(kind: str, fields: BaseModel) -> list[str]:
+    if kind == "subject":
+        return list(fields.image_uris or [])
+    uri = getattr(fields, "image_uri" if kind == "animation" else "video_uri", None)
+    return [uri] if uri else []
+
+
+def finetune_choice(value: str | None) -> tuple[str, str | None]:
+    """('none' | 'preset' | 'job', preset or job id) from the `finetune` field."""
+    from ...finetune import PRESETS
+
+    text = (value or "").strip().lower()
+    if text in NO:
+        return "none", None
+    if text in YES:
+        return "preset", "mixed"  # the paper's default recipe
+    if text in PRESETS:
+        return "preset", text
+    if re.match(r"^(fn|sj)-[0-9a-f]{24}$", text):
+        return "job", text
+    raise ValueError(f"finetune must be true, false, a preset ({', '.join(sorted(PRESETS))}) or the id of a "
+                     f"finished finetune job, got {value!r}")
+
+
+def openapi_body(kind: str) -> dict:
+    """The request body as OpenAPI: the fields as JSON, or as a multipart form with the file(s)."""
+    model, file_field, _, _, max_files = ROUTES[kind]
+    schema = model.model_json_schema()
+    content = {"application/json": {"schema": schema}}
+    if file_field:
+        props = {k: v for k, v in schema["properties"].items() if not k.endswith("_uri") and not k.endswith("_uris")}
+        binary = {"type": "string", "format": "binary"}
+        props[file_field] = {"type": "array", "items": binary} if max_files != 1 else binary
+        form = {"type": "object", "properties": props, "required": schema.get("required", []) + [file_field]}
+        content = {"multipart/form-data": {"schema": form}, **content}
+    return {"requestBody": {"required": True, "content": content}}

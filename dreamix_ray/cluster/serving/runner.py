@@ -1,0 +1,256 @@
+"""Runs jobs through the stage deployments, heartbeats them, and takes over jobs whose runner died.
+
+Delivery is at-least-once: a job whose heartbeat stops is rerun by any ingress replica from its
+last stored unit. That is safe because every unit is deterministic (per-request seeds) and
+writes whole files, so a unit run twice writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from ray.serve import metrics
+
+from ...config import EditConfig, StageConfig
+from ...edit import chunk_bounds
+from .jobs import JobStore
+from .settings import ServeSettings
+
+log = logging.getLogger("ray.serve")
+
+
+class JobFailed(Exception):
+    """The job cannot finish; the message is for the user."""
+
+
+class Superseded(Exception):
+    """Another replica took the job over (this one missed its lease); stop without writing."""
+
+
+def edit_config(params: dict, num_stages: int) -> EditConfig:
+    steps = (int(params["steps"]),) * num_stages if params.get("steps") else ()
+    return EditConfig(strength=float(params.get("strength", 1.0)), seed=int(params.get("seed", 0)), steps=steps)
+
+
+def plan_units(job: dict, stages: list[StageConfig]) -> list[dict]:
+    """The job's work as store-to-store units: prepare, each stage (last SSR in chunks), encode."""
+    cfg = edit_config(job["params"], len(stages))
+    units = [dict(label="prepare", stage=0, method="prepare", output="x0.npy", weight=1)]
+    source, frames, last = "x0.npy", cfg.num_frames or stages[0].frames, len(stages) - 1
+    chunked = last if stages[last].kind == "ssr" else None  # the paper chunks only the final SSR
+    for index, stage in enumerate(stages):
+        if stage.kind == "tsr":
+            frames *= stage.factor
+        steps = cfg.stage_steps(index, stage)
+        weight = max(1, int(steps * cfg.strength + 1e-6)) if index == 0 else steps
+        base = dict(label=stage.name, stage=index, method="denoise", source=source, to_frames=index == last)
+        if index == chunked:
+            for k, (lo, hi) in enumerate(chunk_bounds(frames, cfg.ssr_chunk_frames)):
+                units.append(dict(base, output=f"{stage.name}-c{k}.npy", frames=(lo, hi), chunk=k, weight=weight))
+        else:
+            units.append(dict(base, output=f"{stage.name}.npy", weight=weight))
+            source = units[-1]["output"]
+    finals = [u["output"] for u in units if u.get("to_frames")]
+    units.append(dict(label="encode", stage=last, method="finish", sources=finals, output="output.mp4", weight=1))
+    return units
+
+
+class _Run:
+    """One attempt at one job: in-memory state, throttled writes of job.json, the heartbeat."""
+
+    def __init__(self, runner: "JobRunner", job: dict):
+        self.runner, self.job = runner, job
+        self.lock = asyncio.Lock()
+        self.done: dict[str, float] = {}  # unit output -> finished weight
+        self.weights: dict[str, float] = {}
+        self.results: dict[str, dict] = {}
+        self.last_write = 0.0
+
+    def progress(self, unit: dict, done: int, total: int) -> None:
+        self.done[unit["output"]] = unit["weight"] * min(1.0, done / max(total, 1))
+        self.job["stage"] = unit["label"]
+        self.job["progress"] = round(min(0.99, sum(self.done.values()) / max(sum(self.weights.values()), 1)), 4)
+
+    async def write(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_write < 1.0:
+            return
+        async with self.lock:
+            self.last_write = time.monotonic()
+            self.job["heartbeat"] = time.time()
+            await asyncio.to_thread(self.runner.jobs.save, self.job)
+
+    async def heartbeat(self, task: asyncio.Task) -> None:
+        while True:
+            await asyncio.sleep(self.runner.settings.heartbeat_s)
+            stored = await asyncio.to_thread(self.runner.jobs.load, self.job["id"])
+            if stored and (stored["runner"], stored["attempts"]) != (self.job["runner"], self.job["attempts"]):
+                log.warning("job %s was taken over by %s; stopping here", self.job["id"], stored["runner"])
+                task.cancel(msg="superseded")
+                return
+            await self.write(force=True)
+
+
+class JobRunner:
+    """The ingress replica's job engine: runs what it accepts, and orphans it finds in the store."""
+
+    def __init__(self, jobs: JobStore, settings: ServeSettings, stages: list[StageConfig], handles: list,
+                 finetuner, replica: str):
+        self.jobs, self.settings, self.stages = jobs, settings, stages
+        self.handles, self.finetuner, self.replica = handles, finetuner, replica
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.finished = metrics.Counter("dreamix_jobs_finished", "Jobs that reached done or failed.",
+                                        tag_keys=("kind", "status"))
+        self.seconds = metrics.Histogram("dreamix_job_seconds", "Wall seconds from accepted to finished.",
+                                         boundaries=[1, 5, 15, 60, 300, 900, 3600], tag_keys=("kind",))
+
+    def start(self, job: dict) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        self.tasks[job["id"]] = task
+        task.add_done_callback(lambda _t, job_id=job["id"]: self.tasks.pop(job_id, None))
+
+    async def _run(self, job: dict) -> None:
+        now = time.time()
+        job.update(status="running", runner=self.replica, attempts=job["attempts"] + 1, error=None,
+                   started_at=job["started_at"] or now)
+        run = _Run(self, job)
+        await run.write(force=True)
+        beat = asyncio.create_task(run.heartbeat(asyncio.current_task()))
+        try:
+            await self._execute(run)
+            await self._finish(run, "done")
+        except JobFailed as exc:
+            await self._finish(run, "failed", str(exc))
+        except asyncio.CancelledError:
+            # Superseded, or this replica is going away: the job stays active for another replica.
+            log.warning("job %s stopped on %s; it stays in the store for another replica", job["id"], self.replica)
+        except Exception:
+            log.exception("job %s failed", job["id"])
+            await self._finish(run, "failed", f"internal error while running job {job['id']}; the operator's "
+                                              "logs have the details; resubmit it")
+        finally:
+            beat.cancel()
+
+    async def _finish(self, run: _Run, status: str, error: str | None = None) -> None:
+        job = run.job
+        job.update(status=status, error=error, finished_at=time.time())
+        if status == "done":
+            job.update(stage="done", progress=1.0)
+        job["timings"]["total_s"] = round(job["finished_at"] - job["created_at"], 3)
+        await run.write(force=True)
+        await asyncio.to_thread(self.jobs.deactivate, job["owner"], job["id"])
+        self.finished.inc(tags={"kind": job["kind"], "status": status})
+        self.seconds.observe(job["timings"]["total_s"], tags={"kind": job["kind"]})
+
+    async def _execute(self, run: _Run) -> None:
+        job, params = run.job, run.job["params"]
+        if job["kind"] in ("finetune", "subject"):
+            unit = dict(label="finetune", output="finetune", weight=1)
+            run.weights["finetune"] = 1
+            spec = dict(job_id=job["id"], inputs=job["inputs"], params=params, edit={}, preset=params.get("preset"),
+                        steps=params.get("steps"), token=params.get("token"))
+            job["result"].update(await self._call(run, self.finetuner, job["kind"], spec, unit))
+            return
+        if params.get("finetune_preset") and not job["result"].get("finetune_id"):
+            unit = dict(label="finetune", output="finetune", weight=params.get("finetune_weight") or 1)
+            run.weights["finetune"] = unit["weight"]
+            spec = dict(job_id=job["id"], inputs=job["inputs"], params=params, edit={},
+                        preset=params["finetune_preset"], steps=params.get("finetune_steps"))
+            job["result"].update(await self._call(run, self.finetuner, "finetune", spec, unit))
+            await run.write(force=True)  # the artifact id is durable before the edit starts
+        finetune_id = params.get("finetune_id") or job["result"].get("finetune_id")
+        token = params.get("finetune_token") or job["result"].get("token")
+        prompt = params.get("prompt", "")
+        if token and token not in prompt.split():  # finetuned_prompt(): the learned token names the subject
+            prompt = f"{token} {prompt}"
+        spec = dict(job_id=job["id"], inputs=job["inputs"], params=params, prompt=prompt, finetune_id=finetune_id,
+                    edit=edit_config(params, len(self.stages)).to_dict())
+        units = plan_units(job, self.stages)
+        for unit in units:
+            run.weights[unit["output"]] = unit["weight"]
+        for i, unit in enumerate(units):
+            if unit.get("chunk", 0) > 0:
+                continue  # run with chunk 0, in parallel
+            group = [u for u in units[i:] if u["label"] == unit["label"] and "chunk" in u] if "chunk" in unit \
+                else [unit]
+            await asyncio.gather(*(self._unit(run, spec, u) for u in group))
+        job["result"].update(run.results.get("output.mp4", {}))
+
+    async def _unit(self, run: _Run, spec: dict, unit: dict) -> None:
+        exists = await asyncio.to_thread(self.jobs.has, run.job["id"], unit["output"])
+        if exists and unit["method"] != "finish":  # stored by an earlier attempt: resume after it
+            run.progress(unit, 1, 1)
+            return
+        keys = ("source", "output", "frames", "chunk", "to_frames", "sources")
+        call = dict(spec, **{k: unit[k] for k in keys if k in unit})
+        run.results[unit["output"]] = await self._call(run, self.handles[unit["stage"]], unit["method"], call, unit)
+
+    async def _call(self, run: _Run, handle, method: str, spec: dict, unit: dict) -> dict:
+        """One streaming call, retried on another replica if the one serving it dies."""
+        retries = self.settings.unit_retries
+        for attempt in range(retries + 1):
+            try:
+                result = None
+                async for event in getattr(handle.options(stream=True), method).remote(spec):
+                    if "error" in event:
+                        raise JobFailed(event["error"])
+                    if "result" in event:
+                        result = event["result"]
+                    else:
+                        run.progress(unit, event["done"], event["total"])
+                        await run.write()
+                if result is None:
+                    raise RuntimeError(f"{method} returned no result")
+                timings = run.job["timings"]
+                timings[unit["label"]] = round(timings.get(unit["label"], 0.0) + result.pop("seconds", 0.0), 3)
+                run.progress(unit, 1, 1)
+                await run.write()
+                return result
+            except (JobFailed, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # a replica died or a bug: retried, then reported without a traceback
+                log.warning("job %s: %s attempt %d failed: %r", run.job["id"], unit["label"], attempt + 1, exc)
+                if attempt == retries:
+                    raise JobFailed(f"the {unit['label']} stage failed {retries + 1} times "
+                                    f"({type(exc).__name__}); resubmit the job") from None
+                await asyncio.sleep(1.0 + attempt + random.random())
+        raise AssertionError("unreachable")
+
+    async def recover_forever(self) -> None:
+        """Take over jobs whose heartbeat stopped (their replica died), forever."""
+        await asyncio.sleep(random.random() * self.settings.recover_every_s)  # replicas should not scan in step
+        while True:
+            try:
+                await self.recover_once()
+            except Exception:
+                log.warning("recovery pass failed; retrying later", exc_info=True)
+            await asyncio.sleep(self.settings.recover_every_s)
+
+    async def recover_once(self) -> list[str]:
+        taken, lease = [], self.settings.lease_s
+        for owner, job_id, mtime in await asyncio.to_thread(self.jobs.active):
+            if job_id in self.tasks:
+                continue
+            job, now = await asyncio.to_thread(self.jobs.load, job_id), time.time()
+            if job is None:
+                if now - mtime > lease:  # marker of a submit that died before its job.json was written
+                    await asyncio.to_thread(self.jobs.deactivate, owner, job_id)
+                continue
+            if job["status"] in ("done", "failed"):
+                await asyncio.to_thread(self.jobs.deactivate, owner, job_id)
+                continue
+            if now - job["heartbeat"] < lease:
+                continue
+            if job["attempts"] >= self.settings.max_attempts:
+                job.update(status="failed", finished_at=now,
+                           error=f"the job was interrupted {job['attempts']} times (replicas lost); resubmit it")
+                await asyncio.to_thread(self.jobs.save, job)
+                await asyncio.to_thread(self.jobs.deactivate, owner, job_id)
+                self.finished.inc(tags={"kind": job["kind"], "status": "failed"})
+                continue
+            log.warning("taking over job %s (last heartbeat %.0f s ago)", job_id, now - job["heartbeat"])
+            self.start(job)
+            taken.append(job_id)
+        return taken

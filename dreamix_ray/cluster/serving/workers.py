@@ -1,0 +1,255 @@
+"""Stage and finetune deployments: each loads the cascade once and moves data through the store.
+
+A call names its job and the store files it reads and writes, so only small dicts travel
+through DeploymentHandles and every finished unit survives any replica's death. Calls are
+async generators: progress events first, then one `result` (or `error` for a user's mistake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import numpy as np
+from ray import serve
+
+from ...errors import UserError
+from ...storage import ArtifactStore
+from ...video import Video, VideoError
+from .jobs import JobStore
+from .settings import ServeSettings
+
+log = logging.getLogger("ray.serve")
+Report = Callable[[int, int], None]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+async def stream_work(fn: Callable[[Report], dict], min_interval_s: float = 0.25) -> AsyncIterator[dict]:
+    """Run blocking `fn(report)` in a thread; yield its throttled progress, then its result."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= min_interval_s:
+            last[0] = now
+            loop.call_soon_threadsafe(queue.put_nowait, {"done": int(done), "total": int(total)})
+
+    start = time.perf_counter()
+    future = loop.run_in_executor(None, fn, report)
+    while not future.done() or not queue.empty():
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({future, getter}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield getter.result()
+        else:
+            getter.cancel()
+    try:
+        result = future.result()
+    except (UserError, VideoError) as exc:
+        # The user's mistake (bad video, unknown preset): reported, not retried on another replica.
+        yield {"error": str(exc)}
+        return
+    yield {"result": {**result, "seconds": time.perf_counter() - start}}
+
+
+class _Replica:
+    """What every worker shares: settings, the cascade, the store, torch threads."""
+
+    def __init__(self, settings: dict):
+        import torch
+
+        from ...models.cascade import Cascade
+
+        self.settings = ServeSettings.from_args(settings)
+        threads = self.settings.torch_threads or max(1, int(self.settings.stage_num_cpus))
+        torch.set_num_threads(threads)  # several replicas share a node: never oversubscribe its cores
+        self.cascade = Cascade.from_pretrained(self.settings.model_dir)
+        self.store = ArtifactStore(self.settings.store_root)
+        self.jobs = JobStore(self.store)
+        self._tuned: OrderedDict = OrderedDict()
+
+    def tuned(self, finetune_id: str | None):
+        """The cascade with a finetuned artifact swapped in; the last two stay loaded."""
+        if not finetune_id:
+            return self.cascade
+        if finetune_id not in self._tuned:
+            from ...finetune import load_finetuned
+
+            self._tuned[finetune_id] = load_finetuned(self.cascade, finetune_id, self.store)[0]
+            while len(self._tuned) > 2:
+                self._tuned.popitem(last=False)
+        self._tuned.move_to_end(finetune_id)
+        return self._tuned[finetune_id]
+
+    def input_file(self, job_id: str, name: str, folder: str) -> Path:
+        path = Path(folder, name)
+        path.write_bytes(self.jobs.get(job_id, name))
+        return path
+
+    def source_video(self, spec: dict) -> Video | None:
+        """The job's input as the video Dreamix edits: the clip covering the base stage, or an image's path."""
+        from ...animate import image_to_video
+        from ...video import probe_video, read_image, read_video
+
+        if not spec.get("inputs"):
+            return None  # generation: no input video
+        limits, base = self.settings.limits, self.cascade.base.config
+        with tempfile.TemporaryDirectory(prefix="dreamix-in-") as tmp:
+            entry = spec["inputs"][0]
+            path = self.input_file(spec["job_id"], entry["name"], tmp)
+            if entry["media"] == "image":
+                frames, fps = self.output_clip()
+                return image_to_video(read_image(path), spec["params"].get("camera", "static"), frames, fps)
+            fps = probe_video(path, limits)["fps"] or base.fps
+            frames = spec["edit"].get("num_frames") or base.frames
+            # Decode only what the base clip covers: a 60 s upload costs 2 s of decoding, not 60.
+            return read_video(path, limits, max_frames=math.ceil(fps * frames / base.fps) + 1)
+
+    def output_clip(self) -> tuple[int, float]:
+        from ...animate import clip_shape
+
+        return clip_shape(self.cascade)
+
+
+@serve.deployment(max_ongoing_requests=1)
+class StageWorker(_Replica):
+    """One cascade stage (base, TSR or SSR); also decodes inputs (prepare) and encodes outputs (finish)."""
+
+    def __init__(self, settings: dict, index: int):
+        super().__init__(settings)
+        self.index = index
+
+    async def prepare(self, spec: dict) -> AsyncIterator[dict]:
+        """Decode the input and downsample it to the base stage: x0 [1, 3, F, H, W]."""
+
+        def work(report: Report) -> dict:
+            import torch
+
+            from ...config import EditConfig
+            from ...degrade import downsample_to_stage
+
+            cfg, base = EditConfig.from_dict(spec["edit"]), self.cascade.base.config
+            video = self.source_video(spec)
+            if video is None:
+                x0 = torch.zeros(1, 3, cfg.num_frames or base.frames, base.height, base.width)
+            else:
+                x0 = downsample_to_stage(video, base, cfg.num_frames, cfg.fit)
+            self.jobs.put(spec["job_id"], spec["output"], npy_bytes(x0.numpy()))
+            report(1, 1)
+            return {"output": spec["output"]}
+
+        async for event in stream_work(work):
+            yield event
+
+    async def denoise(self, spec: dict) -> AsyncIterator[dict]:
+        """This stage on the previous output (or one frame chunk of it), from the store to the store."""
+
+        def work(report: Report) -> dict:
+            import torch
+
+            from ...config import EditConfig
+            from ...degrade import tensor_to_frames
+            from ...edit import run_base, run_sr_stage
+
+            cascade, cfg = self.tuned(spec.get("finetune_id")), EditConfig.from_dict(spec["edit"])
+            x = torch.from_numpy(npy_load(self.jobs.get(spec["job_id"], spec["source"])))
+            on_step = lambda _stage, done, total: report(done, total)  # noqa: E731
+            prompts, seeds = [spec["prompt"]], [cfg.seed]
+            if self.index == 0:
+                out = run_base(cascade, x, prompts, seeds, cfg, on_step=on_step)
+            else:
+                lo, hi = spec.get("frames") or (0, x.shape[2])
+                out = run_sr_stage(cascade, self.index, x[:, :, lo:hi], prompts, seeds, cfg, spec.get("chunk", 0),
+                                   on_step=on_step)
+            # The final stage's output is stored as uint8 frames: 4x smaller than float and what finish needs.
+            array = tensor_to_frames(out) if spec.get("to_frames") else out.numpy()
+            self.jobs.put(spec["job_id"], spec["output"], npy_bytes(array))
+            return {"output": spec["output"], "shape": list(array.shape)}
+
+        async for event in stream_work(work):
+            yield event
+
+    async def finish(self, spec: dict) -> AsyncIterator[dict]:
+        """Join the final chunks, write the mp4 and (with an input) the side-by-side preview."""
+
+        def work(report: Report) -> dict:
+            from ...video import write_preview, write_video
+
+            parts = [npy_load(self.jobs.get(spec["job_id"], name)) for name in spec["sources"]]
+            edited = Video(np.concatenate(parts, axis=1)[0], self.cascade.stages[-1].config.fps)
+            result = {"video": "output.mp4", "frames": edited.num_frames, "width": edited.width,
+                      "height": edited.height, "fps": edited.fps}
+            with tempfile.TemporaryDirectory(prefix="dreamix-out-") as tmp:
+                write_video(Path(tmp, "output.mp4"), edited)
+                self.jobs.put(spec["job_id"], "output.mp4", Path(tmp, "output.mp4").read_bytes())
+                original = self.source_video(spec)
+                if original is not None:
+                    mp4, png = write_preview(original, edited, Path(tmp, "preview.mp4"))
+                    self.jobs.put(spec["job_id"], "preview.mp4", mp4.read_bytes())
+                    self.jobs.put(spec["job_id"], "preview.png", png.read_bytes())
+                    result.update(preview="preview.mp4", preview_png="preview.png")
+            report(1, 1)
+            return result
+
+        async for event in stream_work(work):
+            yield event
+
+
+@serve.deployment(max_ongoing_requests=1)
+class FinetuneWorker(_Replica):
+    """Mixed video-image finetuning (paper Sec. 4.2) and subject learning, stored as artifacts."""
+
+    async def finetune(self, spec: dict) -> AsyncIterator[dict]:
+        """Finetune on the job's video (or reuse the artifact for the same bytes and config)."""
+
+        def work(report: Report) -> dict:
+            from ...finetune import finetune_or_load, finetune_preset, finetuned_stage_names
+
+            cfg = finetune_preset(spec["preset"], steps=spec.get("steps"), token=spec.get("token"))
+            names = finetuned_stage_names(self.cascade, cfg)
+            total = cfg.steps * len(names)
+            on_step = lambda stage, step, _n, _loss: report(names.index(stage) * cfg.steps + step, total)  # noqa
+            source = self.source_video(spec)
+            data = self.jobs.get(spec["job_id"], spec["inputs"][0]["name"])
+            _, key = finetune_or_load(source, cfg, self.cascade, self.store, source_bytes=data, on_step=on_step)
+            report(total, total)
+            return {"finetune_id": key, "token": cfg.token}
+
+        async for event in stream_work(work):
+            yield event
+
+    async def subject(self, spec: dict) -> AsyncIterator[dict]:
+        """Frame-only finetuning on a few images of one subject (paper Sec. 5)."""
+
+        def work(report: Report) -> dict:
+            from ...finetune import finetune_preset
+            from ...subject import finetune_subject
+
+            cfg = finetune_preset("frames", steps=spec.get("steps"), token=spec["token"])
+            with tempfile.TemporaryDirectory(prefix="dreamix-subject-") as tmp:
+                for entry in spec["inputs"]:
+                    self.input_file(spec["job_id"], entry["name"], tmp)
+                key = finetune_subject(tmp, cfg.token, self.cascade, self.store, cfg=cfg)
+            report(1, 1)
+            return {"finetune_id": key, "token": cfg.token}
+
+        async for event in stream_work(work):
+            yield event

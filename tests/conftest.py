@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny real models (seconds on CPU) and the real sample clips."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_VIDEOS = REPO.parent / "shared" / "data" / "videos"
+BUNDLED_VIDEOS = REPO / "tests" / "data"
+
+
+def sample_clip(name: str = "wolf.mp4") -> Path:
+    """A real clip: $DREAMIX_SAMPLE_VIDEOS, the team's shared data, or the copy under tests/data."""
+    for folder in (os.environ.get("DREAMIX_SAMPLE_VIDEOS"), SHARED_VIDEOS, BUNDLED_VIDEOS):
+        if folder and (Path(folder) / name).is_file():
+            return Path(folder) / name
+    pytest.skip(f"sample clip {name} is not available")
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    from dreamix_ray.models.text import TextEncoder
+
+    return TextEncoder("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny(text_encoder):
+    """base 4x8x8 -> TSR 2x -> SSR 2x: 8 frames of 16x16, random weights with no zero layers."""
+    from dreamix_ray.models.cascade import tiny_cascade
+
+    return tiny_cascade(text_encoder, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny, tmp_path_factory):
+    return tiny.save_pretrained(tmp_path_factory.mktemp("tiny_cascade"))
+
+
+@pytest.fixture()
+def moving_video():
+    """A real 2 s shapes-world clip (a red circle moving left on blue) at 32x32, 8 fps."""
+    from dreamix_ray.video import Video
+    from dreamix_ray.world import render, sample_scene
+
+    scene = sample_scene(np.random.default_rng(0), colour="red", shape="circle", motion="left",
+                         background="blue")
+    return Video(render(scene, num_frames=16, size=32, fps=8.0), 8.0)

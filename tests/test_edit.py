@@ -1,0 +1,131 @@
+"""The Dreamix edit path (paper Sec. 4.1) on a tiny real cascade."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import sample_clip
+from dreamix_ray.config import ConfigError, EditConfig
+from dreamix_ray.degrade import downsample_to_stage, noise_at_strength
+from dreamix_ray.edit import chunk_bounds, edit, generate, run_base, run_cascade, run_sr_stage
+from dreamix_ray.sampling import seed_generators
+from dreamix_ray.video import Video, read_video
+
+
+def test_shapes_and_fps_through_the_cascade(tiny, moving_video):
+    out = edit(moving_video, "a green square moving right", EditConfig(strength=0.6), tiny)
+    last = tiny.stages[-1].config
+    assert out.frames.shape == (last.frames, last.height, last.width, 3)
+    assert out.frames.dtype == np.uint8 and out.fps == last.fps
+    longer = edit(moving_video, "x", EditConfig(strength=0.6, num_frames=6), tiny)
+    assert longer.num_frames == 12  # base frames x TSR factor
+
+
+def test_strength_one_equals_text_to_video(tiny, moving_video):
+    cfg = EditConfig(strength=1.0, seed=7)
+    edited = edit(moving_video, "a blue triangle", cfg, tiny)
+    assert np.array_equal(edited.frames, generate("a blue triangle", cfg, tiny).frames)
+    other = Video(255 - moving_video.frames, moving_video.fps)
+    assert np.array_equal(edited.frames, edit(other, "a blue triangle", cfg, tiny).frames)
+
+
+def test_strength_zero_starts_from_the_degraded_video(tiny, moving_video):
+    x0 = downsample_to_stage(moving_video, tiny.base.config)
+    out = run_base(tiny, x0, ["anything"], [0], EditConfig(strength=0.0))
+    assert torch.equal(out, x0)
+    partly = run_base(tiny, x0, ["anything"], [0], EditConfig(strength=0.5))
+    assert not torch.equal(partly, x0)
+
+
+def test_noise_follows_q_of_x_s(tiny):
+    x0 = torch.full((64, 3, 4, 8, 8), 0.5)
+    sched = tiny.base.scheduler
+    x_s, ts = noise_at_strength(x0, 0.5, sched, 10, seed_generators(list(range(64)), 0))
+    abar = sched.alphas_cumprod[ts[0]].item()
+    assert 450 <= ts[0] <= 550
+    assert abs(x_s.mean().item() - math.sqrt(abar) * 0.5) < 0.02
+    assert abs(x_s.std().item() - math.sqrt(1 - abar)) < 0.02
+
+
+def test_same_seed_same_video_and_batch_equals_rows(tiny, moving_video):
+    x0 = downsample_to_stage(moving_video, tiny.base.config)
+    x0b = torch.cat([x0, torch.flip(x0, dims=[2])])
+    cfg = EditConfig(strength=0.8, ssr_chunk_frames=4)
+    prompts, seeds = ["a red circle moving left", "a yellow square"], [11, 12]
+    batch = run_cascade(tiny, x0b, prompts, seeds, cfg)
+    rows = [run_cascade(tiny, x0b[i:i + 1], [prompts[i]], [seeds[i]], cfg)[0] for i in range(2)]
+    reversed_batch = run_cascade(tiny, x0b.flip(0), prompts[::-1], seeds[::-1], cfg)
+    for i in range(2):
+        assert np.abs(batch[i].astype(int) - rows[i].astype(int)).max() <= 1
+        assert np.abs(reversed_batch[1 - i].astype(int) - rows[i].astype(int)).max() <= 1
+    again = run_cascade(tiny, x0b[:1], prompts[:1], seeds[:1], cfg)[0]
+    assert np.array_equal(again, rows[0])
+    assert not np.array_equal(run_cascade(tiny, x0b[:1], prompts[:1], [99], cfg)[0], rows[0])
+
+
+def test_chunked_last_ssr_frames_and_chunk_independence(tiny):
+    cfg = EditConfig(strength=1.0, num_frames=5, ssr_chunk_frames=4)
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    prev = torch.rand(1, 3, 10, 8, 8) * 2 - 1
+    ssr = tiny.last_ssr_index()
+    whole = run_cascade_from_ssr(tiny, prev, cfg)
+    assert whole.shape == (10, 16, 16, 3)
+    # Chunk 1 alone, computed directly, is exactly frames 4..8 of the whole output.
+    part = run_sr_stage(tiny, ssr, prev[:, :, 4:8], ["p"], [5], cfg, chunk=1)
+    from dreamix_ray.degrade import tensor_to_frames
+    assert np.array_equal(tensor_to_frames(part)[0], whole[4:8])
+    # Changing chunk 0's input frames leaves the other chunks untouched.
+    prev2 = prev.clone()
+    prev2[:, :, 0:4] = -prev2[:, :, 0:4]
+    whole2 = run_cascade_from_ssr(tiny, prev2, cfg)
+    assert not np.array_equal(whole[:4], whole2[:4])
+    assert np.array_equal(whole[4:], whole2[4:])
+
+
+def run_cascade_from_ssr(cascade, prev, cfg):
+    """Only the last SSR, chunked as run_cascade does it."""
+    from dreamix_ray.degrade import tensor_to_frames
+
+    ssr = cascade.last_ssr_index()
+    parts = [tensor_to_frames(run_sr_stage(cascade, ssr, prev[:, :, lo:hi], ["p"], [5], cfg, chunk=c))[0]
+             for c, (lo, hi) in enumerate(chunk_bounds(prev.shape[2], cfg.ssr_chunk_frames))]
+    return np.concatenate(parts)
+
+
+def test_chunking_matches_run_cascade(tiny, moving_video):
+    x0 = downsample_to_stage(moving_video, tiny.base.config, num_frames=6)
+    cfg = EditConfig(strength=0.7, num_frames=6, ssr_chunk_frames=5, seed=1)
+    full = run_cascade(tiny, x0, ["p"], [1], cfg)[0]
+    assert full.shape[0] == 12
+    prev = run_sr_stage(tiny, 1, run_base(tiny, x0, ["p"], [1], cfg), ["p"], [1], cfg)
+    assert np.array_equal(full, run_cascade_from_ssr_seed(tiny, prev, cfg, 1))
+
+
+def run_cascade_from_ssr_seed(cascade, prev, cfg, seed):
+    from dreamix_ray.degrade import tensor_to_frames
+
+    ssr = cascade.last_ssr_index()
+    return np.concatenate([
+        tensor_to_frames(run_sr_stage(cascade, ssr, prev[:, :, lo:hi], ["p"], [seed], cfg, chunk=c))[0]
+        for c, (lo, hi) in enumerate(chunk_bounds(prev.shape[2], cfg.ssr_chunk_frames))])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "abc", 5])
+def test_bad_strength_is_a_clear_error(bad):
+    with pytest.raises(ConfigError, match="strength"):
+        EditConfig(strength=bad)
+
+
+def test_classifier_free_guidance_is_optional(tiny, moving_video):
+    plain = edit(moving_video, "a red circle", EditConfig(strength=0.8), tiny)
+    guided = edit(moving_video, "a red circle", EditConfig(strength=0.8, guidance_scale=3.0), tiny)
+    assert not np.array_equal(plain.frames, guided.frames)
+
+
+def test_edits_a_real_clip_end_to_end(tiny):
+    clip = read_video(sample_clip("wolf.mp4"))
+    assert clip.num_frames == 40 and clip.height == 512
+    out = edit(clip, "a shiny silver robotic wolf", EditConfig(strength=0.7), tiny)
+    assert out.frames.shape == (8, 16, 16, 3) and out.frames.std() > 0
