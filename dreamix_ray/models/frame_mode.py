@@ -1,9 +1,9 @@
-"""Frame mode (paper Sec. 4.2): temporal convs bypassed, temporal attention within each frame.
+"""Frame mode (paper Sec. 4.2): the temporal layers are masked so frames act as independent images.
 
-`num_frames=1` alone is not frame mode: diffusers' temporal layers would still mix the
-frames of a batch laid out as video. Here every temporal conv returns its input unchanged
-(the residual branch is masked) and every temporal transformer is told each frame is its
-own one-frame clip, which is attention masked to the diagonal.
+Every temporal conv and every temporal transformer (transformer_in included) returns its input:
+their residual branches are masked, so each frame sees only itself and the temporal parameters
+are frozen, as the paper's image pretraining and frame finetuning do (imagen-pytorch calls this
+`ignore_time`). `num_frames=1` alone is not frame mode: the layers would still act on each frame.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import threading
 
 import torch
 from diffusers.models.resnet import TemporalConvLayer
-from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+from diffusers.models.transformers.transformer_temporal import (
+    TransformerTemporalModel, TransformerTemporalModelOutput,
+)
 
 # Per-thread so two requests sharing one model (a serving replica) do not see each other's mode.
 _state = threading.local()
@@ -25,7 +27,7 @@ def in_frame_mode() -> bool:
 
 @contextlib.contextmanager
 def frame_mode(enabled: bool = True):
-    """Within this block, every model patched by `enable_frame_mode_switch` runs in frame mode."""
+    """Within this block, every model prepared by `enable_frame_mode_switch` runs in frame mode."""
     if not enabled:
         yield
         return
@@ -34,12 +36,6 @@ def frame_mode(enabled: bool = True):
         yield
     finally:
         _state.depth -= 1
-
-
-def _frames_as_single_clips(module, args, kwargs):
-    if in_frame_mode():
-        kwargs = dict(kwargs, num_frames=1)
-    return args, kwargs
 
 
 def temporal_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -56,23 +52,28 @@ def temporal_parameter_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
+class _MaskableTemporalConv(TemporalConvLayer):
+    """A TemporalConvLayer that returns its input in frame mode."""
+
+    def forward(self, hidden_states, num_frames: int = 1):
+        return hidden_states if in_frame_mode() else super().forward(hidden_states, num_frames=num_frames)
+
+
+class _MaskableTransformerTemporal(TransformerTemporalModel):
+    """A TransformerTemporalModel that returns its input in frame mode."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not in_frame_mode():
+            return super().forward(hidden_states, *args, **kwargs)
+        return TransformerTemporalModelOutput(sample=hidden_states) if kwargs.get("return_dict", True) \
+            else (hidden_states,)
+
+
 def enable_frame_mode_switch(model: torch.nn.Module) -> torch.nn.Module:
-    """Install the hooks once; they act only inside `with frame_mode():`."""
-    if getattr(model, "_frame_mode_hooks", False):
-        return model
+    """Give the temporal layers their frame-mode switch (a class swap, so copies and pickles keep it)."""
     for m in temporal_modules(model):
-        if isinstance(m, TemporalConvLayer):
-            m.forward = _identity_in_frame_mode(m.forward)
-        else:
-            m.register_forward_pre_hook(_frames_as_single_clips, with_kwargs=True)
-    model._frame_mode_hooks = True
+        if type(m) is TemporalConvLayer:
+            m.__class__ = _MaskableTemporalConv
+        elif type(m) is TransformerTemporalModel:
+            m.__class__ = _MaskableTransformerTemporal
     return model
-
-
-def _identity_in_frame_mode(forward):
-    def wrapped(hidden_states, num_frames: int = 1):
-        if in_frame_mode():
-            return hidden_states
-        return forward(hidden_states, num_frames=num_frames)
-
-    return wrapped

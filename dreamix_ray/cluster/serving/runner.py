@@ -72,7 +72,9 @@ class _Run:
     def progress(self, unit: dict, done: int, total: int) -> None:
         self.done[unit["output"]] = unit["weight"] * min(1.0, done / max(total, 1))
         self.job["stage"] = unit["label"]
-        self.job["progress"] = round(min(0.99, sum(self.done.values()) / max(sum(self.weights.values()), 1)), 4)
+        # Monotonic: a unit retried on a fresh replica restarts its steps, the bar should not jump back.
+        share = sum(self.done.values()) / max(sum(self.weights.values()), 1)
+        self.job["progress"] = round(max(self.job["progress"], min(0.99, share)), 4)
 
     async def write(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.last_write < 1.0:
@@ -113,7 +115,7 @@ class JobRunner:
 
     async def _run(self, job: dict) -> None:
         now = time.time()
-        job.update(status="running", runner=self.replica, attempts=job["attempts"] + 1, error=None,
+        job.update(status="running", stage="starting", runner=self.replica, attempts=job["attempts"] + 1, error=None,
                    started_at=job["started_at"] or now)
         run = _Run(self, job)
         await run.write(force=True)

@@ -74,12 +74,14 @@ class _Replica:
     """What every worker shares: settings, the cascade, the store, torch threads."""
 
     def __init__(self, settings: dict):
+        import ray
         import torch
 
         from ...models.cascade import Cascade
 
         self.settings = ServeSettings.from_args(settings)
-        threads = self.settings.torch_threads or max(1, int(self.settings.stage_num_cpus))
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        threads = self.settings.torch_threads or max(1, int(cpus))
         torch.set_num_threads(threads)  # several replicas share a node: never oversubscribe its cores
         self.cascade = Cascade.from_pretrained(self.settings.model_dir)
         self.store = ArtifactStore(self.settings.store_root)

@@ -1,0 +1,243 @@
+"""Batch editing on Ray Data: the plain stages of plan.py as streaming actor pools, results to Parquet."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+
+from ..config import EditConfig
+from ..errors import UserError
+from ..manifest import read_manifest, results_dir, work_items, write_results
+from ..storage import S3Settings, join, write_bytes
+from .plan import DEFAULT_CPUS, StageSpec, pipeline_stages, stage_resource
+from .stages import cascade_config, model_tag, to_rows
+
+LOST = "lost by the pipeline: a worker failed on it repeatedly (see the Ray logs); rerun to retry"
+
+
+class BatchError(UserError):
+    """A batch job cannot start or was stopped; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """One batch job; the CLI and jobs/edit_batch.py build it from flags."""
+
+    manifest: str
+    output_prefix: str
+    model: str | None = None
+    address: str | None = None
+    s3: S3Settings = S3Settings()
+    edit: EditConfig = EditConfig()
+    store: str | None = None  # finetuned artifacts; default <output-prefix>/artifacts
+    cpus: dict = field(default_factory=dict)  # stage name or kind -> CPUs per actor
+    gpus: dict = field(default_factory=dict)
+    actors: dict = field(default_factory=dict)  # stage name or kind -> (min, max) actors
+    batch_size: int = 4  # rows per model call
+    max_error_rate: float = 1.0  # stop once failures exceed this fraction of all outputs
+    max_restarts: int = 3  # per actor, after a crash
+    max_task_retries: int = 3  # per batch, on a restarted actor
+    num_cpus: int | None = None  # size of the local cluster started without --address
+    run_id: str | None = None
+    progress: bool = True
+    limits: dict | None = None  # VideoLimits fields
+    flush_every: int = 64  # results rows per Parquet part
+    object_store_mb: float | None = None  # Ray Data's budget for rows in flight: bounds how far reading runs ahead
+
+
+@dataclass
+class BatchSummary:
+    """What a run did: counts, speed, where the results are, and the first errors."""
+
+    run_id: str
+    total: int
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    results: str = ""
+    stopped: str = ""
+    errors: list[tuple[str, str, str]] = field(default_factory=list)
+    stats: str = ""
+
+    @property
+    def videos_per_minute(self) -> float:
+        return 60.0 * self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def text(self) -> str:
+        lines = [f"run {self.run_id}: {self.total} outputs: {self.ok} done, {self.failed} failed, "
+                 f"{self.skipped} skipped in {self.seconds:.1f} s ({self.videos_per_minute:.2f} videos/min)",
+                 f"results: {self.results}"]
+        lines += [f"  failed {vid!r} {prompt!r}: {err}" for vid, prompt, err in self.errors[:10]]
+        if len(self.errors) > 10:
+            lines.append(f"  ... and {len(self.errors) - 10} more (see the results)")
+        return "\n".join(lines + ([f"stopped: {self.stopped}"] if self.stopped else []))
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _map_specs(specs: list[StageSpec]) -> list[StageSpec]:
+    return [s for s in specs if not s.flat]
+
+
+def _actors(opts: BatchOptions, spec: StageSpec) -> tuple[int, int]:
+    if spec.single:
+        return 1, 1
+    lo, hi = stage_resource(opts.actors, spec, (1, 4 if spec.model else 2))
+    return int(lo), int(hi)
+
+
+def init_ray(opts: BatchOptions, specs: list[StageSpec]) -> bool:
+    """Connect to --address / $RAY_ADDRESS, or start a local cluster; True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    if opts.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=opts.address, log_to_driver=True)
+        return True
+    # Every stage needs one actor alive for rows to stream through; on a small machine that means more
+    # logical CPUs than cores, which the OS time-slices (stages seldom all compute at once).
+    needed = sum(_actors(opts, s)[0] * stage_resource(opts.cpus, s, DEFAULT_CPUS.get(s.kind, 0.5))
+                 for s in _map_specs(specs))
+    num_cpus = opts.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    ray.init(num_cpus=num_cpus, include_dashboard=False)
+    return True
+
+
+def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
+                  stage_classes: dict[str, type] | None = None) -> "ray.data.Dataset":
+    """from_items -> map_batches(actor pool) per stage -> flat_map for the chunk split (lazy)."""
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
+    for spec in specs:
+        if spec.flat:
+            ds = ds.flat_map(spec.fn, num_cpus=0.1)
+            continue
+        cpus = stage_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
+        gpus = stage_resource(opts.gpus, spec, 0.0)
+        kwargs = dict(spec.kwargs)
+        if spec.model:
+            kwargs["threads"] = max(1, int(cpus))
+            if spec.fn.__name__ != "Finetune":
+                kwargs["gpus"] = gpus
+        lo, hi = _actors(opts, spec)
+        fn = (stage_classes or {}).get(spec.name, spec.fn)
+        with warnings.catch_warnings():
+            # Bounded restarts need ray_remote_args (deprecated in 2.60, no named parameter yet); Ray's
+            # default of infinite retries would loop forever on a row that kills its worker.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs,
+                                compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+                                batch_size=opts.batch_size if spec.model else 1, num_cpus=cpus,
+                                num_gpus=gpus or None, max_restarts=opts.max_restarts,
+                                max_task_retries=opts.max_task_retries)
+    return ds
+
+
+def _configure_data_context(opts: BatchOptions) -> None:
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = opts.progress
+    # Rows carry their own errors; a block is lost only if its worker died more than max_task_retries
+    # times. Keep going then: the driver records its rows as lost, and --max-error-rate decides.
+    ctx.max_errored_blocks = -1
+    if opts.object_store_mb:
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=opts.object_store_mb * 2**20)
+
+
+class _ResultsWriter:
+    """Results Parquet parts under the output prefix, written as rows arrive (a crash keeps what is done)."""
+
+    def __init__(self, opts: BatchOptions, run_id: str, model: str, s3: S3Settings):
+        self.opts, self.run_id, self.model, self.s3 = opts, run_id, model, s3
+        self.pending: list[dict] = []
+        self.part = 0
+
+    def add(self, row: dict) -> None:
+        self.pending.append(dict(row, run=self.run_id, model=self.model))
+        if len(self.pending) >= self.opts.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            write_results(self.opts.output_prefix, self.run_id, self.part, self.pending, self.s3)
+            self.part, self.pending = self.part + 1, []
+
+
+def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) -> BatchSummary:
+    """Read the manifest, stream it through the stages, write results; `stopped` says why if it ended early."""
+    if not 0.0 <= opts.max_error_rate <= 1.0:
+        raise BatchError(f"--max-error-rate must be in [0, 1], got {opts.max_error_rate}")
+    start = time.perf_counter()
+    s3 = opts.s3.resolved()
+    # Workers get the endpoint and region; credentials come from their own environment (env, profile, IAM).
+    worker_s3 = {k: v for k, v in (("endpoint_url", s3.endpoint_url), ("region", s3.region)) if v}
+    rows = read_manifest(opts.manifest, s3, on_error="keep")
+    config, tag = cascade_config(opts.model, s3), model_tag(opts.model, s3)
+    items = work_items(rows, opts.output_prefix, opts.edit, tag)
+    store = opts.store or join(opts.output_prefix, "artifacts")
+    specs = pipeline_stages(config, opts.model, worker_s3 or None, store, any(r.finetune for r in rows), opts.limits)
+    run_id = opts.run_id or new_run_id()
+    summary = BatchSummary(run_id, len(items), results=join(results_dir(opts.output_prefix), f"run={run_id}"))
+    started = init_ray(opts, specs)
+    try:
+        _configure_data_context(opts)
+        ds = build_dataset(items, specs, opts, stage_classes)
+        writer = _ResultsWriter(opts, run_id, tag, s3)
+        seen: set[str] = set()
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        try:
+            for batch in batches:
+                for row in to_rows(batch):
+                    if row["key"] in seen:
+                        continue
+                    seen.add(row["key"])
+                    _count(summary, row)
+                    writer.add(row)
+                if summary.failed > opts.max_error_rate * summary.total:
+                    summary.stopped = (f"{summary.failed} of {summary.total} outputs failed, over --max-error-rate "
+                                       f"{opts.max_error_rate:g}; first error: {summary.errors[0][2]}")
+                    break
+        finally:
+            getattr(batches, "close", lambda: None)()  # stops the streaming executor when we leave early
+        if not summary.stopped:
+            for item in items:
+                if item["key"] not in seen:
+                    row = dict(item, status="error", error=LOST)
+                    _count(summary, row)
+                    writer.add(row)
+        writer.flush()
+        summary.seconds = time.perf_counter() - start
+        summary.stats = ds.stats()
+        _write_summary(opts, summary, s3)
+    finally:
+        if started:
+            ray.shutdown()
+    return summary
+
+
+def _count(summary: BatchSummary, row: dict) -> None:
+    if row["status"] == "ok":
+        summary.ok += 1
+    elif row["status"] == "skipped":
+        summary.skipped += 1
+    else:
+        summary.failed += 1
+        summary.errors.append((row["id"], row["prompt"], row["error"]))
+
+
+def _write_summary(opts: BatchOptions, summary: BatchSummary, s3: S3Settings) -> None:
+    data = dict(run=summary.run_id, total=summary.total, ok=summary.ok, failed=summary.failed,
+                skipped=summary.skipped, seconds=round(summary.seconds, 3),
+                videos_per_minute=round(summary.videos_per_minute, 3), stopped=summary.stopped,
+                manifest=opts.manifest, model=opts.model or "embedded")
+    write_bytes(join(summary.results, "summary.json"), json.dumps(data, indent=2).encode(), s3)

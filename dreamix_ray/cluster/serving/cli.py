@@ -1,0 +1,84 @@
+"""`dreamix serve`: start the Serve app on a local Ray, or deploy it to a running cluster (--address)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+
+if importlib.util.find_spec("ray") is None:  # `dreamix` tells the user to install the ray extra
+    raise ImportError("ray is not installed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--address", default=None,
+                        help="a running Ray cluster (HOST:PORT or ray://HOST:10001) to deploy to and return; "
+                             "default: start a local Ray and serve until Ctrl-C")
+    parser.add_argument("--model", default=None, metavar="DIR", help="cascade directory (default: the embedded one)")
+    parser.add_argument("--store", default=None, metavar="URI",
+                        help="where jobs and results live: a directory or s3://BUCKET/PREFIX "
+                             "(default: $DREAMIX_STORE or ~/.cache/dreamix_ray/artifacts)")
+    parser.add_argument("--no-auth", action="store_true", help="accept requests without an API key (trusted hosts)")
+    parser.add_argument("--api-key-file", default=None, metavar="FILE",
+                        help="one API key per line; DREAMIX_API_KEYS=key1,key2 is read as well")
+    parser.add_argument("--allowed-bucket", action="append", dest="allowed_buckets", default=None, metavar="BUCKET",
+                        help="an S3 bucket whose s3:// URIs requests may name (repeatable)")
+    parser.add_argument("--max-replicas", type=int, default=None, help="autoscaling ceiling of every deployment")
+    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved per stage replica")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus export port of the local Ray node (default: Ray picks one)")
+
+
+def settings_args(args: argparse.Namespace) -> dict:
+    """The ServeSettings fields the flags set (unset flags keep the defaults and env)."""
+    out = {"model": args.model, "store": args.store, "api_key_file": args.api_key_file,
+           "allowed_buckets": args.allowed_buckets, "max_replicas": args.max_replicas,
+           "stage_num_gpus": args.num_gpus}
+    out = {k: v for k, v in out.items() if v is not None}
+    if args.no_auth:
+        out["auth"] = False
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from ...errors import UserError
+    from .app import APP_NAME, build_app
+    from .settings import KeyRing, ServeSettings, stage_configs
+
+    fields = settings_args(args)
+    settings = ServeSettings.from_args(fields)
+    KeyRing.load(settings)  # no keys and no --no-auth: stop here with one line, not after deploying
+    stages = stage_configs(settings.model_dir)
+    if args.address:
+        # The cluster must hold the keys itself (a Secret in infra/rayservice.yaml): they are not shipped from here.
+        ray.init(address=args.address, logging_level="WARNING")
+    else:
+        # Logical CPUs for one replica of every deployment, even on a 2-core laptop: torch uses 1 thread each.
+        need = int(len(stages) * settings.stage_num_cpus + settings.ingress_num_cpus + settings.stage_num_cpus) + 1
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), logging_level="WARNING",
+                 _metrics_export_port=args.metrics_port)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    try:
+        serve.run(build_app(fields), name=APP_NAME, route_prefix="/")
+    except RuntimeError as exc:
+        raise UserError(f"the Serve application did not start ({str(exc).splitlines()[0]}); "
+                        "the replica logs under /tmp/ray/session_latest/logs/serve say why") from None
+    url = f"http://{args.host}:{args.port}"
+    print(f"dreamix serving on {url}/ (web page), {url}/docs (API), {url}/healthz", flush=True)
+    if args.address:
+        print("deployed; it keeps running on the cluster (stop it with `serve shutdown`)")
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+        serve.shutdown()
+        ray.shutdown()
+    return 0

@@ -1,0 +1,408 @@
+"""Batch-edit stages as plain callables on column batches; they run without Ray (batch.py wires them)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import posixpath
+import tempfile
+import time
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..config import CascadeConfig, EditConfig
+from ..errors import UserError
+from ..storage import ArtifactStore, S3Settings, filesystem, is_s3, join, read_bytes, write_bytes, exists
+
+TENSOR_COLUMNS = ("x", "frames")
+INT_COLUMNS = ("row", "prompt_index", "chunk", "n_chunks")
+
+
+def empty_x() -> np.ndarray:
+    """Placeholder for rows with no tensor (skipped, failed): same rank, zero frames, so Arrow keeps one type."""
+    return np.zeros((3, 0, 0, 0), np.float32)
+
+
+def empty_frames() -> np.ndarray:
+    return np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def _py(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def to_rows(batch: dict) -> list[dict]:
+    """Column batch (dict of arrays) -> list of row dicts with plain Python scalars."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: _py(v[i]) for k, v in batch.items()} for i in range(n)]
+
+
+def _column(name: str, values: list) -> np.ndarray:
+    if name in TENSOR_COLUMNS:
+        if values and all(v.shape == values[0].shape for v in values):
+            return np.stack(values)
+        out = np.empty(len(values), dtype=object)  # ragged: Ray Data stores it as a variable-shaped tensor
+        for i, v in enumerate(values):
+            out[i] = v
+        return out
+    if name in INT_COLUMNS:
+        return np.asarray(values, dtype=np.int64)
+    if name.startswith("t_") or name.endswith("_at"):
+        return np.asarray(values, dtype=np.float64)
+    return np.asarray(values, dtype=object)
+
+
+def to_batch(rows: list[dict], columns: list[str]) -> dict[str, np.ndarray]:
+    return {c: _column(c, [r[c] for r in rows]) for c in columns}
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a row's `error`: the message for user errors, the type too for anything else."""
+    from ..video import VideoError
+
+    if isinstance(exc, (UserError, VideoError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _s3(settings: dict | None) -> S3Settings | None:
+    return S3Settings(**settings) if settings else None
+
+
+# ---------------------------------------------------------------- models and videos
+
+
+def model_dir(model: str | None, s3: S3Settings | None = None) -> str | None:
+    """A local cascade directory: s3:// models are downloaded once per machine into the temp dir."""
+    if model is None or not is_s3(model):
+        return model
+    cache = Path(tempfile.gettempdir(), "dreamix-models", hashlib.sha256(model.encode()).hexdigest()[:16])
+    if not (cache / "cascade.json").is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
+        ArtifactStore(posixpath.dirname(model.rstrip("/")), s3).get_dir(posixpath.basename(model.rstrip("/")), tmp)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another actor on this machine finished first
+            pass
+    return str(cache)
+
+
+def cascade_config(model: str | None, s3: S3Settings | None = None) -> CascadeConfig:
+    """The stage list, read from cascade.json alone (no weights): what the driver and decoders need."""
+    from ..models.cascade import CASCADE_FILE, EMBEDDED_DIR, CascadeError
+    from ..models.embedded import embedded_config
+
+    if model is None:
+        if not (EMBEDDED_DIR / CASCADE_FILE).is_file():
+            return embedded_config({"kind": "minilm"})
+        model = str(EMBEDDED_DIR)
+    try:
+        text = read_bytes(join(model, CASCADE_FILE), s3)
+    except UserError:
+        raise CascadeError(f"{model} is not a cascade directory (no {CASCADE_FILE}); give --model a directory "
+                           "written by Cascade.save_pretrained") from None
+    return CascadeConfig.from_dict(json.loads(text))
+
+
+def model_tag(model: str | None, s3: S3Settings | None = None) -> str:
+    """Fingerprint of the model (config, and every file's size and time) for output keys and results."""
+    from ..models.cascade import CASCADE_FILE, EMBEDDED_DIR
+
+    config = cascade_config(model, s3)
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    root = model or (str(EMBEDDED_DIR) if (EMBEDDED_DIR / CASCADE_FILE).is_file() else None)
+    if root is None:
+        return f"{config.name}-untrained"
+    from pyarrow import fs as pafs
+
+    fs, path = filesystem(root, s3)
+    for info in sorted(fs.get_file_info(pafs.FileSelector(path, recursive=True)), key=lambda i: i.path):
+        h.update(f"{info.path[len(path):]}:{info.size}:{info.mtime_ns}".encode())
+    return f"{config.name}-{h.hexdigest()[:12]}"
+
+
+def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None):
+    """(Video, file bytes) for a local path or an s3:// object; the bytes key finetuned artifacts."""
+    from ..video import VideoLimits, read_video
+
+    lim = VideoLimits.from_dict(limits or {})
+    if not is_s3(uri):
+        return read_video(uri, lim), (Path(uri).read_bytes() if Path(uri).is_file() else b"")
+    data = read_bytes(uri, s3)
+    if len(data) > lim.max_bytes:
+        raise UserError(f"{uri} is {len(data) / 1e6:.1f} MB, over the {lim.max_bytes / 1e6:.0f} MB limit")
+    suffix = posixpath.splitext(uri)[1][:8]
+    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+        f.write(data)
+        f.flush()
+        return read_video(f.name, lim), data
+
+
+class _Lru(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+# ---------------------------------------------------------------- stages
+
+
+class Decode:
+    """Skip rows whose output exists, read each video, downsample it to the base stage (paper Sec. 4.1)."""
+
+    def __init__(self, model: str | None = None, s3: dict | None = None, limits: dict | None = None):
+        self.s3, self.limits = _s3(s3), limits
+        self.base = cascade_config(model, self.s3).stages[0]
+        self.cache = _Lru(4)  # a row's prompts arrive together: decode its video once
+
+    def _x0(self, uri: str, cfg: EditConfig) -> np.ndarray:
+        from ..degrade import downsample_to_stage
+
+        video = load_video(uri, self.s3, self.limits)[0]
+        return downsample_to_stage(video, self.base, cfg.num_frames, cfg.fit)[0].numpy()
+
+    def __call__(self, batch: dict) -> dict:
+        rows = to_rows(batch)
+        for r in rows:
+            r.update(x=empty_x(), t_decode=0.0, decoded_at=math.nan)
+            if r["status"] != "pending":
+                continue
+            start = time.perf_counter()
+            try:
+                if exists(r["output"], self.s3):
+                    r["status"] = "skipped"
+                    continue
+                cfg = EditConfig.from_dict(json.loads(r["cfg"]))
+                r["x"] = self.cache.get_or((r["video"], cfg.num_frames, cfg.fit), lambda: self._x0(r["video"], cfg))
+            except Exception as exc:  # one bad row must not stop the job: record it and go on
+                r["status"], r["error"] = "error", describe(exc)
+            r["t_decode"], r["decoded_at"] = time.perf_counter() - start, time.time()
+        return to_batch(rows, list(rows[0]) if rows else list(batch) + ["x", "t_decode", "decoded_at"])
+
+
+class Finetune:
+    """Finetune on each row's video (or load the stored artifact) once per (video, preset) (paper Sec. 4.2)."""
+
+    def __init__(self, model: str | None = None, s3: dict | None = None, store: str | None = None,
+                 threads: int = 1, limits: dict | None = None):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.model, self.s3, self.limits = model, _s3(s3), limits
+        self.store = ArtifactStore(store, self.s3)
+        self.cascade = None
+        self.done: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def _artifact(self, video_uri: str, preset: str) -> str:
+        from ..finetune import finetune_or_load, finetune_preset
+        from ..models.cascade import load_cascade
+
+        cfg = finetune_preset(preset)
+        if self.cascade is None:
+            self.cascade = load_cascade(model_dir(self.model, self.s3))
+        video, data = load_video(video_uri, self.s3, self.limits)
+        return finetune_or_load(video, cfg, self.cascade, self.store, source_bytes=data)[1]
+
+    def __call__(self, batch: dict) -> dict:
+        rows = to_rows(batch)
+        for r in rows:
+            r["t_finetune"] = 0.0
+            if r["status"] != "pending" or not r["finetune"]:
+                continue
+            key, start = (r["video"], r["finetune"]), time.perf_counter()
+            if key not in self.done:
+                try:
+                    self.done[key] = ("ok", self._artifact(*key))
+                except Exception as exc:
+                    self.done[key] = ("error", describe(exc))
+            kind, value = self.done[key]
+            if kind == "ok":
+                r["artifact"] = value
+            else:
+                r["status"], r["error"] = "error", f"finetuning failed: {value}"
+            r["t_finetune"] = time.perf_counter() - start
+        return to_batch(rows, list(rows[0]) if rows else list(batch) + ["t_finetune"])
+
+
+class CascadeStage:
+    """Cascade stage `index` on a batch; rows sharing model, settings, chunk and shape run as one tensor batch.
+
+    Seeds stay per row (generators from (seed, stage, chunk)), so results do not depend on the batching.
+    """
+
+    def __init__(self, index: int, model: str | None = None, s3: dict | None = None, store: str | None = None,
+                 threads: int = 1, gpus: float = 0, to_frames: bool = False):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.index, self.model, self.s3, self.to_frames = index, model, _s3(s3), to_frames
+        self.store = ArtifactStore(store, self.s3)
+        self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+        self.cascade = None  # loaded on the first pending row: a rerun that skips everything loads nothing
+        self.tuned = _Lru(2)
+        self.name = cascade_config(model, self.s3).stages[index].name
+
+    def _load(self):
+        from ..models.cascade import load_cascade
+
+        if self.cascade is None:
+            self.cascade = self._to_device(load_cascade(model_dir(self.model, self.s3)))
+        return self.cascade
+
+    def _to_device(self, cascade):
+        if self.device != "cpu":  # the sampling loop draws noise on the CPU generators' device; see docs
+            cascade.text_encoder.to(self.device)
+            for stage in cascade.stages:
+                stage.denoiser.to(self.device)
+        return cascade
+
+    def _model(self, artifact: str):
+        """(cascade, prompt rewrite) for the base cascade or a finetuned artifact."""
+        base = self._load()
+        if not artifact:
+            return base, lambda p: p
+        from ..finetune import finetuned_prompt, load_finetuned
+
+        tuned, cfg = self.tuned.get_or(artifact, lambda: load_finetuned(base, artifact, self.store))
+        return self._to_device(tuned), lambda p: finetuned_prompt(p, cfg)
+
+    def _run(self, rows: list[dict], artifact: str, cfg_json: str, chunk: int):
+        import torch
+
+        from ..degrade import tensor_to_frames
+        from ..edit import run_base, run_sr_stage
+
+        cascade, prompt_of = self._model(artifact)
+        cfg = EditConfig.from_dict(json.loads(cfg_json))
+        x = torch.from_numpy(np.stack([r["x"] for r in rows])).to(self.device)
+        prompts = [prompt_of(r["prompt"]) for r in rows]
+        seeds = [json.loads(r["cfg"])["seed"] for r in rows]
+        with torch.inference_mode():
+            if self.index == 0:
+                out = run_base(cascade, x, prompts, seeds, cfg)
+            else:
+                out = run_sr_stage(cascade, self.index, x, prompts, seeds, cfg, chunk)
+        return list(tensor_to_frames(out)) if self.to_frames else list(out.float().cpu().numpy())
+
+    def __call__(self, batch: dict) -> dict:
+        rows = to_rows(batch)
+        column, groups = f"t_{self.name}", defaultdict(list)
+        for r in rows:
+            r.setdefault(column, 0.0)
+            if r["status"] == "pending":
+                setting = json.dumps({**json.loads(r["cfg"]), "seed": 0}, sort_keys=True)
+                groups[(r["artifact"], setting, r.get("chunk", 0), r["x"].shape)].append(r)
+        for (artifact, setting, chunk, _), group in groups.items():
+            start = time.perf_counter()
+            try:
+                for r, out in zip(group, self._run(group, artifact, setting, chunk)):
+                    r["frames" if self.to_frames else "x"] = out
+            except Exception as exc:
+                for r in group:
+                    r["status"], r["error"] = "error", describe(exc)
+            share = (time.perf_counter() - start) / len(group)  # wall time of a batched call, split per row
+            for r in group:
+                r[column] += share
+        if self.to_frames:
+            for r in rows:
+                r.setdefault("frames", empty_frames())
+                r.pop("x", None)
+        columns = list(rows[0]) if rows else [c for c in batch if c != "x" or not self.to_frames] + [column]
+        return to_batch(rows, columns)
+
+
+def chunk_bounds(num_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """edit.chunk_bounds without importing torch into the light split workers (a test keeps them equal)."""
+    return [(s, min(s + chunk_frames, num_frames)) for s in range(0, num_frames, chunk_frames)]
+
+
+def split_chunks(row: dict) -> list[dict]:
+    """One row per chunk of the last SSR's input (paper App. A.1: 32 frames); other rows pass as one chunk."""
+    if row["status"] != "pending":
+        return [dict(row, chunk=0, n_chunks=1)]
+    x = row["x"]
+    bounds = chunk_bounds(x.shape[1], int(json.loads(row["cfg"])["ssr_chunk_frames"]))
+    return [dict(row, x=np.ascontiguousarray(x[:, lo:hi]), chunk=c, n_chunks=len(bounds))
+            for c, (lo, hi) in enumerate(bounds)]
+
+
+class Reassemble:
+    """Join each (row, prompt)'s chunks in chunk order once all have arrived (needs a single instance)."""
+
+    def __init__(self, timing_column: str = "t_ssr"):
+        self.timing_column = timing_column  # the chunked stage's: its chunk times add up
+        self.partial: dict[str, dict[int, dict]] = {}
+        self.completed: set[str] = set()  # a retried upstream task may send a chunk again
+
+    def _join(self, parts: dict[int, dict]) -> dict:
+        ordered = [parts[c] for c in sorted(parts)]
+        row = dict(ordered[0])
+        failed = [p for p in ordered if p["status"] != "pending"]
+        if failed:
+            row.update(status=failed[0]["status"], error=failed[0]["error"], frames=empty_frames())
+        else:
+            row["frames"] = np.concatenate([p["frames"] for p in ordered], axis=0)
+        if self.timing_column in row:
+            row[self.timing_column] = float(sum(p[self.timing_column] for p in ordered))
+        return row
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for r in to_rows(batch):
+            if r["key"] in self.completed:
+                continue
+            parts = self.partial.setdefault(r["key"], {})
+            parts[r["chunk"]] = r
+            if len(parts) == r["n_chunks"]:
+                out.append(self._join(self.partial.pop(r["key"])))
+                self.completed.add(r["key"])
+        columns = [c for c in batch if c not in ("chunk", "n_chunks")]
+        return to_batch([{k: v for k, v in r.items() if k in columns} for r in out], columns)
+
+
+class Encode:
+    """Write each edit and its preview (original | edit) and upload them; the edit goes last, so it marks done."""
+
+    def __init__(self, fps: float, s3: dict | None = None, limits: dict | None = None):
+        self.fps, self.s3, self.limits = fps, _s3(s3), limits
+        self.originals = _Lru(2)
+
+    def _write(self, r: dict) -> None:
+        from ..video import Video, write_preview, write_video
+
+        edited = Video(r["frames"], self.fps)
+        original = self.originals.get_or(r["video"], lambda: load_video(r["video"], self.s3, self.limits)[0])
+        with tempfile.TemporaryDirectory(prefix="dreamix-encode-") as tmp:
+            video = write_video(Path(tmp, "edit.mp4"), edited)
+            mp4, png = write_preview(original, edited, Path(tmp, "preview.mp4"))
+            write_bytes(r["preview"], mp4.read_bytes(), self.s3)
+            write_bytes(r["preview"][:-4] + ".png", png.read_bytes(), self.s3)
+            write_bytes(r["output"], video.read_bytes(), self.s3)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = to_rows(batch)
+        for r in rows:
+            start = time.perf_counter()
+            if r["status"] == "pending":
+                try:
+                    self._write(r)
+                    r["status"] = "ok"
+                except Exception as exc:
+                    r["status"], r["error"] = "error", describe(exc)
+            r["t_encode"], r["finished_at"] = time.perf_counter() - start, time.time()
+        columns = [c for c in batch if c not in TENSOR_COLUMNS] + ["t_encode", "finished_at"]
+        return to_batch(rows, columns)

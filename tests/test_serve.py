@@ -1,0 +1,386 @@
+"""The real Serve app on 127.0.0.1 (tiny cascade, 1 replica per deployment, job store on a loopback S3),
+called over HTTP: round trips, every bad input's 4xx, replicas killed mid-job, the web page in Chromium."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("moto")
+
+from dreamix_ray.video import Video, read_video, write_video  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KEY, OTHER_KEY = "test-key-alpha", "test-key-beta"
+LIMITS = dict(max_upload_mb=1.0, max_width=64, max_height=64, max_duration_s=10.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def clip_bytes(frames: int = 16, size: int = 32, fps: float = 8.0) -> bytes:
+    """A real shapes-world clip (red circle moving left on blue) as mp4 bytes."""
+    from dreamix_ray.world import render, sample_scene
+
+    scene = sample_scene(np.random.default_rng(0), colour="red", shape="circle", motion="left", background="blue")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "clip.mp4")
+        write_video(path, Video(render(scene, num_frames=frames, size=size, fps=fps), fps))
+        return path.read_bytes()
+
+
+def png_bytes(colour=(0, 200, 0), size: int = 24) -> bytes:
+    from PIL import Image
+
+    image = np.full((size, size, 3), 30, np.uint8)
+    image[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = colour
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Served:
+    """The running app: an HTTP client, and the Ray handles a test needs to kill replicas."""
+
+    def __init__(self, url: str, metrics_port: int):
+        self.url, self.metrics_port = url, metrics_port
+        self.http = httpx.Client(base_url=url, timeout=90)
+
+    def wait(self, route: str, job_id: str, key: str = KEY, timeout: float = 120, on_poll=None) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.http.get(f"{route}/{job_id}", headers=auth(key)).json()
+            if on_poll:
+                on_poll(job)
+            if job["status"] in ("done", "failed"):
+                return job
+            time.sleep(0.3)
+        raise AssertionError(f"{job_id} still {job['status']} after {timeout} s: {job}")
+
+    @staticmethod
+    def kill_replica(deployment: str) -> str:
+        """Hard-kill the (one) replica actor of `deployment`, as a crash would."""
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in actor["name"]:
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+                return actor["name"]
+        raise AssertionError(f"no replica of {deployment}")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-compatible server (moto) on loopback with the job-store and input buckets."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    for bucket in ("dreamix-jobs", "inputs", "private"):
+        client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket="inputs", Key="clips/clip.mp4", Body=clip_bytes())
+    yield client
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def served(s3, tiny_dir):
+    """The whole application on a private Ray instance; keys from DREAMIX_API_KEYS like in production."""
+    from ray import serve
+
+    from dreamix_ray.cluster.serving.app import APP_NAME, build_app
+
+    saved_keys = os.environ.get("DREAMIX_API_KEYS")
+    os.environ["DREAMIX_API_KEYS"] = f"{KEY},{OTHER_KEY}"  # replicas inherit the driver's environment
+    if ray.is_initialized():
+        ray.shutdown()
+    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths have a length limit
+    http_port, metrics_port = free_port(), free_port()
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp, logging_level="ERROR", log_to_driver=False,
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    args = dict(model=str(tiny_dir), store="s3://dreamix-jobs/serve", allowed_buckets=["inputs"], max_replicas=1,
+                torch_threads=1, heartbeat_s=1.0, lease_s=4.0, recover_every_s=1.0, concurrency_per_key=3, **LIMITS)
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    yield Served(f"http://127.0.0.1:{http_port}", metrics_port)
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+    os.environ.pop("DREAMIX_API_KEYS") if saved_keys is None else os.environ.__setitem__("DREAMIX_API_KEYS", saved_keys)
+
+
+def test_edit_round_trip(served):
+    h = served.http
+    assert h.get("/healthz").json()["status"] == "ok"  # the one route without a key
+    r = h.post("/v1/edits", headers=auth(), files={"video": ("clip.mp4", clip_bytes(), "video/mp4")},
+               data={"prompt": "a green square moving right on a yellow background", "strength": "0.7", "seed": "3"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    stages = set()
+    job = served.wait("/v1/edits", job_id, on_poll=lambda j: stages.add(j["stage"]))
+    assert job["status"] == "done", job
+    assert job["progress"] == 1.0 and job["params"]["strength"] == 0.7 and job["params"]["seed"] == 3
+    assert {"prepare", "base", "tsr", "ssr", "encode"} <= set(job["timings"]), job["timings"]
+    video = h.get(job["result"]["video_url"], headers=auth())
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "out.mp4").write_bytes(video.content)
+        edited = read_video(Path(tmp, "out.mp4"))
+        preview = h.get(job["result"]["preview_url"], headers=auth())
+        Path(tmp, "preview.mp4").write_bytes(preview.content)
+        side = read_video(Path(tmp, "preview.mp4"))
+    assert (edited.num_frames, edited.height, edited.width) == (8, 16, 16)  # tiny cascade: 8 frames of 16x16
+    assert side.width > 2 * edited.width - 1 and side.num_frames == 8  # original | gap | edit
+    sheet = h.get(job["result"]["preview_png_url"], headers=auth())
+    assert sheet.content[:8] == b"\x89PNG\r\n\x1a\n"
+    # Jobs belong to their key; another key cannot see or download them.
+    assert h.get(f"/v1/edits/{job_id}", headers=auth(OTHER_KEY)).status_code == 404
+    assert h.get(f"/v1/edits/{job_id}/video", headers=auth(OTHER_KEY)).status_code == 404
+    spec = h.get("/openapi.json").json()
+    assert {"/v1/edits", "/v1/edits/{job_id}", "/v1/finetunes", "/v1/animations", "/v1/subjects",
+            "/v1/generations", "/healthz"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/v1/edits"]["post"]["requestBody"]["content"]
+    assert h.get("/docs").status_code == 200
+
+
+def test_edit_from_an_allowed_bucket(served):
+    r = served.http.post("/v1/edits", headers=auth(), json={"prompt": "a red circle", "video_uri": "s3://inputs/clips/clip.mp4"})
+    assert r.status_code == 202, r.text
+    assert served.wait("/v1/edits", r.json()["id"])["status"] == "done"
+
+
+def _streamed_upload(size: int):
+    """A multipart body without Content-Length: the cap must hold while the bytes stream in."""
+    yield (b'--xyz\r\nContent-Disposition: form-data; name="video"; filename="big.mp4"\r\n'
+           b"Content-Type: video/mp4\r\n\r\n\0\0\0\x18ftypmp42")
+    for _ in range(0, size, 64_000):
+        yield os.urandom(64_000)
+    yield b"\r\n--xyz--\r\n"
+
+
+S3_CLIP = "s3://inputs/clips/clip.mp4"
+# (case, headers, request kwargs (built lazily), expected status, words in the message)
+BAD = [
+    ("no key", {}, lambda: dict(json={"prompt": "x"}), 401, "missing API key"),
+    ("wrong key", auth("nope"), lambda: dict(json={"prompt": "x"}), 401, "not valid"),
+    ("text named .mp4", auth(), lambda: dict(files={"video": ("a.mp4", b"just some text, not a video", "video/mp4")},
+                                             data={"prompt": "x"}), 415, "not a video"),
+    ("image sent as video", auth(), lambda: dict(files={"video": ("a.mp4", png_bytes(), "video/mp4")},
+                                                 data={"prompt": "x"}), 415, "animations"),
+    ("oversized upload", auth(), lambda: dict(files={"video": ("big.mp4", b"\0\0\0\x18ftypmp42" + os.urandom(1_200_000))},
+                                              data={"prompt": "x"}), 413, "MB limit"),
+    ("oversized stream", auth(), lambda: dict(content=_streamed_upload(1_300_000),
+                                              headers={"content-type": "multipart/form-data; boundary=xyz"}),
+     413, "MB limit"),
+    ("file:// URI", auth(), lambda: dict(json={"prompt": "x", "video_uri": "file:///etc/passwd"}), 400, "only s3://"),
+    ("local path", auth(), lambda: dict(json={"prompt": "x", "video_uri": "/etc/passwd"}), 400, "only s3://"),
+    ("../ path", auth(), lambda: dict(json={"prompt": "x", "video_uri": "../../etc/passwd"}), 400, "only s3://"),
+    ("../ in an s3 key", auth(), lambda: dict(json={"prompt": "x", "video_uri": "s3://inputs/../private/x.mp4"}),
+     400, "'..'"),
+    ("unlisted bucket", auth(), lambda: dict(json={"prompt": "x", "video_uri": "s3://private/x.mp4"}), 403, "not one"),
+    ("strength 5", auth(), lambda: dict(json={"prompt": "x", "strength": 5, "video_uri": S3_CLIP}), 422,
+     "strength must be in [0, 1]"),
+    ("unknown field", auth(), lambda: dict(json={"prompt": "x", "strenght": 0.5}), 422, "unknown field"),
+    ("over the resolution limit", auth(), lambda: dict(files={"video": ("big.mp4", clip_bytes(size=96))},
+                                                       data={"prompt": "x"}), 422, "resolution limit"),
+    ("over the duration limit", auth(), lambda: dict(files={"video": ("long.mp4", clip_bytes(24, 16, 2.0))},
+                                                     data={"prompt": "x"}), 422, "10 s limit"),
+    ("steps over the cap", auth(), lambda: dict(json={"prompt": "x", "steps": 10_000, "video_uri": S3_CLIP}), 422,
+     "at most"),
+    ("unknown job", auth(), None, 404, "no edit job"),
+]
+
+
+@pytest.mark.parametrize("case,headers,make,status,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_4xx(served, case, headers, make, status, words):
+    if make is None:
+        r = served.http.get("/v1/edits/ed-000000000000000000000000", headers=headers)
+    else:
+        kwargs = make()
+        r = served.http.post("/v1/edits", headers={**headers, **kwargs.pop("headers", {})}, **kwargs)
+    assert r.status_code == status, (case, r.status_code, r.text)
+    body = r.json()
+    assert words in body["detail"], body
+    assert "Traceback" not in r.text and "\n" not in body["detail"]
+    if status == 401:
+        assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_replicas_killed_mid_job_never_lose_it(served):
+    """Kill the TSR replica while it samples, then the ingress that runs the job: it still finishes."""
+    h = served.http
+    r = h.post("/v1/edits", headers=auth(), files={"video": ("clip.mp4", clip_bytes())},
+               data={"prompt": "a blue square", "strength": "1", "steps": "100"})
+    assert r.status_code == 202, r.text
+    job_id, killed = r.json()["id"], []
+    replica_before = h.get("/healthz").json()["replica"]
+
+    def on_poll(job):
+        if job["status"] != "running":
+            return
+        if job["stage"] == "tsr" and not killed:
+            killed.append(served.kill_replica("stage-tsr"))
+        elif job["stage"] == "ssr" and len(killed) == 1:
+            killed.append(served.kill_replica("ingress"))
+
+    job = served.wait("/v1/edits", job_id, timeout=180, on_poll=on_poll)
+    assert len(killed) == 2, f"the job finished before both kills: {killed}"
+    assert job["status"] == "done", job  # retried on a fresh TSR replica, taken over by the new ingress
+    assert job["attempts"] >= 2 and job["progress"] == 1.0
+    assert h.get("/healthz").json()["replica"] != replica_before  # a different replica answers from the store
+    assert h.get(job["result"]["video_url"], headers=auth()).status_code == 200
+
+
+def test_per_key_concurrency_limit(served):
+    """The 4th unfinished job of a key is 429; every accepted one still completes."""
+    h, ids = served.http, []
+    for _ in range(3):
+        r = h.post("/v1/generations", headers=auth(OTHER_KEY), json={"prompt": "a red circle", "steps": 40})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    r = h.post("/v1/generations", headers=auth(OTHER_KEY), json={"prompt": "a red circle"})
+    assert r.status_code == 429 and "limit is 3" in r.json()["detail"] and r.headers["retry-after"]
+    other = h.post("/v1/generations", headers=auth(), json={"prompt": "x", "steps": 1})
+    assert other.status_code == 202  # the limit is per key
+    assert all(served.wait("/v1/generations", i, key=OTHER_KEY)["status"] == "done" for i in ids)
+    assert served.wait("/v1/generations", other.json()["id"])["status"] == "done"
+
+
+def test_finetune_animation_subject_generation(served):
+    """Finetune once and edit by its id; animate an image; learn a subject and generate it."""
+    h = served.http
+    r = h.post("/v1/finetunes", headers=auth(), files={"video": ("clip.mp4", clip_bytes())},
+               data={"preset": "video", "steps": "2"})
+    assert r.status_code == 202, r.text
+    finetune = served.wait("/v1/finetunes", r.json()["id"])
+    assert finetune["status"] == "done" and finetune["result"]["finetune_id"].startswith("ft-"), finetune
+    r = h.post("/v1/edits", headers=auth(), files={"video": ("clip.mp4", clip_bytes())},
+               data={"prompt": "a blue square", "finetune": finetune["id"], "strength": "0.95"})
+    edit = served.wait("/v1/edits", r.json()["id"])
+    assert edit["status"] == "done" and edit["params"]["finetune_id"] == finetune["result"]["finetune_id"]
+
+    r = h.post("/v1/animations", headers=auth(), files={"image": ("still.png", png_bytes())},
+               data={"prompt": "a green square", "camera": "pan-left"})
+    animation = served.wait("/v1/animations", r.json()["id"])
+    assert animation["status"] == "done" and "preview_url" in animation["result"], animation
+
+    images = [("images", (f"{i}.png", png_bytes((200, 20 * i, 0)))) for i in range(2)]
+    r = h.post("/v1/subjects", headers=auth(), files=images, data={"token": "zorp", "steps": "2"})
+    subject = served.wait("/v1/subjects", r.json()["id"])
+    assert subject["status"] == "done", subject
+    r = h.post("/v1/generations", headers=auth(), json={"prompt": "a zorp on grass", "subject": subject["id"]})
+    generation = served.wait("/v1/generations", r.json()["id"])
+    assert generation["status"] == "done" and generation["params"]["finetune_token"] == "zorp"
+    assert h.get(f"/v1/generations/{generation['id']}/preview", headers=auth()).status_code == 404
+
+
+def test_web_page_in_headless_chromium(served, tmp_path):
+    """Upload, watch progress, see original | edit, download: driven in Debian's Chromium."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(clip_bytes())
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1300"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        browser.get(served.url + "/")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
+        WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#preset option"))
+        browser.find_element(By.ID, "file").send_keys(str(clip))
+        browser.find_element(By.ID, "prompt").send_keys("a green square moving right")
+        browser.find_element(By.ID, "run").click()
+        state = WebDriverWait(browser, 90, poll_frequency=0.2).until(
+            lambda b: b.execute_script("return document.body.dataset.state"))
+        assert state == "done", browser.find_element(By.ID, "error").text
+        assert browser.find_element(By.ID, "progress").get_attribute("value") == "1"
+        link = browser.find_element(By.ID, "download")
+        assert link.is_displayed() and link.get_attribute("href").startswith("blob:")
+        assert link.get_attribute("download").endswith(".mp4")
+        # Both videos decoded in the browser: the upload on the left, the edit (16x16) on the right.
+        WebDriverWait(browser, 20).until(lambda b: b.execute_script(
+            "return document.getElementById('edited').readyState >= 2 && "
+            "document.getElementById('original-media').readyState >= 2"))
+        assert browser.execute_script("return document.getElementById('edited').videoWidth") == 16
+        browser.execute_script("document.getElementById('edited').pause(); document.getElementById('original-media').pause()")
+        shot = tmp_path / "page.png"
+        browser.save_screenshot(str(shot))
+        rects = {i: browser.find_element(By.ID, i).rect for i in ("original-media", "edited")}
+        ratio = browser.execute_script("return window.devicePixelRatio")
+    finally:
+        browser.quit()
+    from PIL import Image
+
+    page = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+    def crop(rect):
+        x, y, w, h = (int(rect[k] * ratio) for k in ("x", "y", "width", "height"))
+        return page[y:y + h, x:x + w]
+
+    original, edited = crop(rects["original-media"]), crop(rects["edited"])
+    assert ((original[..., 2] > 120) & (original[..., 0] < 100)).mean() > 0.3  # the blue background is on screen
+    assert edited.std() > 10 and edited.size > 100 * 100 * 3  # the edit is drawn (not a blank box), side by side
+    assert rects["edited"]["x"] > rects["original-media"]["x"] + rects["original-media"]["width"] - 1
+
+
+def test_prometheus_metrics_are_exported(served):
+    """Serve's own metrics and the app's job counters reach the node's Prometheus endpoint."""
+    deadline, text = time.time() + 30, ""
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10).text
+        if "dreamix_jobs_accepted" in text and "serve_num_http_requests" in text:
+            break
+        time.sleep(1)
+    assert "serve_num_http_requests" in text and "dreamix_jobs_accepted" in text
+    assert "dreamix_requests_rejected" in text and "dreamix_jobs_finished" in text
+
+
+def test_serve_config_and_rayservice_manifest_are_valid():
+    """serve/config.yaml and the RayService's serveConfigV2 parse as Serve configs naming our deployments."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    expected = {"ingress", "stage-base", "stage-tsr", "stage-ssr", "finetune"}
+    local = ServeDeploySchema(**yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
+    docs = list(yaml.safe_load_all((REPO / "infra" / "rayservice.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    cluster = ServeDeploySchema(**yaml.safe_load(service["spec"]["serveConfigV2"]))
+    for config in (local, cluster):
+        app = config.applications[0]
+        assert app.import_path == "dreamix_ray.cluster.serving.app:build_app"
+        assert {d.name for d in app.deployments} == expected
+        assert all(d.autoscaling_config and d.ray_actor_options for d in app.deployments)
