@@ -7,7 +7,7 @@ from diffusers import UNet3DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .frame_mode import enable_frame_mode_switch, frame_mode
+from .frame_mode import enable_frame_mode_switch, frame_mode, in_frame_mode
 
 
 class StageDenoiser(ModelMixin, ConfigMixin):
@@ -67,7 +67,7 @@ class StageDenoiser(ModelMixin, ConfigMixin):
                 raise ValueError("this SR stage needs the previous stage's output as cond_bcfhw")
             parts.append(cond_bcfhw.to(sample_bcfhw.dtype))
         if self.config.frame_position:
-            parts.append(self._position_planes(sample_bcfhw, frame_mode_on))
+            parts.append(self._position_planes(sample_bcfhw, frame_mode_on or in_frame_mode()))
         x = torch.cat(parts, dim=1)
         with frame_mode(frame_mode_on):
             return self.unet(x, timestep, text_tokens_bld, timestep_cond=text_pooled_bd).sample

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
+import sys
 import time
 
 if importlib.util.find_spec("ray") is None:  # `dreamix` tells the user to install the ray extra
@@ -74,11 +76,14 @@ def run(args: argparse.Namespace) -> int:
     if args.address:
         print("deployed; it keeps running on the cluster (stop it with `serve shutdown`)")
         return 0
+    # SIGTERM (a service manager stopping us) gets the same graceful stop as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping")
+    except (KeyboardInterrupt, SystemExit):
+        print("stopping: draining replicas")
+    finally:
         serve.shutdown()
         ray.shutdown()
     return 0

@@ -8,6 +8,7 @@ writes whole files, so a unit run twice writes the same bytes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -16,6 +17,7 @@ from ray.serve import metrics
 
 from ...config import EditConfig, StageConfig
 from ...edit import chunk_bounds
+from ...finetune import finetuned_prompt
 from .jobs import JobStore
 from .settings import ServeSettings
 
@@ -24,10 +26,6 @@ log = logging.getLogger("ray.serve")
 
 class JobFailed(Exception):
     """The job cannot finish; the message is for the user."""
-
-
-class Superseded(Exception):
-    """Another replica took the job over (this one missed its lease); stop without writing."""
 
 
 def edit_config(params: dict, num_stages: int) -> EditConfig:
@@ -87,12 +85,15 @@ class _Run:
     async def heartbeat(self, task: asyncio.Task) -> None:
         while True:
             await asyncio.sleep(self.runner.settings.heartbeat_s)
-            stored = await asyncio.to_thread(self.runner.jobs.load, self.job["id"])
-            if stored and (stored["runner"], stored["attempts"]) != (self.job["runner"], self.job["attempts"]):
-                log.warning("job %s was taken over by %s; stopping here", self.job["id"], stored["runner"])
-                task.cancel(msg="superseded")
-                return
-            await self.write(force=True)
+            try:
+                stored = await asyncio.to_thread(self.runner.jobs.load, self.job["id"])
+                if stored and (stored["runner"], stored["attempts"]) != (self.job["runner"], self.job["attempts"]):
+                    log.warning("job %s was taken over by %s; stopping here", self.job["id"], stored["runner"])
+                    task.cancel(msg="superseded")
+                    return
+                await self.write(force=True)
+            except Exception as exc:  # a store hiccup must not end the heartbeat (another replica would take over)
+                log.warning("job %s: heartbeat write failed (%s); retrying", self.job["id"], exc)
 
 
 class JobRunner:
@@ -159,26 +160,20 @@ class JobRunner:
             unit = dict(label="finetune", output="finetune", weight=params.get("finetune_weight") or 1)
             run.weights["finetune"] = unit["weight"]
             spec = dict(job_id=job["id"], inputs=job["inputs"], params=params, edit={},
-                        preset=params["finetune_preset"], steps=params.get("finetune_steps"))
+                        preset=params["finetune_preset"])
             job["result"].update(await self._call(run, self.finetuner, "finetune", spec, unit))
             await run.write(force=True)  # the artifact id is durable before the edit starts
         finetune_id = params.get("finetune_id") or job["result"].get("finetune_id")
         token = params.get("finetune_token") or job["result"].get("token")
-        prompt = params.get("prompt", "")
-        if token and token not in prompt.split():  # finetuned_prompt(): the learned token names the subject
-            prompt = f"{token} {prompt}"
+        prompt = finetuned_prompt(params["prompt"], token) if token else params["prompt"]
         spec = dict(job_id=job["id"], inputs=job["inputs"], params=params, prompt=prompt, finetune_id=finetune_id,
                     edit=edit_config(params, len(self.stages)).to_dict())
         units = plan_units(job, self.stages)
-        for unit in units:
-            run.weights[unit["output"]] = unit["weight"]
-        for i, unit in enumerate(units):
-            if unit.get("chunk", 0) > 0:
-                continue  # run with chunk 0, in parallel
-            group = [u for u in units[i:] if u["label"] == unit["label"] and "chunk" in u] if "chunk" in unit \
-                else [unit]
+        run.weights.update({u["output"]: u["weight"] for u in units})
+        # Units of one label are the last SSR's chunks: independent, so they spread over its replicas.
+        for _label, group in itertools.groupby(units, key=lambda u: u["label"]):
             await asyncio.gather(*(self._unit(run, spec, u) for u in group))
-        job["result"].update(run.results.get("output.mp4", {}))
+        job["result"].update(run.results["output.mp4"])
 
     async def _unit(self, run: _Run, spec: dict, unit: dict) -> None:
         exists = await asyncio.to_thread(self.jobs.has, run.job["id"], unit["output"])
