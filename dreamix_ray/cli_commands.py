@@ -54,9 +54,11 @@ def cmd_edit(args) -> int:
     from .finetune import finetuned_prompt, load_finetuned
     from .video import read_video
 
+    tuned = bool(args.finetune or args.finetuned)
+    strength = args.strength if args.strength is not None else (PAPER_STRENGTH_FINETUNED[0] if tuned else 0.7)
+    cfg = _edit_config(args, strength)  # bad settings fail before any decoding or training
     video = read_video(args.input)
     cascade, prompt = _cascade(args), args.prompt
-    tuned = bool(args.finetune or args.finetuned)
     if args.finetuned:
         cascade, ft_cfg = load_finetuned(cascade, args.finetuned, _store(args))
         prompt = finetuned_prompt(prompt, ft_cfg)
@@ -68,8 +70,6 @@ def cmd_edit(args) -> int:
                                         source_bytes=_file_bytes(args.input))
         print(f"finetuned artifact {key}", file=sys.stderr)
         prompt = finetuned_prompt(prompt, ft_cfg)
-    strength = args.strength if args.strength is not None else (PAPER_STRENGTH_FINETUNED[0] if tuned else 0.7)
-    cfg = _edit_config(args, strength)
     start = time.perf_counter()
     out = edit(video, prompt, cfg, cascade, progress=_progress(args))
     print(f"edited in {time.perf_counter() - start:.1f} s with prompt {prompt!r} at strength {strength:g}")

@@ -56,12 +56,21 @@ class StageConfig(_Dict):
     steps: int = 32
     eta: float = 0.5
     finetune: bool = False  # finetuned by default (paper: base + first two SSR)
+    latent: dict | None = None  # a latent video stage's components (models/latent.py, docs/REAL_MODELS.md)
 
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:
             raise ConfigError(f"stage {self.name!r}: kind must be one of {STAGE_KINDS}, got {self.kind!r}")
         if self.kind != "base" and self.factor < 1:
             raise ConfigError(f"stage {self.name!r}: factor must be >= 1")
+        if self.latent is not None and not isinstance(self.latent, dict):
+            raise ConfigError(f"stage {self.name!r}: 'latent' must be a JSON object, got {self.latent!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["latent"] is None:  # pixel stages keep their old cascade.json (and cascade ids) unchanged
+            del data["latent"]
+        return data
 
 
 @dataclass(frozen=True)

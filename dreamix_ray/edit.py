@@ -14,6 +14,7 @@ import torch
 from .config import EditConfig
 from .degrade import downsample_to_stage, noise_at_strength, tensor_to_frames, upsample_condition
 from .models.cascade import Cascade
+from .models.latent import refine_strength
 from .sampling import ddim_sample, draw_noise, fresh_scheduler, guided, seed_generators, strength_timesteps
 from .video import Video
 
@@ -81,9 +82,11 @@ def run_base(cascade: Cascade, x0_bcfhw: torch.Tensor, prompts: list[str], seeds
     start = time.perf_counter()
     scheduler = fresh_scheduler(stage.scheduler)
     gens = seed_generators(seeds, 0)
-    x_s, timesteps = noise_at_strength(x0_bcfhw, cfg.strength, scheduler, cfg.stage_steps(0, stage.config), gens)
+    x0 = stage.encode(x0_bcfhw)  # a latent stage degrades its VAE latents (models/latent.py)
+    x_s, timesteps = noise_at_strength(x0, cfg.strength, scheduler, cfg.stage_steps(0, stage.config), gens)
     text = _encode(cascade, prompts, cfg.guidance_scale)
     out = _sample(cascade, 0, x_s, timesteps, scheduler, text, None, cfg, gens, timings, progress, on_step)
+    out = stage.decode(out)
     if timings is not None:
         timings.stage_s[stage.config.name] += time.perf_counter() - start
     return out
@@ -99,9 +102,15 @@ def run_sr_stage(cascade: Cascade, index: int, prev_bcfhw: torch.Tensor, prompts
     scheduler = fresh_scheduler(stage.scheduler)
     timesteps = strength_timesteps(scheduler, cfg.stage_steps(index, stage.config), 1.0)
     gens = seed_generators(seeds, index, chunk)
-    x = draw_noise(tuple(cond.shape), gens, cond.dtype)
+    if stage.vae is None:
+        x = draw_noise(tuple(cond.shape), gens, cond.dtype)
+    else:  # a latent SSR (zeroscope_v2_XL) refines by SDEdit from the upscaled output, with no concat
+        x, timesteps = noise_at_strength(stage.encode(cond), refine_strength(stage.config), scheduler,
+                                         cfg.stage_steps(index, stage.config), gens)
+        cond = None
     text = _encode(cascade, prompts, cfg.guidance_scale)
     out = _sample(cascade, index, x, timesteps, scheduler, text, cond, cfg, gens, timings, progress, on_step)
+    out = stage.decode(out)
     if timings is not None:
         timings.stage_s[stage.config.name] += time.perf_counter() - start
     return out
@@ -122,13 +131,15 @@ def run_cascade(cascade: Cascade, x0_bcfhw: torch.Tensor, prompts: list[str], se
         if index != last_ssr:
             x = run_sr_stage(cascade, index, x, prompts, seeds, cfg, 0, progress, timings, on_step)
             continue
-        stage = cascade.stages[index].config
-        b, _, f, h, w = x.shape
-        out = np.empty((b, f, h * stage.factor, w * stage.factor, 3), dtype=np.uint8)
+        b, f = x.shape[0], x.shape[2]
+        out = None  # sized by the first chunk: a latent SSR resizes to its own size, not by a factor
         for chunk, (lo, hi) in enumerate(chunk_bounds(f, cfg.ssr_chunk_frames)):
             part = run_sr_stage(cascade, index, x[:, :, lo:hi], prompts, seeds, cfg, chunk, progress, timings,
                                 on_step)
-            out[:, lo:hi] = tensor_to_frames(part)
+            frames = tensor_to_frames(part)
+            if out is None:
+                out = np.empty((b, f) + frames.shape[2:], dtype=np.uint8)
+            out[:, lo:hi] = frames
         return out
     return tensor_to_frames(x)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +15,40 @@ from .models.cascade import Stage
 def diffusion_loss(stage: Stage, x0_bcfhw, cond_bcfhw, tokens, pooled, gen: torch.Generator,
                    frame_mode_on: bool) -> torch.Tensor:
     """||D(z_t, t, text, c) - v||^2 at a uniform timestep; frame mode masks the temporal layers."""
-    b = x0_bcfhw.shape[0]
-    t = torch.randint(0, stage.scheduler.config.num_train_timesteps, (b,), generator=gen)
-    noise = torch.randn(x0_bcfhw.shape, generator=gen)
-    x_t = stage.scheduler.add_noise(x0_bcfhw, noise, t)
-    target = stage.scheduler.get_velocity(x0_bcfhw, noise, t)
-    pred = stage.denoiser(x_t, t, tokens, pooled, cond_bcfhw, frame_mode_on=frame_mode_on)
-    return F.mse_loss(pred, target)
+    t_b, noise_bcfhw = draw_training_noise(stage, x0_bcfhw, gen)
+    return v_loss(stage, x0_bcfhw, cond_bcfhw, tokens, pooled, t_b, noise_bcfhw, frame_mode_on)
+
+
+def draw_training_noise(stage: Stage, x0_bcfhw, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timesteps [B] and noise diffusion_loss draws from `gen`, in its order."""
+    t_b = torch.randint(0, stage.scheduler.config.num_train_timesteps, (x0_bcfhw.shape[0],), generator=gen)
+    return t_b, torch.randn(x0_bcfhw.shape, generator=gen)
+
+
+def v_loss(stage: Stage, x0_bcfhw, cond_bcfhw, tokens, pooled, t_b, noise_bcfhw, frame_mode_on: bool,
+           reduction: str = "mean") -> torch.Tensor:
+    """diffusion_loss at given draws; reduction="sum" lets shards of a batch add up to its mean."""
+    x_t = stage.scheduler.add_noise(x0_bcfhw, noise_bcfhw, t_b)
+    target = stage.scheduler.get_velocity(x0_bcfhw, noise_bcfhw, t_b)
+    pred = stage.denoiser(x_t, t_b, tokens, pooled, cond_bcfhw, frame_mode_on=frame_mode_on)
+    return F.mse_loss(pred, target, reduction=reduction)
+
+
+@dataclass
+class TrainBatch:
+    """One step's global batch with every random draw made, so any split of it sums to the same loss."""
+
+    frames_step: bool  # frame mode (L_frame / image step): the same on every data-parallel rank
+    x0_bcfhw: torch.Tensor
+    cond_bcfhw: torch.Tensor | None
+    tokens: torch.Tensor  # [B, L, D]
+    pooled: torch.Tensor  # [B, D]
+    t_b: torch.Tensor
+    noise_bcfhw: torch.Tensor
+
+    def loss(self, stage: Stage, reduction: str = "mean") -> torch.Tensor:
+        return v_loss(stage, self.x0_bcfhw, self.cond_bcfhw, self.tokens, self.pooled, self.t_b, self.noise_bcfhw,
+                      self.frames_step, reduction)
 
 
 def is_frame_step(seed: int, step: int, alpha: float) -> bool:

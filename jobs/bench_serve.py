@@ -41,6 +41,32 @@ def clip_bytes() -> bytes:
         return Path(tmp, "c.mp4").read_bytes()
 
 
+def start_s3() -> str:
+    """A loopback S3 server (moto) holding the job store: status calls then pay real S3 round trips."""
+    import atexit
+    import subprocess
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Its own process: an in-process server would share the GIL with the clients being timed.
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(server.terminate)
+    for _ in range(100):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")  # inherited by the replicas
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+    return "s3://bench/serve"
+
+
 def start_local(args) -> str:
     """A private Ray instance and the app on a free loopback port; returns its URL."""
     import ray
@@ -49,6 +75,8 @@ def start_local(args) -> str:
     from dreamix_ray.cluster.serving.app import APP_NAME, build_app
 
     model = args.model
+    if args.s3:
+        args.store = start_s3()
     if not model:
         from dreamix_ray.models.cascade import tiny_cascade
 
@@ -106,6 +134,7 @@ async def run_load(url: str, args) -> dict:
     wall = time.perf_counter() - start
     return {
         "clients": args.clients, "jobs_per_client": args.jobs_per_client, "keys": args.keys,
+        "store": "s3 (moto, loopback)" if args.s3 else ("given" if args.store or args.url else "local dir"),
         "concurrency_per_key": args.concurrency_per_key, "steps": args.steps, "wall_s": round(wall, 1),
         "requests": args.clients * args.jobs_per_client, "accepted": stats["accepted"], "rejected_429": stats["rejected"],
         "other_errors": len(stats["errors"]), "done": stats["done"], "failed": stats["failed"],
@@ -123,7 +152,7 @@ async def run_load(url: str, args) -> dict:
 def markdown(result: dict, command: str) -> str:
     r = result
     return (f"\n### {time.strftime('%Y-%m-%d %H:%M')} - {r['clients']} clients x {r['jobs_per_client']} edits, "
-            f"{r['keys']} keys (limit {r['concurrency_per_key']} unfinished jobs per key)\n\n"
+            f"{r['keys']} keys (limit {r['concurrency_per_key']} unfinished jobs per key), job store: {r['store']}\n\n"
             f"Command: `{command}`\n\n"
             "| requests | accepted | rejected (429) | other errors | done | failed | every accepted job completed |\n"
             "|---|---|---|---|---|---|---|\n"
@@ -150,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="a running server (keys from DREAMIX_API_KEYS); default: start one")
     p.add_argument("--model", default=None, help="cascade dir (default: the tiny test cascade: serving overhead)")
     p.add_argument("--store", default=None, help="job store (default: a temp dir)")
+    p.add_argument("--s3", action="store_true", help="keep the job store on a loopback S3 server (moto)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--jobs-per-client", type=int, default=4)
     p.add_argument("--keys", type=int, default=2, help="API keys the clients share round-robin")

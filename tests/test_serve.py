@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic notes from inside Ray
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("moto")
@@ -359,6 +360,9 @@ def test_web_page_in_headless_chromium(served, tmp_path):
 
 def test_prometheus_metrics_are_exported(served):
     """Serve's own metrics and the app's job counters reach the node's Prometheus endpoint."""
+    r = served.http.post("/v1/generations", headers=auth(), json={"prompt": "a red circle", "steps": 1})
+    assert served.wait("/v1/generations", r.json()["id"])["status"] == "done"
+    assert served.http.post("/v1/generations", headers=auth(), json={"prompt": ""}).status_code == 422
     deadline, text = time.time() + 30, ""
     while time.time() < deadline:
         text = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10).text

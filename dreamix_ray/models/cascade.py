@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler
 
 from ..config import CascadeConfig, StageConfig
 from ..sampling import make_scheduler
+from .latent import load_latent_components
 from .stage import StageDenoiser
 from .text import TextEncoder, load_text_encoder
 
@@ -34,10 +35,19 @@ class Stage:
     config: StageConfig
     denoiser: StageDenoiser
     scheduler: DDIMScheduler
+    vae: torch.nn.Module | None = None  # latent stages only (models/latent.py): samples in its latent space
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.denoiser.parameters())
+
+    def encode(self, video_bcfhw: torch.Tensor) -> torch.Tensor:
+        """Pixels -> the space this stage samples in (identity for pixel stages)."""
+        return video_bcfhw if self.vae is None else self.vae.encode(video_bcfhw)
+
+    def decode(self, x_bcfhw: torch.Tensor) -> torch.Tensor:
+        """This stage's samples -> pixels (identity for pixel stages)."""
+        return x_bcfhw if self.vae is None else self.vae.decode(x_bcfhw)
 
 
 class Cascade:
@@ -65,6 +75,8 @@ class Cascade:
         for stage in self.stages:
             stage.denoiser.save_pretrained(path / stage.config.name)
             stage.scheduler.save_pretrained(path / stage.config.name)
+            if stage.vae is not None:  # a latent stage's own folder then holds all it needs (latent.py)
+                stage.vae.save_pretrained(path / stage.config.name / "vae")
         (path / CASCADE_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         return path
 
@@ -80,6 +92,9 @@ class Cascade:
             raise CascadeError(f"{path / CASCADE_FILE} is malformed: {exc}") from None
         stages = []
         for sc in config.stages:
+            if sc.latent is not None:  # a diffusers text-to-video repository's components (latent.py)
+                stages.append(Stage(sc, *load_latent_components(sc, path)))
+                continue
             folder = path / sc.name
             if not folder.is_dir():
                 raise CascadeError(f"cascade {path} lists stage {sc.name!r} but has no folder {folder}")
@@ -95,7 +110,7 @@ class Cascade:
         for stage in self.stages:
             for name, tensor in sorted(stage.denoiser.state_dict().items()):
                 h.update(name.encode())
-                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+                h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
     def info(self) -> list[dict]:

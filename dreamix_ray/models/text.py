@@ -15,14 +15,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 class TextEncoder(torch.nn.Module):
     """A frozen Hugging Face text encoder with a small prompt cache."""
 
-    def __init__(self, kind: str, path: str | None = None, max_length: int = 32):
+    def __init__(self, kind: str, path: str | None = None, max_length: int = 32, tokenizer: str | None = None,
+                 attention_mask: bool = True):
         super().__init__()
         from transformers import AutoTokenizer
 
+        from .refs import resolve_ref
+
         self.kind, self.max_length = kind, max_length
         self.path = str(path) if path else _default_path(kind)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = _load_model(kind, self.path).eval().requires_grad_(False)
+        # Diffusers repositories keep the tokenizer in its own folder; hf:// refs stay refs in spec().
+        self.tokenizer_path, self.attention_mask = (str(tokenizer) if tokenizer else None), attention_mask
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_ref(self.tokenizer_path or self.path))
+        self.model = _load_model(kind, str(resolve_ref(self.path))).eval().requires_grad_(False)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -34,6 +39,10 @@ class TextEncoder(torch.nn.Module):
         spec = {"kind": self.kind, "max_length": self.max_length}
         if self.kind != "minilm":
             spec["path"] = self.path
+        if self.tokenizer_path:
+            spec["tokenizer"] = self.tokenizer_path
+        if not self.attention_mask:
+            spec["attention_mask"] = False
         return spec
 
     @torch.no_grad()
@@ -48,9 +57,12 @@ class TextEncoder(torch.nn.Module):
     def _encode(self, prompts: list[str]) -> None:
         batch = self.tokenizer(prompts, padding="max_length", truncation=True,
                                max_length=self.max_length, return_tensors="pt")
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        device = next(self.model.parameters()).device
+        # ModelScope-family pipelines encode CLIP prompts without the padding mask; their UNets expect that.
+        mask = batch["attention_mask"].to(device) if self.attention_mask else None
+        out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
         tokens_bld = out.last_hidden_state.float()
-        mask_bl1 = batch["attention_mask"].unsqueeze(-1).float()
+        mask_bl1 = batch["attention_mask"].to(device).unsqueeze(-1).float()
         pooled_bd = getattr(out, "pooler_output", None) if self.kind == "clip" else None
         if pooled_bd is None:  # mean over real tokens, as sentence-transformers pools MiniLM
             pooled_bd = (tokens_bld * mask_bl1).sum(1) / mask_bl1.sum(1).clamp(min=1)
@@ -83,7 +95,15 @@ def _load_model(kind: str, path: str):
 def load_text_encoder(spec: dict, root: Path | None = None) -> TextEncoder:
     """Build the encoder cascade.json names; relative paths are relative to the cascade dir."""
     kind = spec.get("kind", "minilm")
-    path = spec.get("path")
-    if path and root is not None and not Path(path).is_absolute():
-        path = str(root / path)
-    return TextEncoder(kind, path, int(spec.get("max_length", 32)))
+    path, tokenizer = (_under(spec.get(key), root) for key in ("path", "tokenizer"))
+    return TextEncoder(kind, path, int(spec.get("max_length", 32)), tokenizer=tokenizer,
+                       attention_mask=bool(spec.get("attention_mask", True)))
+
+
+def _under(ref: str | None, root: Path | None) -> str | None:
+    """A relative local path joined to the cascade dir; absolute paths and hf:// refs as given."""
+    from .refs import HF_PREFIX
+
+    if not ref or ref.startswith(HF_PREFIX) or root is None or Path(ref).is_absolute():
+        return ref
+    return str(root / ref)

@@ -1,0 +1,100 @@
+"""The `dreamix` command end to end on the tiny cascade: outputs, exit codes, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import sample_clip
+from dreamix_ray.cli import main
+from dreamix_ray.video import read_video
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_info_lists_stages(capsys, tiny_dir):
+    code, out, _ = run_cli(capsys, "info", "--model", str(tiny_dir))
+    assert code == 0
+    for name in ("base", "tsr", "ssr"):
+        assert name in out
+    assert "16x16" in out and "params" in out
+
+
+def test_edit_a_real_clip_with_preview(capsys, tiny_dir, tmp_path):
+    out_mp4, preview = tmp_path / "edit.mp4", tmp_path / "prev.mp4"
+    code, out, err = run_cli(capsys, "edit", str(sample_clip("wolf.mp4")), "-p", "a shiny silver robotic wolf",
+                             "-o", str(out_mp4), "--model", str(tiny_dir), "--preview", str(preview),
+                             "--strength", "0.6", "--quiet")
+    assert code == 0, err
+    video = read_video(out_mp4)
+    assert (video.num_frames, video.height, video.width) == (8, 16, 16)
+    assert read_video(preview).width > 16 and (tmp_path / "prev.png").is_file()
+
+
+def test_generate(capsys, tiny_dir, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "-p", "a red circle", "-o", str(tmp_path / "g.mp4"),
+                           "--model", str(tiny_dir), "--quiet", "--seed", "3")
+    assert code == 0, err
+    assert read_video(tmp_path / "g.mp4").num_frames == 8
+
+
+def test_finetune_once_then_edit_many(capsys, tiny_dir, tmp_path):
+    clip = str(sample_clip("wolf.mp4"))
+    store = str(tmp_path / "store")
+    args = ["finetune", clip, "--preset", "frames", "--ft-steps", "2", "--lr", "1e-4", "--model", str(tiny_dir),
+            "--store", store, "--quiet"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    key = out.strip().splitlines()[-1]
+    assert key.startswith("ft-")
+    code, out2, _ = run_cli(capsys, *args)
+    assert out2.strip().splitlines()[-1] == key
+    code, out, err = run_cli(capsys, "edit", clip, "-p", "a wolf", "-o", str(tmp_path / "e.mp4"), "--model",
+                             str(tiny_dir), "--finetuned", key, "--store", store, "--quiet")
+    assert code == 0, err
+    assert "naia a wolf" in out
+
+
+@pytest.mark.parametrize("make_input, extra, message", [
+    (lambda p: (p.write_text("hello"), p)[1], [], "not a video"),
+    (lambda p: p, [], "does not exist|no such file"),
+    (None, ["--strength", "5"], "strength must be in"),
+    (None, ["--strength", "nan"], "strength must be in"),
+    (None, ["--model", "/nonexistent/cascade"], "not a cascade directory"),
+    (None, ["--finetuned", "ft-nope", "--store", "/tmp/dreamix-empty-store"], "no finetuned artifact"),
+])
+def test_user_errors_exit_2_with_one_line(capsys, tiny_dir, tmp_path, make_input, extra, message):
+    import re
+
+    target = tmp_path / "input.mp4"
+    source = make_input(target) if make_input else sample_clip("wolf.mp4")
+    argv = ["edit", str(source), "-p", "x", "-o", str(tmp_path / "o.mp4"), "--quiet"]
+    if "--model" not in extra:
+        argv += ["--model", str(tiny_dir)]
+    code, _, err = run_cli(capsys, *argv, *extra)
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dreamix: error:"), err
+    assert re.search(message, lines[0], re.I), lines[0]
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_real_process_prints_no_traceback(tmp_path, tiny_dir):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video at all")
+    proc = subprocess.run([sys.executable, "-m", "dreamix_ray.cli", "edit", str(bad), "-p", "x", "-o",
+                           str(tmp_path / "o.mp4"), "--model", str(tiny_dir), "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "dreamix: error:" in proc.stderr
+
+
+def test_bad_finetune_arguments(capsys, tiny_dir, tmp_path):
+    clip = str(sample_clip("wolf.mp4"))
+    for extra, message in ((["--alpha", "2"], "alpha"), (["--ft-steps", "0"], "at least 1 step")):
+        code, _, err = run_cli(capsys, "finetune", clip, "--model", str(tiny_dir), "--store", str(tmp_path), *extra)
+        assert code == 2 and message in err
