@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DeepSpeed ZeRO)")
     p.add_argument("--zero", type=int, choices=(2, 3), default=2, help="ZeRO stage with --workers")
     p.add_argument("--address", default=None, help="Ray cluster address with --workers")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per finetuning step (default 1); the same on any number of --workers")
+    p.add_argument("--run-name", default=None, help="Ray Train run name with --workers (default: the artifact id)")
+    p.add_argument("--storage", default=None, metavar="DIR|s3://...",
+                   help="Ray Train checkpoint storage with --workers (default: <store>/_train)")
     _common(p)
 
     p = sub.add_parser("animate", help="animate an image (paper Sec. 5)")

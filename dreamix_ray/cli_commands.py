@@ -36,7 +36,8 @@ def _finetune_config(args, preset: str):
     return finetune_preset(preset, alpha=getattr(args, "alpha", None), steps=getattr(args, "ft_steps", None),
                            lr=getattr(args, "lr", None), token=getattr(args, "token", None),
                            stages=tuple(args.stages) if getattr(args, "stages", None) else None,
-                           fit=getattr(args, "fit", None), seed=getattr(args, "seed", None))
+                           fit=getattr(args, "fit", None), seed=getattr(args, "seed", None),
+                           batch_size=getattr(args, "batch_size", None))
 
 
 def _write(args, video, original=None, audio_from=None) -> None:

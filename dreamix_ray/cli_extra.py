@@ -10,6 +10,9 @@ from pathlib import Path
 CLUSTER_COMMANDS = {
     "batch": ("dreamix_ray.cluster.batch_cli", "batch edits from a manifest on Ray Data"),
     "serve": ("dreamix_ray.cluster.serving.cli", "the Ray Serve endpoint and web page"),
+    # Needs no Ray: lives here because this table is the one registry of add_arguments/run commands.
+    "convert": ("dreamix_ray.convert", "a cascade directory over diffusers text-to-video repositories "
+                "(ModelScope, zeroscope)"),
 }
 
 

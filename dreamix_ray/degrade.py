@@ -58,8 +58,11 @@ def upsample_condition(prev_bcfhw: torch.Tensor, stage: StageConfig) -> torch.Te
     if stage.kind == "ssr":
         b, c, f, h, w = prev_bcfhw.shape
         frames = prev_bcfhw.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        up = F.interpolate(frames, scale_factor=stage.factor, mode="bilinear", align_corners=False)
-        return up.reshape(b, f, c, h * stage.factor, w * stage.factor).permute(0, 2, 1, 3, 4)
+        if stage.latent is None:
+            up = F.interpolate(frames, scale_factor=stage.factor, mode="bilinear", align_corners=False)
+        else:  # a latent SSR refines at its own size (zeroscope: 576x320 -> 1024x576 is no integer factor)
+            up = F.interpolate(frames, size=(stage.height, stage.width), mode="bilinear", align_corners=False)
+        return up.reshape(b, f, c, *up.shape[-2:]).permute(0, 2, 1, 3, 4)
     raise ValueError(f"stage {stage.name!r} of kind {stage.kind!r} takes no condition")
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .config import PAPER_FINETUNE_LR, ConfigError, _Dict
 from .degrade import frames_to_tensor
 from .models.cascade import Cascade, Stage
-from .objective import diffusion_loss, is_frame_step, sr_condition
+from .objective import TrainBatch, draw_training_noise, is_frame_step, sr_condition
 from .storage import ArtifactStore
 
 # Paper App. A.2 recipes: (alpha, steps); learning rate 6e-6 for all.
@@ -47,6 +47,7 @@ class FinetuneConfig(_Dict):
     num_frames: int | None = None  # clip length for L_vid; None = each stage's trained length
     fit: str = "crop"
     checkpoint_every: int = 25
+    batch_size: int = 1  # samples (clips, or frame packs in frame steps) per step, on any worker count
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0 or math.isnan(self.alpha):
@@ -57,6 +58,8 @@ class FinetuneConfig(_Dict):
             raise ConfigError(f"the learning rate must be > 0, got {self.lr}")
         if not self.token.strip() or " " in self.token.strip():
             raise ConfigError(f"the finetuning token must be one word, got {self.token!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"the finetuning batch size must be >= 1, got {self.batch_size}")
 
     @property
     def prompt(self) -> str:
@@ -117,8 +120,9 @@ class _StageData:
         frames = cfg.num_frames or sc.frames
         clip = resample(video, fps=sc.fps, num_frames=frames, height=sc.height, width=sc.width, fit=cfg.fit)
         every = resample(video, fps=video.fps, num_frames=None, height=sc.height, width=sc.width, fit=cfg.fit)
-        self.clip_bcfhw = frames_to_tensor(clip.frames)
-        self.frames_cfhw = frames_to_tensor(every.frames)[0]
+        # Latent stages train on VAE latents, encoded once here rather than every step.
+        self.clip_bcfhw = stage.encode(frames_to_tensor(clip.frames))
+        self.frames_cfhw = stage.encode(frames_to_tensor(every.frames))[0]
         self.frames_per_step = sc.frames
 
     def frame_batch(self, rng: np.random.Generator) -> torch.Tensor:
@@ -126,6 +130,26 @@ class _StageData:
         n = self.frames_cfhw.shape[1]
         idx = rng.choice(n, self.frames_per_step, replace=n < self.frames_per_step)
         return self.frames_cfhw[:, idx].unsqueeze(0)
+
+
+def finetune_batch(stage: Stage, data: _StageData, text, cfg: FinetuneConfig, stage_index: int,
+                   step: int) -> TrainBatch:
+    """Step `step`'s global batch: cfg.batch_size samples with their own draws, a pure function of
+    (seed, stage, step), so the single-process loop and every Ray Train rank see the same batch."""
+    rng = np.random.default_rng([cfg.seed, stage_index, step])
+    frames_step = is_frame_step(cfg.seed, step, cfg.alpha)
+    x0s, ts, noises = [], [], []
+    for _ in range(cfg.batch_size):
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        x0 = data.frame_batch(rng) if frames_step else data.clip_bcfhw
+        t, noise = draw_training_noise(stage, x0, gen)
+        x0s.append(x0)
+        ts.append(t)
+        noises.append(noise)
+    x0 = torch.cat(x0s)
+    tokens, pooled = (e.expand(cfg.batch_size, *e.shape[1:]) for e in text)
+    return TrainBatch(frames_step, x0, sr_condition(stage, x0, frames_as_images=frames_step), tokens, pooled,
+                      torch.cat(ts), torch.cat(noises))
 
 
 def finetune_stage(stage: Stage, data: _StageData, text, cfg: FinetuneConfig, lr: float, stage_index: int,
@@ -138,22 +162,17 @@ def finetune_stage(stage: Stage, data: _StageData, text, cfg: FinetuneConfig, lr
     if state:
         opt.load_state_dict(state["opt"])
         start = state["step"]
-    tokens, pooled = text
     bar = tqdm(range(start, cfg.steps), desc=f"finetune {stage.config.name}", disable=not progress,
                initial=start, total=cfg.steps, leave=False, unit="step")
     try:
         for step in bar:
-            rng = np.random.default_rng([cfg.seed, stage_index, step])
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            frames_step = is_frame_step(cfg.seed, step, cfg.alpha)
-            x0 = data.frame_batch(rng) if frames_step else data.clip_bcfhw
-            cond = sr_condition(stage, x0, frames_as_images=frames_step)
-            loss = diffusion_loss(stage, x0, cond, tokens, pooled, gen, frame_mode_on=frames_step)
+            batch = finetune_batch(stage, data, text, cfg, stage_index, step)
+            loss = batch.loss(stage)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}", mode="frames" if frames_step else "video")
+            bar.set_postfix(loss=f"{loss.item():.4f}", mode="frames" if batch.frames_step else "video")
             if on_step:
                 on_step(stage.config.name, step + 1, cfg.steps, loss.item())
             if on_checkpoint and (step + 1) % cfg.checkpoint_every == 0:
@@ -170,8 +189,8 @@ def copy_for_finetuning(cascade: Cascade, names: list[str]) -> Cascade:
     """A cascade sharing every untouched stage and the text encoder, with private copies of `names`."""
     import copy
 
-    stages = [Stage(s.config, copy.deepcopy(s.denoiser) if s.config.name in names else s.denoiser, s.scheduler)
-              for s in cascade.stages]
+    stages = [Stage(s.config, copy.deepcopy(s.denoiser) if s.config.name in names else s.denoiser, s.scheduler,
+                    s.vae) for s in cascade.stages]
     return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source)
 
 
@@ -236,7 +255,7 @@ def load_finetuned(cascade: Cascade, key: str, store: ArtifactStore) -> tuple[Ca
         for s in cascade.stages:
             den = type(s.denoiser).from_pretrained(tmp / s.config.name).eval() if s.config.name in meta["stages"] \
                 else s.denoiser
-            stages.append(Stage(s.config, den, s.scheduler))
+            stages.append(Stage(s.config, den, s.scheduler, s.vae))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source), FinetuneConfig.from_dict(

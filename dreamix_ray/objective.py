@@ -14,7 +14,10 @@ from .models.cascade import Stage
 
 def diffusion_loss(stage: Stage, x0_bcfhw, cond_bcfhw, tokens, pooled, gen: torch.Generator,
                    frame_mode_on: bool) -> torch.Tensor:
-    """||D(z_t, t, text, c) - v||^2 at a uniform timestep; frame mode masks the temporal layers."""
+    """||D(z_t, t, text, c) - target||^2 at a uniform timestep; frame mode masks the temporal layers.
+
+    The target follows the scheduler's prediction_type: v for our stages, epsilon for ModelScope-family ones.
+    """
     t_b, noise_bcfhw = draw_training_noise(stage, x0_bcfhw, gen)
     return v_loss(stage, x0_bcfhw, cond_bcfhw, tokens, pooled, t_b, noise_bcfhw, frame_mode_on)
 
@@ -29,9 +32,21 @@ def v_loss(stage: Stage, x0_bcfhw, cond_bcfhw, tokens, pooled, t_b, noise_bcfhw,
            reduction: str = "mean") -> torch.Tensor:
     """diffusion_loss at given draws; reduction="sum" lets shards of a batch add up to its mean."""
     x_t = stage.scheduler.add_noise(x0_bcfhw, noise_bcfhw, t_b)
-    target = stage.scheduler.get_velocity(x0_bcfhw, noise_bcfhw, t_b)
+    target = prediction_target(stage.scheduler, x0_bcfhw, noise_bcfhw, t_b)
     pred = stage.denoiser(x_t, t_b, tokens, pooled, cond_bcfhw, frame_mode_on=frame_mode_on)
     return F.mse_loss(pred, target, reduction=reduction)
+
+
+def prediction_target(scheduler, x0_bcfhw, noise_bcfhw, t_b) -> torch.Tensor:
+    """What the network regresses, by the scheduler's prediction_type (v, epsilon or x0)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise_bcfhw
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0_bcfhw, noise_bcfhw, t_b)
+    if kind == "sample":
+        return x0_bcfhw
+    raise ValueError(f"unknown prediction_type {kind!r} in the stage's scheduler config")
 
 
 @dataclass
@@ -62,7 +77,7 @@ def sr_condition(stage: Stage, hi_bcfhw: torch.Tensor, frames_as_images: bool) -
     """The low-res input an SR stage trains with, made from its target; frames as images are their own
     temporal low-res version (a TSR sees each still frame as a constant clip)."""
     kind = stage.config.kind
-    if kind == "base":
+    if kind == "base" or stage.config.latent is not None:  # latent SSRs refine by SDEdit: no condition
         return None
     if kind == "tsr" and frames_as_images:
         return hi_bcfhw

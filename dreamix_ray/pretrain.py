@@ -19,7 +19,7 @@ from .degrade import downsample_for_training, frames_to_tensor, upsample_conditi
 from .models.cascade import Cascade, Stage, build_cascade
 from .models.embedded import EMBEDDED_DENOISERS, embedded_config
 from .models.text import TextEncoder
-from .objective import diffusion_loss
+from .objective import TrainBatch, draw_training_noise
 from .sampling import make_scheduler
 from .world.captions import caption
 from .world.render import render
@@ -83,6 +83,17 @@ def world_batch(stage: StageConfig, cfg: PretrainConfig, step: int):
     return hi, upsample_condition(low + sigma * noise, stage), captions
 
 
+def pretrain_batch(stage: Stage, cfg: PretrainConfig, step: int, text_encoder: TextEncoder) -> TrainBatch:
+    """Step `step`'s whole batch with its draws (image step or not, timesteps, noise); a pure function of
+    (seed, step), shared by train_stage and the Ray Train loop."""
+    x0, cond, captions = world_batch(stage.config, cfg, step)
+    tokens, pooled = text_encoder(captions)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    image_step = torch.rand((), generator=gen).item() < cfg.image_fraction
+    t_b, noise = draw_training_noise(stage, x0, gen)
+    return TrainBatch(image_step, x0, cond, tokens, pooled, t_b, noise)
+
+
 class EMA:
     """Exponential moving average of weights; the exported model is the average."""
 
@@ -93,7 +104,7 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for s, p in zip(self.shadow.parameters(), model.parameters()):
-            s.lerp_(p.detach(), 1 - d)
+            s.lerp_(p.detach().to(s.dtype), 1 - d)  # bf16 weights under DeepSpeed, fp32 average
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -125,11 +136,7 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
     last_ckpt, losses = time.time(), []
     with (out / "log.jsonl").open("a") as log_file:
         while step < cfg.max_steps and time.time() < deadline:
-            x0, cond, captions = world_batch(stage.config, cfg, step)
-            tokens, pooled = text_encoder(captions)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            image_step = torch.rand((), generator=gen).item() < cfg.image_fraction
-            loss = diffusion_loss(stage, x0, cond, tokens, pooled, gen, frame_mode_on=image_step)
+            loss = pretrain_batch(stage, cfg, step, text_encoder).loss(stage)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

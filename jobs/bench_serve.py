@@ -114,8 +114,13 @@ async def client(index: int, url: str, args, video: bytes, stats: dict) -> None:
             job_id, deadline = r.json()["id"], time.time() + args.timeout
             while time.time() < deadline:
                 start = time.perf_counter()
-                job = (await http.get(f"/v1/edits/{job_id}", headers=headers)).json()
+                reply = await http.get(f"/v1/edits/{job_id}", headers=headers)
                 stats["status_ms"].append(1000 * (time.perf_counter() - start))
+                if reply.status_code != 200:
+                    stats["errors"].append(f"status {reply.status_code} {reply.text[:160]}")
+                    await asyncio.sleep(args.poll)
+                    continue
+                job = reply.json()
                 if job["status"] in ("done", "failed"):
                     stats[job["status"]] += 1
                     stats["job_s"].append(job["timings"].get("total_s", float("nan")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import uuid
 import warnings
@@ -127,10 +128,10 @@ def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
         kwargs = dict(spec.kwargs)
         if spec.model:
             kwargs["threads"] = max(1, int(cpus))
-            if spec.fn.__name__ != "Finetune":
+            if spec.name != "finetune":
                 kwargs["gpus"] = gpus
         lo, hi = _actors(opts, spec)
-        fn = (stage_classes or {}).get(spec.name, spec.fn)
+        fn = _named((stage_classes or {}).get(spec.name, spec.fn), spec.name)
         with warnings.catch_warnings():
             # Bounded restarts need ray_remote_args (deprecated in 2.60, no named parameter yet); Ray's
             # default of infinite retries would loop forever on a row that kills its worker.
@@ -141,6 +142,12 @@ def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
                                 num_gpus=gpus or None, max_restarts=opts.max_restarts,
                                 max_task_retries=opts.max_task_retries)
     return ds
+
+
+def _named(cls: type, name: str) -> type:
+    """Ray Data names operators after the class: one subclass per stage keeps ds.stats() rows apart."""
+    title = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part) + "Stage"
+    return cls if cls.__name__ == title else type(title, (cls,), {"__module__": cls.__module__})
 
 
 def _configure_data_context(opts: BatchOptions) -> None:

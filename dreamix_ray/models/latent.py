@@ -162,7 +162,7 @@ class LatentRuntime:
 def place(denoiser: LatentVideoDenoiser, vae: VideoVAE | None, runtime: LatentRuntime) -> None:
     """Device, weight dtype, autocast, attention kernel, VAE tiling and checkpointing of one latent stage."""
     device, dtype = runtime.torch_device(), _DTYPES[runtime.dtype]
-    denoiser.to(device=device, dtype=dtype)
+    _move(denoiser, device, dtype)
     denoiser.autocast_dtype = runtime.autocast_dtype(device)
     if runtime.attention == "sliced":
         denoiser.set_attention_slice("auto")
@@ -174,9 +174,18 @@ def place(denoiser: LatentVideoDenoiser, vae: VideoVAE | None, runtime: LatentRu
     if runtime.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if vae is not None:
-        vae.to(device=device, dtype=dtype)
+        _move(vae.vae, device, dtype)
         if runtime.vae_tiling:
             vae.vae.enable_tiling()
+
+
+def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # Cast only when needed: loading already used torch_dtype, and diffusers warns on every cast.
+    p = next(model.parameters())
+    if p.dtype != dtype:
+        model.to(dtype=dtype)
+    if p.device != device:
+        model.to(device=device)
 
 
 def place_cascade(cascade, runtime: LatentRuntime | None = None) -> None:
@@ -199,8 +208,12 @@ def latent_spec(sc: StageConfig) -> dict:
                                "modelscope (diffusers UNet3DConditionModel + AutoencoderKL + CLIP)")
     if sc.kind == "tsr":
         raise LatentModelError(f"stage {sc.name!r}: latent stages are base or ssr (SDEdit refiners), not tsr")
-    if not 0.0 <= float(spec.get("strength", DEFAULT_REFINE_STRENGTH)) <= 1.0:
-        raise LatentModelError(f"stage {sc.name!r}: latent strength must be in [0, 1], got {spec['strength']}")
+    try:
+        strength = float(spec.get("strength", DEFAULT_REFINE_STRENGTH))
+    except (TypeError, ValueError):
+        strength = float("nan")
+    if not 0.0 <= strength <= 1.0:
+        raise LatentModelError(f"stage {sc.name!r}: latent strength must be in [0, 1], got {spec['strength']!r}")
     return spec
 
 

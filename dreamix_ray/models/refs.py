@@ -45,16 +45,15 @@ def resolve_ref(ref: str, root: Path | None = None) -> Path:
     """A local directory for `ref`: hub refs are downloaded (cached), relative paths join `root`."""
     if ref.startswith(HF_PREFIX):
         repo_id, revision, subfolder = parse_hf_ref(ref)
-        return fetch_from_hub(repo_id, revision, [subfolder] if subfolder else None) / subfolder
+        return fetch_from_hub(repo_id, revision, [f"{subfolder}/*"] if subfolder else None) / subfolder
     path = Path(ref).expanduser()
     return path if path.is_absolute() or root is None else Path(root) / path
 
 
-def fetch_from_hub(repo_id: str, revision: str | None = None, subfolders: list[str] | None = None) -> Path:
-    """Download (or find in the cache) the given subfolders of a hub repository."""
+def fetch_from_hub(repo_id: str, revision: str | None = None, patterns: list[str] | None = None) -> Path:
+    """Download (or find in the cache) the files of a hub repository matching `patterns` (None: all)."""
     from huggingface_hub import snapshot_download
 
-    patterns = [f"{s}/*" for s in subfolders] + ["model_index.json"] if subfolders else None
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # offline mode, no network, unknown repo or revision: one clear line

@@ -66,7 +66,7 @@ class TextEncoder(torch.nn.Module):
         pooled_bd = getattr(out, "pooler_output", None) if self.kind == "clip" else None
         if pooled_bd is None:  # mean over real tokens, as sentence-transformers pools MiniLM
             pooled_bd = (tokens_bld * mask_bl1).sum(1) / mask_bl1.sum(1).clamp(min=1)
-        if len(self._cache) > 50_000:  # bounded: pretraining sees many distinct captions
+        if len(self._cache) > 4096:  # bounded: pretraining sees many distinct captions (49 KB each)
             self._cache.clear()
         for p, t, q in zip(prompts, tokens_bld, pooled_bd.float()):
             self._cache[p] = (t, q)

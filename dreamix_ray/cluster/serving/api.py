@@ -119,7 +119,11 @@ def _routes(app: FastAPI, ctx, kind: str, owner) -> None:
                       openapi_extra=openapi_body(kind), responses=_ERRORS)
 
     async def load(job_id: str, who: str) -> dict:
-        job = await asyncio.to_thread(ctx.jobs.load, job_id) if ctx.jobs.valid_id(job_id) else None
+        try:
+            job = ctx.runner.running(job_id) or await asyncio.to_thread(ctx.jobs.load, job_id)
+        except OSError:
+            raise ApiError(503, "the job store did not answer; retry in a moment", "store_unavailable",
+                           {"Retry-After": "1"}) from None
         if job is None or job["owner"] != who or job["kind"] != kind:
             raise ApiError(404, f"no {kind} job {job_id!r} for this API key", "not_found")
         return job

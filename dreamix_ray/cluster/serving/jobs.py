@@ -65,12 +65,22 @@ class JobStore:
         return f"{JOBS}/{job_id}"
 
     def load(self, job_id: str) -> dict | None:
-        if not self.valid_id(job_id) or not self.store.has(self._key(job_id), JOB_FILE):
+        """The job record, None if there is none; a store that cannot be read raises (OSError)."""
+        if not self.valid_id(job_id):
             return None
-        try:
-            return json.loads(self.store.get(self._key(job_id), JOB_FILE))
-        except (StorageError, ValueError):
-            return None  # deleted or half-visible between has() and get() on an eventually consistent store
+        fs, path = filesystem(self.uri(job_id, JOB_FILE), self.store.s3)
+        for attempt in range(4):
+            try:
+                with fs.open_input_stream(path) as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+            try:
+                return json.loads(data)
+            except ValueError:
+                # pyarrow reads S3 by size-then-range: a record replaced mid-read comes back cut; read again.
+                time.sleep(0.05 * (attempt + 1))
+        raise OSError(f"job {job_id}'s record keeps changing while it is read")
 
     def save(self, job: dict) -> None:
         job["updated_at"] = time.time()

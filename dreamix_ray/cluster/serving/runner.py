@@ -104,6 +104,7 @@ class JobRunner:
         self.jobs, self.settings, self.stages = jobs, settings, stages
         self.handles, self.finetuner, self.replica = handles, finetuner, replica
         self.tasks: dict[str, asyncio.Task] = {}
+        self.live: dict[str, dict] = {}  # job id -> the record its running task updates
         self.finished = metrics.Counter("dreamix_jobs_finished", "Jobs that reached done or failed.",
                                         tag_keys=("kind", "status"))
         self.seconds = metrics.Histogram("dreamix_job_seconds", "Wall seconds from accepted to finished.",
@@ -112,7 +113,17 @@ class JobRunner:
     def start(self, job: dict) -> None:
         task = asyncio.get_running_loop().create_task(self._run(job))
         self.tasks[job["id"]] = task
-        task.add_done_callback(lambda _t, job_id=job["id"]: self.tasks.pop(job_id, None))
+        self.live[job["id"]] = job
+        task.add_done_callback(lambda _t, job_id=job["id"]: self._forget(job_id))
+
+    def _forget(self, job_id: str) -> None:
+        self.tasks.pop(job_id, None)
+        self.live.pop(job_id, None)
+
+    def running(self, job_id: str) -> dict | None:
+        """The freshest state of a job this replica runs (other replicas read it from the store)."""
+        job = self.live.get(job_id)
+        return dict(job, timings=dict(job["timings"]), result=dict(job["result"])) if job else None
 
     async def _run(self, job: dict) -> None:
         now = time.time()
@@ -230,7 +241,11 @@ class JobRunner:
         for owner, job_id, mtime in await asyncio.to_thread(self.jobs.active):
             if job_id in self.tasks:
                 continue
-            job, now = await asyncio.to_thread(self.jobs.load, job_id), time.time()
+            try:
+                job, now = await asyncio.to_thread(self.jobs.load, job_id), time.time()
+            except OSError as exc:  # one unreadable record must not stop the pass over the others
+                log.warning("recovery: cannot read job %s (%s)", job_id, exc)
+                continue
             if job is None:
                 if now - mtime > lease:  # marker of a submit that died before its job.json was written
                     await asyncio.to_thread(self.jobs.deactivate, owner, job_id)
