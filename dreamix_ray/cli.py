@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", default=None, help="Ray Train run name with --workers (default: the artifact id)")
     p.add_argument("--storage", default=None, metavar="DIR|s3://...",
                    help="Ray Train checkpoint storage with --workers (default: <store>/_train)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker (NCCL, bf16 if supported)")
+    p.add_argument("--deepspeed-config", default=None, metavar="JSON",
+                   help="DeepSpeed config over the defaults with --workers (e.g. infra/deepspeed_zero3.json)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="clips per worker per micro-step with --workers (gradient accumulation)")
     _common(p)
 
     p = sub.add_parser("animate", help="animate an image (paper Sec. 5)")

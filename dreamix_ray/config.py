@@ -20,6 +20,10 @@ PAPER_STRENGTH_NO_FINETUNE = (0.4, 0.85)
 PAPER_STRENGTH_FINETUNED = (0.95, 1.0)
 # Paper App. A.2: learning rate of every finetuning recipe.
 PAPER_FINETUNE_LR = 6e-6
+# Latent SSR refiners (models/latent.py): zeroscope_v2_XL's card recommends SDEdit strength 0.66-0.85.
+DEFAULT_REFINE_STRENGTH = 0.7
+# Frames per VAE call in latent stages: bounds VAE memory, which grows with frames x pixels.
+DEFAULT_VAE_CHUNK_FRAMES = 8
 
 
 class ConfigError(UserError):

@@ -13,10 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CascadeConfig, StageConfig
+# Light imports only: `dreamix` builds this command's parser on every run (cli_extra).
+from .config import DEFAULT_REFINE_STRENGTH, DEFAULT_VAE_CHUNK_FRAMES, CascadeConfig, StageConfig
 from .errors import UserError
-from .models.cascade import CASCADE_FILE
-from .models.latent import DEFAULT_REFINE_STRENGTH, DEFAULT_VAE_CHUNK_FRAMES
 from .models.refs import fetch_from_hub, hf_ref, is_hub_id
 
 CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json",
@@ -117,6 +116,8 @@ def convert(sources: list[str], out: str | Path, sizes: list[str] | None = None,
             strength: float = DEFAULT_REFINE_STRENGTH, vae_chunk_frames: int = DEFAULT_VAE_CHUNK_FRAMES,
             name: str | None = None, copy: bool = False, force: bool = False) -> CascadeConfig:
     """Write `out`/cascade.json for base + SSR refiner repositories; returns the config written."""
+    from .models.cascade import CASCADE_FILE
+
     out = Path(out)
     if (out / CASCADE_FILE).exists() and not force:
         raise ConvertError(f"{out} already holds a cascade; pass --force to overwrite it")
@@ -199,7 +200,7 @@ def run(args) -> int:
     config = convert(args.sources, args.output, args.size, args.frames, args.fps, args.steps, args.eta,
                      args.strength, args.vae_chunk_frames, args.name, args.copy, args.force)
     for s in config.stages:
-        print(f"{s.name}: {s.kind} {s.frames}x{s.width}x{s.height} @ {s.fps:g} fps, {s.steps} steps")
-    print(f"wrote {Path(args.output) / CASCADE_FILE}; these models want guidance, e.g. "
+        print(f"{s.name}: {s.kind}, {s.frames} frames of {s.width}x{s.height} @ {s.fps:g} fps, {s.steps} steps")
+    print(f"wrote {Path(args.output) / 'cascade.json'}; these models want guidance, e.g. "
           f"`dreamix edit IN.mp4 -p PROMPT --model {args.output} --guidance 9`")
     return 0

@@ -70,15 +70,16 @@ class Scores:
         return all(self.passed.values())
 
 
-def eval_sources(n: int, seed: int = 2024):
-    """Held-out source scenes (combinations never seen in pretraining), single plain object."""
+def eval_sources(n: int, seed: int = 2024, held: bool = True):
+    """Source scenes, single plain object: held-out combinations (never seen in pretraining) for the
+    tables, or training combinations (held=False) for tuning the finetuning presets."""
     from .pretrain import held_out
 
     rng, scenes = np.random.default_rng(seed), []
     while len(scenes) < n:
         s = sample_scene(rng, n_objects=1, texture="plain", style="solid", size="large",
                          motion=str(rng.choice(["left", "right", "up", "down"])))
-        if held_out(s):
+        if held_out(s) == held:
             scenes.append(s)
     return scenes
 
@@ -96,9 +97,9 @@ def edit_target(scene, edit_type: str, rng: np.random.Generator):
     return scene.replace(background=str(rng.choice(options)))
 
 
-def eval_cases(n_sources: int) -> list[Case]:
+def eval_cases(n_sources: int, held: bool = True) -> list[Case]:
     rng, cases = np.random.default_rng(7), []
-    for i, source in enumerate(eval_sources(n_sources)):
+    for i, source in enumerate(eval_sources(n_sources, held=held)):
         for edit_type in EDIT_TYPES:
             target = edit_target(source, edit_type, rng)
             cases.append(Case(source, target, edit_type, canonical_caption(target), seed=100 + i))

@@ -53,3 +53,8 @@ def moving_video():
     scene = sample_scene(np.random.default_rng(0), colour="red", shape="circle", motion="left",
                          background="blue")
     return Video(render(scene, num_frames=16, size=32, fps=8.0), 8.0)
+
+
+def pytest_configure(config):
+    # Registered here so test modules can use it at import time (added for tests/test_batch.py).
+    config.addinivalue_line("markers", "slow: starts Ray clusters or jobs (tens of seconds); still in the default run")

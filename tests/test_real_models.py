@@ -7,6 +7,8 @@ The repositories are tiny random models saved exactly as those on the hub are la
 import copy
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -39,7 +41,7 @@ MODEL_INDEX = {"_class_name": "TextToVideoSDPipeline", "_diffusers_version": "0.
 
 def _byte_chars() -> list[str]:
     """CLIP's byte-to-unicode table: the 256 base symbols of its BPE vocabulary."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -268,6 +270,13 @@ def test_convert_errors_are_one_line(repos, tmp_path, capsys, monkeypatch):
     assert "HF_HUB_OFFLINE=0" in error_of("no-such-org/no-such-model")
     assert parse_hf_ref(hf_ref("cerspense/zeroscope_v2_XL", "unet", "refs/pr/15")) == \
         ("cerspense/zeroscope_v2_XL", "refs/pr/15", "unet")
+
+
+def test_convert_command_stays_light():
+    """`dreamix` builds the convert parser on every run: importing it must not pull in torch."""
+    code = "import sys, dreamix_ray.convert; print('torch' in sys.modules or 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_gpu_runtime_settings_place_the_stage(cascade):

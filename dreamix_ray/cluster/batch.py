@@ -53,6 +53,7 @@ class BatchOptions:
     limits: dict | None = None  # VideoLimits fields
     flush_every: int = 64  # results rows per Parquet part
     object_store_mb: float | None = None  # Ray Data's budget for rows in flight: bounds how far reading runs ahead
+    pin_stages: bool = False  # cascade stages ask for custom resource stage_<kind> (one worker group per stage)
 
 
 @dataclass
@@ -131,6 +132,8 @@ def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
             if spec.name != "finetune":
                 kwargs["gpus"] = gpus
         lo, hi = _actors(opts, spec)
+        # A token amount: the resource only says which worker group may host the stage; GPUs do the counting.
+        pinned = {f"stage_{spec.kind}": 0.001} if opts.pin_stages and spec.kind in ("base", "tsr", "ssr") else None
         fn = _named((stage_classes or {}).get(spec.name, spec.fn), spec.name)
         with warnings.catch_warnings():
             # Bounded restarts need ray_remote_args (deprecated in 2.60, no named parameter yet); Ray's
@@ -139,7 +142,7 @@ def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
             ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs,
                                 compute=ActorPoolStrategy(min_size=lo, max_size=hi),
                                 batch_size=opts.batch_size if spec.model else 1, num_cpus=cpus,
-                                num_gpus=gpus or None, max_restarts=opts.max_restarts,
+                                num_gpus=gpus or None, resources=pinned, max_restarts=opts.max_restarts,
                                 max_task_retries=opts.max_task_retries)
     return ds
 

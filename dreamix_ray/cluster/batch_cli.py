@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage-gpus", default=None, metavar="SPEC", help=f"GPUs per actor: {STAGES_HELP}")
     p.add_argument("--stage-actors", default=None, metavar="SPEC",
                    help="actor pool sizes, e.g. base=1:4,ssr=2 (MIN:MAX autoscales; default 1:4 per model stage)")
+    p.add_argument("--pin-stages", action="store_true",
+                   help="run each cascade stage only on nodes with custom resource stage_<kind> (infra/ worker groups)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per model call (default 4)")
     p.add_argument("--max-error-rate", type=float, default=1.0,
                    help="stop once failed outputs exceed this fraction of all outputs (default 1 = never)")
@@ -87,7 +89,7 @@ def options_from_args(args) -> "BatchOptions":
         store=args.store, cpus=parse_table(args.stage_cpus, "--stage-cpus"),
         gpus=parse_table(args.stage_gpus, "--stage-gpus"), actors=parse_table(args.stage_actors, "--stage-actors", True),
         batch_size=args.batch_size, max_error_rate=args.max_error_rate, max_restarts=args.max_restarts,
-        object_store_mb=args.object_store_mb, num_cpus=args.num_cpus, run_id=args.run_id, progress=not args.quiet)
+        object_store_mb=args.object_store_mb, pin_stages=args.pin_stages, num_cpus=args.num_cpus, run_id=args.run_id, progress=not args.quiet)
 
 
 def run(args) -> int:

@@ -59,6 +59,7 @@ class RunState:
     losses: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)  # stage -> per rank {params, optimizer} bytes
     seconds_per_step: dict = field(default_factory=dict)
+    starts: list = field(default_factory=list)  # [stage, step] each time a stage (re)starts: shows resumes
 
 
 class MaskedAdamW(torch.optim.AdamW):
@@ -224,6 +225,7 @@ def _train_task(task: StageTask, index: int, job: dict, state: RunState, resume_
                   task.stage.scheduler)
     losses = state.losses.setdefault(task.name, [])[:step]
     state.losses[task.name] = losses
+    state.starts.append([task.name, step])
     deadline = time.time() + task.minutes * 60 if task.minutes else None
     started = None
     while step < task.steps and not (deadline and _broadcast_stop(time.time() > deadline, device)):

@@ -20,16 +20,13 @@ from typing import Callable
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 
-from ..config import StageConfig
+from ..config import DEFAULT_REFINE_STRENGTH, DEFAULT_VAE_CHUNK_FRAMES, StageConfig
 from ..errors import UserError
 from .frame_mode import enable_frame_mode_switch, frame_mode
 from .refs import resolve_ref
 
 LAYOUTS = ("modelscope",)
 SPEC_KEYS = ("layout", "unet", "vae", "scheduler", "strength", "vae_chunk_frames")
-# zeroscope_v2_XL's model card: upscaling works best "with a denoise strength between 0.66 and 0.85".
-DEFAULT_REFINE_STRENGTH = 0.7
-DEFAULT_VAE_CHUNK_FRAMES = 8
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

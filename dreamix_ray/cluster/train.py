@@ -1,0 +1,226 @@
+"""Distributed finetuning and pretraining: a Ray Train TorchTrainer running DeepSpeed ZeRO-2 or ZeRO-3
+(gloo on CPU, NCCL on GPU, bf16 where the GPU has it). The worker loop is in train_loop.py.
+
+Finetuning trains all finetuned stages in ONE run, one after another (each its own DeepSpeed engine),
+so one name and one checkpoint history cover the artifact; the driver writes the last checkpoint's
+fp32 weights with `save_artifact` under the single-process key. Pretraining runs one stage per run,
+since each stage has its own time budget. A rerun with the same run name and storage resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import PAPER_FINETUNE_LR, _Dict
+from ..errors import UserError
+from ..finetune import (
+    ARTIFACT_FILE, FinetuneConfig, _StageData, artifact_key, finetuned_stage_names, save_artifact, video_bytes,
+)
+from ..models.cascade import Cascade, Stage
+from ..storage import ArtifactStore, filesystem, is_s3, join
+from .train_loop import STATE_FILE, train_loop_per_worker
+
+
+class TrainSetupError(UserError):
+    """A distributed-training setting is unusable; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainSettings(_Dict):
+    """How a job runs on the cluster; none of it changes the result, so none of it is in the artifact key."""
+
+    workers: int = 2
+    zero: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    precision: str = "auto"  # auto: bf16 on GPUs that support it, else fp32
+    micro_batch: int | None = None  # clips per rank per micro-step (gradient accumulation); None: all at once
+    threads: int | None = None  # torch threads per worker
+    deepspeed_config: str | None = None  # a DeepSpeed JSON (e.g. infra/deepspeed_zero3.json) over the defaults
+    max_failures: int = 0  # worker-group restarts from the last checkpoint within one run
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise TrainSetupError(f"--workers must be >= 1, got {self.workers}")
+        if self.zero not in (2, 3):
+            raise TrainSetupError(f"--zero must be 2 or 3, got {self.zero}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise TrainSetupError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise TrainSetupError(f"the micro-batch must be >= 1 clip, got {self.micro_batch}")
+
+
+def load_deepspeed_config(settings: TrainSettings) -> dict:
+    """The DeepSpeed config: the JSON file's keys over {"zero_optimization": {"stage": zero}}."""
+    base = {"zero_optimization": {"stage": settings.zero}}
+    if not settings.deepspeed_config:
+        return base
+    path = Path(settings.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except OSError as exc:
+        raise TrainSetupError(f"cannot read DeepSpeed config {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise TrainSetupError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+    if {"optimizer", "scheduler"} & set(user):
+        raise TrainSetupError(f"DeepSpeed config {path} sets an optimizer or scheduler; remove it: the loop "
+                              "uses AdamW at the finetune/pretrain learning rate")
+    stage = user.get("zero_optimization", {}).get("stage", settings.zero)
+    if stage != settings.zero:
+        raise TrainSetupError(f"DeepSpeed config {path} is for ZeRO-{stage} but --zero is {settings.zero}")
+    user["zero_optimization"] = {**user.get("zero_optimization", {}), "stage": settings.zero}
+    return user
+
+
+def micro_steps(batch_size: int, settings: TrainSettings) -> int:
+    """Micro-steps per optimizer step so a rank never holds more than `micro_batch` clips at once."""
+    if not settings.micro_batch:
+        return 1
+    return max(1, math.ceil(batch_size / (settings.workers * settings.micro_batch)))
+
+
+def _job(kind: str, settings: TrainSettings, batch_size: int, **fields) -> dict:
+    return dict(kind=kind, zero=settings.zero, precision=settings.precision, use_gpu=settings.use_gpu,
+                threads=settings.threads, micro_steps=micro_steps(batch_size, settings),
+                deepspeed=load_deepspeed_config(settings), **fields)
+
+
+def _user_error(exc: BaseException) -> UserError | None:
+    """The UserError a worker raised (ResumeError, a bad setting), if that is why the run failed."""
+    from ray.train import WorkerGroupError
+
+    failures = exc.worker_failures.values() if isinstance(exc, WorkerGroupError) else [exc]
+    for err in failures:
+        seen = set()
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            if isinstance(err, UserError):  # Ray's wrapper subclasses it but prints a traceback: keep the line
+                return type(err)(str(err.args[0]) if err.args else str(err))
+            err = getattr(err, "cause", None) or err.__cause__
+    return None
+
+
+def run_training(job: dict, settings: TrainSettings, name: str, storage: str, fail_after_step: int | None = None):
+    """One TorchTrainer run (resumes `name` under `storage` if it has checkpoints); returns the Result."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    fs, path = filesystem(storage) if is_s3(storage) else (None, str(Path(storage).expanduser().resolve()))
+    if fail_after_step is not None:  # test hook: a worker dies hard after this step
+        job = {**job, "fail_after_step": fail_after_step}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=job,
+        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
+                                               resources_per_worker={"CPU": settings.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs,
+            worker_runtime_env=None if settings.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        user = _user_error(exc)
+        if user is not None:
+            raise user from None
+        raise
+
+
+def read_state(checkpoint) -> dict:
+    """state.json of a run's checkpoint: stage, step, world, losses per stage, memory, seconds per step."""
+    with checkpoint.as_directory() as d:
+        return json.loads(Path(d, STATE_FILE).read_text())
+
+
+def default_storage(store: ArtifactStore) -> str:
+    return join(store.root, "_train")
+
+
+def finetune_job(video, cfg: FinetuneConfig, cascade: Cascade, settings: TrainSettings) -> dict:
+    """The finetune job: stage weights, their training data and the prompt embedding go through the
+    object store, so workers need neither the model directory nor the text encoder."""
+    import ray
+
+    names = finetuned_stage_names(cascade, cfg)
+    stages = [(i, Stage(s.config, s.denoiser, s.scheduler), _StageData(video, s, cfg))
+              for i, s in enumerate(cascade.stages) if s.config.name in names]
+    payload = {"text": cascade.text_encoder([cfg.prompt]), "stages": stages}
+    lr = cfg.lr or cascade.config.finetune_lr or PAPER_FINETUNE_LR
+    return _job("finetune", settings, cfg.batch_size, cfg=cfg.to_dict(), lr=lr, payload=ray.put(payload))
+
+
+def tuned_from_checkpoint(cascade: Cascade, names: list[str], checkpoint) -> Cascade:
+    """The cascade with the run's exported stages swapped in."""
+    stages = []
+    with checkpoint.as_directory() as d:
+        for s in cascade.stages:
+            folder = Path(d, "exports", s.config.name)
+            if s.config.name in names and not folder.is_dir():
+                raise TrainSetupError(f"the training run's last checkpoint has no weights for stage "
+                                      f"{s.config.name!r}: rerun it with the same name to finish")
+            den = type(s.denoiser).from_pretrained(folder).eval() if s.config.name in names else s.denoiser
+            stages.append(Stage(s.config, den, s.scheduler))
+    return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source)
+
+
+def finetune_on_ray(video, cfg: FinetuneConfig, cascade: Cascade, store: ArtifactStore, settings: TrainSettings,
+                    source_bytes: bytes | None = None, name: str | None = None, storage: str | None = None,
+                    fail_after_step: int | None = None):
+    """Finetune on Ray Train (or reuse the stored artifact); returns (artifact key, Result or None)."""
+    key = artifact_key(source_bytes if source_bytes is not None else video_bytes(video), cfg, cascade)
+    if store.has(key, ARTIFACT_FILE):
+        return key, None
+    result = run_training(finetune_job(video, cfg, cascade, settings), settings, name or key,
+                          storage or default_storage(store), fail_after_step)
+    tuned = tuned_from_checkpoint(cascade, finetuned_stage_names(cascade, cfg), result.checkpoint)
+    save_artifact(tuned, cfg, key, store, cascade)
+    return key, result
+
+
+def pretrain_on_ray(cfg, run_dir: str, settings: TrainSettings, name: str | None = None,
+                    storage: str | None = None, checkpoint_every: int = 200, fail_after_step: int | None = None):
+    """Pretrain one embedded-cascade stage on Ray Train; its EMA lands in run_dir/<stage>/ema, where
+    `export_cascade` reads it. Returns the Result."""
+    import shutil
+
+    job = _job("pretrain", settings, cfg.batch_size, cfgs=[cfg.to_dict()], checkpoint_every=checkpoint_every)
+    result = run_training(job, settings, name or f"pretrain-{cfg.stage}",
+                          storage or str(Path(run_dir, "_ray")), fail_after_step)
+    with result.checkpoint.as_directory() as d:
+        ema = Path(run_dir, cfg.stage, "ema")
+        shutil.rmtree(ema, ignore_errors=True)
+        shutil.copytree(Path(d, "exports", cfg.stage), ema)
+    return result
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to `address` (or start a local Ray) unless this process already has Ray up."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def distributed_finetune(args, video, cfg: FinetuneConfig, source_bytes: bytes) -> str:
+    """`dreamix finetune --workers N [--zero 2|3] [--address ADDR]`: returns the artifact key."""
+    from ..models.cascade import load_cascade
+
+    settings = TrainSettings(workers=args.workers, zero=getattr(args, "zero", 2) or 2,
+                             use_gpu=bool(getattr(args, "gpu", False)),
+                             deepspeed_config=getattr(args, "deepspeed_config", None),
+                             micro_batch=getattr(args, "micro_batch", None))
+    cascade = load_cascade(getattr(args, "model", None))
+    store = ArtifactStore(getattr(args, "store", None))
+    ensure_ray(getattr(args, "address", None))
+    key, result = finetune_on_ray(video, cfg, cascade, store, settings, source_bytes,
+                                  name=getattr(args, "run_name", None), storage=getattr(args, "storage", None))
+    if result is not None and not getattr(args, "quiet", False):
+        state = read_state(result.checkpoint)
+        for stage, losses in state["losses"].items():
+            print(f"{stage}: {len(losses)} steps, last loss {losses[-1]:.4f}")
+    return key

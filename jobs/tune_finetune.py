@@ -1,0 +1,70 @@
+"""Find the finetuning learning rate / steps / strength that work on a cascade, on TUNING videos
+(training combinations of the shapes world, never the held-out evaluation ones).
+
+    python jobs/tune_finetune.py [--model DIR] --lrs 1e-4 3e-4 1e-3 --steps 60 --strengths 0.85 0.95
+
+Scores mixed and video finetuning (base stage) by the same success rule as `dreamix eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+
+def main() -> int:
+    from dreamix_ray.cli import _quiet_libraries
+    from dreamix_ray.evaluate import EvalSettings, _render, eval_cases, run_method, score
+    from dreamix_ray.finetune import finetune, finetune_preset
+    from dreamix_ray.models.cascade import load_cascade
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--sources", type=int, default=2)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--steps", type=int, nargs="+", default=[60])
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.9])
+    p.add_argument("--presets", nargs="+", default=["mixed"])
+    args = p.parse_args()
+    _quiet_libraries()
+    cascade = load_cascade(args.model)
+    cases = eval_cases(args.sources, held=False)
+    rows = []
+    for preset, lr, steps in itertools.product(args.presets, args.lrs, args.steps):
+        start = time.perf_counter()
+        tuned = {}
+        for case in cases:
+            if id(case.source) not in tuned:
+                cfg = finetune_preset(preset, steps=steps, lr=lr, stages=("base",), seed=case.seed)
+                tuned[id(case.source)] = (finetune(_render(case.source, cascade), cfg, cascade), cfg)
+        for strength in args.strengths:
+            settings = EvalSettings(strength_finetuned=strength)
+            scores = []
+            for case in cases:
+                out = run_method("dreamix+mixed-ft", case, cascade, {"dreamix+mixed-ft": tuned[id(case.source)]},
+                                 settings)
+                scores.append(score(case, _render(case.source, cascade).frames, out.frames,
+                                    _render(case.target, cascade).frames))
+            row = {"preset": preset, "lr": lr, "steps": steps, "strength": strength,
+                   "success": float(np.mean([s.success for s in scores])),
+                   "alignment": float(np.mean([s.alignment for s in scores])),
+                   "fidelity": float(np.mean([s.fidelity for s in scores])),
+                   "quality": float(np.mean([s.quality for s in scores])),
+                   "minutes": (time.perf_counter() - start) / 60}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    best = max(rows, key=lambda r: (r["success"], r["alignment"] + r["fidelity"]))
+    print("best:", json.dumps(best))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

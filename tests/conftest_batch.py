@@ -1,0 +1,118 @@
+"""Batch-test fixtures: a real S3 server (moto) and a `ray start --head` cluster of our own, on loopback.
+
+Loaded by test modules with `pytest_plugins = ["conftest_batch"]` (tests/conftest.py belongs to the lead).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+KEYS = dict(access_key="testing", secret_key="testing", region="us-east-1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not open port {port} within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1: (endpoint URL, S3Settings with test keys)."""
+    from moto.server import ThreadedMotoServer
+
+    from dreamix_ray.storage import S3Settings
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    yield endpoint, S3Settings(endpoint_url=endpoint, **KEYS)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server[0], aws_access_key_id=KEYS["access_key"],
+                        aws_secret_access_key=KEYS["secret_key"], region_name=KEYS["region"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """`ray start --head --block` with its own ports and temp dir; SIGTERM to it stops exactly this cluster.
+
+    Yields (GCS address, dashboard URL). Its workers get the S3 test keys through their environment,
+    as a real cluster's workers get theirs.
+    """
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "node-manager-port", "object-manager-port", "metrics-export-port",
+                                            "runtime-env-agent-port")}
+    temp = tempfile.mkdtemp(prefix="dxray-")  # short: Ray's socket paths must stay under ~107 characters
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(AWS_ACCESS_KEY_ID=KEYS["access_key"], AWS_SECRET_ACCESS_KEY=KEYS["secret_key"],
+               AWS_DEFAULT_REGION=KEYS["region"], RAY_DASHBOARD_STARTUP_TIMEOUT_S="600")
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp}",
+           "--disable-usage-stats", "--object-store-memory=300000000"]
+    cmd += [f"--{name}={port}" for name, port in ports.items()]
+    log = open(Path(temp, "ray-start.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_port(ports["port"], proc, 300, "ray start")
+        wait_port(ports["dashboard-port"], proc, 600, "the Ray dashboard")
+        yield f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}"
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_driver(ray_cluster):
+    """This process as a Ray driver on the test cluster."""
+    import ray
+
+    ray.init(address=ray_cluster[0], log_to_driver=False)
+    yield ray_cluster
+    ray.shutdown()
+
+
+def shapes_clip(path: Path, seed: int, colour: str = "red", motion: str = "left") -> Path:
+    """A real mp4 of a shapes-world clip (2 s, 32x32, 8 fps)."""
+    from dreamix_ray.video import Video, write_video
+    from dreamix_ray.world import render, sample_scene
+
+    scene = sample_scene(np.random.default_rng(seed), colour=colour, shape="circle", motion=motion,
+                         background="blue")
+    return write_video(path, Video(render(scene, num_frames=16, size=32, fps=8.0), 8.0))

@@ -1,0 +1,256 @@
+"""Batch editing: the plain stages without Ray, then the Ray Data pipeline on a real `ray start` cluster
+and a real S3 server (moto) over HTTP, reruns, a crashed actor, and `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest_batch import BIN, REPO, shapes_clip
+
+pytest_plugins = ["conftest_batch"]
+from dreamix_ray.config import EditConfig
+
+CHUNK = 3  # 8 output frames -> last-SSR chunks of 3, 3, 2: exercises split and reassembly
+TEST_CPUS = {"decode": 0.25, "base": 0.5, "tsr": 0.5, "ssr": 0.5, "reassemble": 0.1, "encode": 0.25}
+TEST_ACTORS = {"decode": (1, 1), "base": (1, 1), "tsr": (1, 1), "ssr": (1, 1), "encode": (1, 1)}
+
+
+def _reference_mp4(tmp: Path, video_path: Path, prompt: str, seed: int, model_dir) -> bytes:
+    """The same edit by the single-process editor, encoded the same way."""
+    from dreamix_ray.edit import edit
+    from dreamix_ray.models.cascade import Cascade
+    from dreamix_ray.video import read_video, write_video
+
+    cascade = Cascade.from_pretrained(model_dir)
+    out = edit(read_video(video_path), prompt, EditConfig(seed=seed, ssr_chunk_frames=CHUNK), cascade)
+    return write_video(tmp / f"ref-{seed}.mp4", out).read_bytes()
+
+
+# ---------------------------------------------------------------- without Ray
+
+
+def test_core_and_stage_modules_do_not_import_ray():
+    code = ("import sys, dreamix_ray.manifest, dreamix_ray.cluster.stages, dreamix_ray.cluster.plan; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
+
+
+def test_light_chunk_bounds_match_the_editor():
+    from dreamix_ray.cluster.stages import chunk_bounds
+    from dreamix_ray.edit import chunk_bounds as edit_bounds
+
+    for frames, chunk in [(8, 3), (32, 32), (33, 32), (1, 4), (128, 32)]:
+        assert chunk_bounds(frames, chunk) == edit_bounds(frames, chunk)
+
+
+def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, tiny_dir):
+    """The plain stage classes, no Ray: outputs are byte-identical to edit() and to each other across batch sizes."""
+    from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
+    from dreamix_ray.cluster.stages import cascade_config
+    from dreamix_ray.manifest import read_manifest, work_items
+
+    clips = [shapes_clip(tmp_path / f"in{i}.mp4", seed=i) for i in range(3)]
+    rows = [{"id": f"v{i}", "video": str(c), "prompt": "a green circle", "seed": 10 + i} for i, c in enumerate(clips)]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    outputs = {}
+    for batch_size in (1, 3):
+        items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / f"out{batch_size}"),
+                           EditConfig(ssr_chunk_frames=CHUNK), "tiny")
+        specs = pipeline_stages(cascade_config(str(tiny_dir)), str(tiny_dir), None, None, False)
+        done = run_in_process(items, specs, batch_size=batch_size)
+        assert [r["status"] for r in done] == ["ok"] * 3
+        outputs[batch_size] = [Path(r["output"]).read_bytes() for r in sorted(done, key=lambda r: r["id"])]
+        assert all(Path(r["preview"]).is_file() and Path(r["preview"][:-4] + ".png").is_file() for r in done)
+    assert outputs[1] == outputs[3]
+    assert outputs[1][2] == _reference_mp4(tmp_path, clips[2], "a green circle", 12, tiny_dir)
+
+
+def test_flag_and_manifest_errors_are_one_line(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "jobs"))
+    from edit_batch import main
+
+    from dreamix_ray.cluster.batch_cli import FlagError, parse_table
+
+    assert parse_table("base=1,ssr=0.5", "--stage-cpus") == {"base": 1.0, "ssr": 0.5}
+    assert parse_table("base=1:4,ssr=2", "--stage-actors", pair=True) == {"base": (1, 4), "ssr": (2, 2)}
+    with pytest.raises(FlagError, match="--stage-cpus: cannot read 'base'"):
+        parse_table("base", "--stage-cpus")
+    assert main([str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read manifest") and "does not exist" in err and "\n" not in err
+    assert main([str(tmp_path / "m.jsonl"), "--output-prefix", "o", "--stage-actors", "ssr=3:1"]) == 2
+    assert "--stage-actors" in capsys.readouterr().err
+
+
+def test_infra_manifests_parse_and_their_entrypoints_exist():
+    import yaml
+
+    docs = [d for f in sorted((REPO / "infra").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    kinds = {d["kind"] for d in docs}
+    assert {"RayJob", "RayCluster"} <= kinds
+    for doc in docs:
+        spec = doc.get("spec", {})
+        if doc["kind"] == "RayJob":
+            script = next(a for a in shlex.split(spec["entrypoint"]) if a.endswith(".py"))
+            assert (REPO / script).is_file(), script
+            cluster = spec["rayClusterSpec"]
+        elif doc["kind"] == "RayCluster":
+            cluster = spec
+        else:
+            continue
+        groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+        assert {"base", "tsr", "ssr"} <= set(groups), groups.keys()
+        for name in ("base", "tsr", "ssr"):
+            pod = groups[name]["template"]["spec"]
+            limits = pod["containers"][0]["resources"]["limits"]
+            assert int(limits["nvidia.com/gpu"]) >= 1
+            resources = json.loads(groups[name]["rayStartParams"]["resources"])
+            resources = json.loads(resources) if isinstance(resources, str) else resources  # KubeRay's quoting
+            assert resources[f"stage_{name}"] >= 1
+            shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+            assert shm and shm[0]["emptyDir"]["sizeLimit"]
+            mounts = pod["containers"][0]["volumeMounts"]
+            assert any(m["mountPath"] == "/dev/shm" and m["name"] == shm[0]["name"] for m in mounts)
+    dockerfile = (REPO / "infra" / "Dockerfile").read_text()
+    assert "jobs/" in dockerfile and "rayproject/ray" in dockerfile
+
+
+# ---------------------------------------------------------------- Ray Data on a real cluster
+
+
+def crash_once_stage(marker: str):
+    """A TSR stage whose process dies on its first batch, as an OOM kill would; it runs normally after."""
+    from dreamix_ray.cluster.stages import CascadeStage
+
+    class CrashOnce(CascadeStage):
+        def __call__(self, batch):
+            if not os.path.exists(marker):
+                Path(marker).touch()
+                os._exit(1)
+            return super().__call__(batch)
+
+    return CrashOnce
+
+
+@pytest.fixture(scope="module")
+def s3_job(s3_client, s3_server, tmp_path_factory):
+    """Inputs on S3: 8 good rows (10 outputs), a missing object, a corrupt file, a bad strength."""
+    tmp = tmp_path_factory.mktemp("batch")
+    s3_client.create_bucket(Bucket="batch")
+    rows = []
+    for i in range(8):
+        key = f"inputs/clip{i}.mp4"
+        s3_client.upload_file(str(shapes_clip(tmp / f"clip{i}.mp4", seed=i)), "batch", key)
+        prompts = ["a green circle", "a yellow square"] if i < 2 else ["a green circle"]
+        rows.append({"id": f"good{i}", "video": f"s3://batch/{key}", "prompts": prompts, "seed": i, "team": "t"})
+    s3_client.put_object(Bucket="batch", Key="inputs/corrupt.mp4", Body=b"\x00\x00\x00 not a video")
+    rows += [{"id": "missing", "video": "s3://batch/inputs/nope.mp4", "prompt": "a red circle"},
+             {"id": "corrupt", "video": "s3://batch/inputs/corrupt.mp4", "prompt": "a red circle"},
+             {"id": "badstrength", "video": "s3://batch/inputs/clip0.mp4", "prompt": "x", "strength": 3}]
+    s3_client.put_object(Bucket="batch", Key="manifest.jsonl", Body="\n".join(json.dumps(r) for r in rows).encode())
+    return dict(tmp=tmp, manifest="s3://batch/manifest.jsonl", prefix="s3://batch/out")
+
+
+def _options(s3_job, s3_server, tiny_dir, **kw):
+    from dreamix_ray.cluster.batch import BatchOptions
+
+    return BatchOptions(manifest=s3_job["manifest"], output_prefix=s3_job["prefix"], model=str(tiny_dir),
+                        s3=s3_server[1], edit=EditConfig(ssr_chunk_frames=CHUNK), cpus=TEST_CPUS,
+                        actors=TEST_ACTORS, batch_size=2, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_driver, s3_job, s3_server, tiny_dir):
+    from dreamix_ray.cluster.batch import run_batch
+    from dreamix_ray.manifest import read_results
+
+    marker = str(s3_job["tmp"] / "crashed")
+    # A small Ray Data memory budget: reading may run only a little ahead of the model stages.
+    summary = run_batch(_options(s3_job, s3_server, tiny_dir, object_store_mb=0.05, run_id="first"),
+                        stage_classes={"tsr": crash_once_stage(marker)})
+    table = read_results(s3_job["prefix"], s3_server[1], run_id="first").to_pylist()
+    return dict(summary=summary, rows={(r["id"], r["prompt"]): r for r in table}, marker=marker)
+
+
+@pytest.mark.slow
+def test_good_rows_are_edited_and_bad_rows_recorded(first_run, s3_client):
+    summary, rows = first_run["summary"], first_run["rows"]
+    assert (summary.total, summary.ok, summary.failed, summary.skipped) == (13, 10, 3, 0), summary.text()
+    for (row_id, prompt), r in rows.items():
+        if row_id.startswith("good"):
+            assert r["status"] == "ok" and r["error"] == "" and r["team"] == "t" and r["t_base"] > 0
+            for uri in (r["output"], r["preview"], r["preview"][:-4] + ".png"):
+                bucket, key = uri[5:].split("/", 1)
+                assert s3_client.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
+    assert "s3://batch/inputs/nope.mp4 does not exist" in rows[("missing", "a red circle")]["error"]
+    assert "not a video file" in rows[("corrupt", "a red circle")]["error"]
+    assert "row 11 (id 'badstrength'), column 'strength'" in rows[("badstrength", "")]["error"]
+    assert {r["status"] for k, r in rows.items() if not k[0].startswith("good")} == {"error"}
+
+
+@pytest.mark.slow
+def test_outputs_stream_before_all_inputs_are_read(first_run):
+    ok = [r for r in first_run["rows"].values() if r["status"] == "ok"]
+    first_upload = min(r["finished_at"] for r in ok)
+    last_read = max(r["decoded_at"] for r in ok)
+    assert first_upload < last_read, (first_upload, last_read)
+
+
+@pytest.mark.slow
+def test_a_crashed_actor_is_restarted_and_its_rows_retried(first_run):
+    assert os.path.exists(first_run["marker"])  # the TSR actor did die once
+    assert all(r["status"] == "ok" for k, r in first_run["rows"].items() if k[0].startswith("good"))
+
+
+@pytest.mark.slow
+def test_batched_pipeline_equals_single_process_edits(first_run, s3_job, s3_client, tiny_dir):
+    rows = first_run["rows"]
+    for row_id, prompt, seed in [("good0", "a yellow square", 0), ("good5", "a green circle", 5)]:
+        key = rows[(row_id, prompt)]["output"][len("s3://batch/"):]
+        got = s3_client.get_object(Bucket="batch", Key=key)["Body"].read()
+        assert got == _reference_mp4(s3_job["tmp"], s3_job["tmp"] / f"clip{seed}.mp4", prompt, seed, tiny_dir)
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_rows_and_redoes_missing_ones(first_run, s3_job, s3_server, s3_client, tiny_dir):
+    from dreamix_ray.cluster.batch import run_batch
+    from dreamix_ray.manifest import read_results
+
+    redo = first_run["rows"][("good3", "a green circle")]["output"]
+    s3_client.delete_object(Bucket="batch", Key=redo[len("s3://batch/"):])
+    summary = run_batch(_options(s3_job, s3_server, tiny_dir, run_id="second"))
+    assert (summary.ok, summary.failed, summary.skipped) == (1, 3, 9), summary.text()
+    rows = read_results(s3_job["prefix"], s3_server[1], run_id="second").to_pylist()
+    done = [r for r in rows if r["status"] == "ok"]
+    assert [r["output"] for r in done] == [redo]
+    assert all(r["t_base"] == 0 for r in rows if r["status"] == "skipped")
+    assert len(read_results(s3_job["prefix"], s3_server[1]).to_pylist()) == 26  # both runs are kept
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_batch_job(ray_cluster, s3_job, s3_server, s3_client, tiny_dir):
+    from dreamix_ray.manifest import read_results
+
+    rows = [{"id": f"job{i}", "video": f"s3://batch/inputs/clip{i}.mp4", "prompt": "a blue circle", "seed": i}
+            for i in range(2)]
+    s3_client.put_object(Bucket="batch", Key="job.jsonl", Body="\n".join(json.dumps(r) for r in rows).encode())
+    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", "out", "tests", ".pytest_cache"]}
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster[1], "--runtime-env-json",
+           json.dumps(runtime_env), "--", "python", "jobs/edit_batch.py", "s3://batch/job.jsonl",
+           "--output-prefix", "s3://batch/jobout", "--model", str(tiny_dir), "--endpoint-url", s3_server[0],
+           "--ssr-chunk-frames", str(CHUNK), "--run-id", "job", "--quiet",
+           "--stage-cpus", ",".join(f"{k}={v}" for k, v in TEST_CPUS.items()),
+           "--stage-actors", ",".join(f"{k}={lo}:{hi}" for k, (lo, hi) in TEST_ACTORS.items())]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 outputs: 2 done, 0 failed, 0 skipped" in done.stdout
+    table = read_results("s3://batch/jobout", s3_server[1], run_id="job").to_pylist()
+    assert sorted((r["id"], r["status"]) for r in table) == [("job0", "ok"), ("job1", "ok")]

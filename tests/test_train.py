@@ -1,0 +1,187 @@
+"""Distributed finetuning and pretraining on Ray Train + DeepSpeed ZeRO (CPU, 2 workers, tiny cascade).
+
+Every run here is real: a local Ray instance of this test module's own, two Ray Train workers over
+gloo, DeepSpeed ZeRO-2 / ZeRO-3 on the CPU accelerator. The single-process loop is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+ray = pytest.importorskip("ray")
+
+from dreamix_ray.cluster.train import (  # noqa: E402
+    TrainSettings, TrainSetupError, finetune_on_ray, load_deepspeed_config, pretrain_on_ray, read_state,
+)
+from dreamix_ray.cluster.train_loop import ResumeError  # noqa: E402
+from dreamix_ray.cluster.train_shard import rank_losses  # noqa: E402
+from dreamix_ray.finetune import (  # noqa: E402
+    ARTIFACT_FILE, _StageData, artifact_key, finetune, finetune_batch, finetune_preset, load_finetuned, video_bytes,
+)
+from dreamix_ray.models.frame_mode import temporal_parameter_names  # noqa: E402
+from dreamix_ray.storage import ArtifactStore  # noqa: E402
+
+# Global batch of 2 samples. Seed 0, alpha 0.35: steps 0-3 and 5 are frame steps, step 4 a video step, so
+# step 5 checks that the temporal layers' Adam moments from step 4 do not move them on a frame step.
+MIXED = finetune_preset("mixed", steps=6, lr=1e-3, stages=("base",), batch_size=2, checkpoint_every=2)
+FRAMES = finetune_preset("frames", steps=3, lr=1e-3, stages=("base", "ssr"), checkpoint_every=10)
+SETTINGS = dict(workers=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A Ray instance of this module's own (other Ray instances may share the machine)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    ray.init(num_cpus=4, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def video():
+    from dreamix_ray.video import Video
+    from dreamix_ray.world import render, sample_scene
+
+    scene = sample_scene(np.random.default_rng(0), colour="red", shape="circle", motion="left", background="blue")
+    return Video(render(scene, num_frames=16, size=32, fps=8.0), 8.0)
+
+
+@pytest.fixture(scope="module")
+def single_mixed(tiny, video):
+    """The single-process reference run of MIXED: (losses, tuned cascade)."""
+    losses = []
+    tuned = finetune(video, MIXED, tiny, on_step=lambda stage, step, total, loss: losses.append(loss))
+    return losses, tuned
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+
+
+def test_rank_shards_add_up_to_the_global_batch(tiny, video):
+    """Any worker count / micro-step split gives the global batch's loss and gradient (frames split too)."""
+    stage = tiny.base
+    cfg = finetune_preset("mixed", steps=4, batch_size=3)
+    data, text = _StageData(video, stage, cfg), tiny.text_encoder([cfg.prompt])
+    model = stage.denoiser.train().requires_grad_(True)
+    try:
+        for step in (0, 4):  # step 0 is a frame step, step 4 a video step (seed 0, alpha 0.35)
+            batch = finetune_batch(stage, data, text, cfg, 0, step)
+            model.zero_grad()
+            batch.loss(stage).backward()
+            want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            for world, micro in ((2, 1), (3, 2)):
+                model.zero_grad()
+                shares = 0.0
+                for rank in range(world):
+                    for loss, share in rank_losses(batch, stage, rank, world, micro):
+                        (loss / world).backward()  # DeepSpeed's average over ranks
+                        shares += share
+                assert shares == pytest.approx(batch.loss(stage).item(), rel=1e-5)
+                got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+                assert got.keys() == want.keys()
+                assert max((got[n] - want[n]).abs().max().item() for n in want) < 1e-5
+        assert not batch.frames_step and finetune_batch(stage, data, text, cfg, 0, 0).frames_step
+    finally:
+        model.eval().requires_grad_(False).zero_grad(set_to_none=True)
+
+
+def test_zero2_matches_single_process_and_writes_the_same_artifact(ray_local, tiny, video, single_mixed, tmp_path):
+    losses, reference = single_mixed
+    store = ArtifactStore(str(tmp_path / "store"))
+    key, result = finetune_on_ray(video, MIXED, tiny, store, TrainSettings(zero=2, **SETTINGS))
+    assert key == artifact_key(video_bytes(video), MIXED, tiny)  # the single-process key
+    state = read_state(result.checkpoint)
+    assert state["world"] == 2 and state["zero"] == 2 and state["starts"] == [["base", 0]]
+    np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-3)
+    assert store.has(key, ARTIFACT_FILE)
+    loaded, cfg = load_finetuned(tiny, key, store)
+    assert cfg == MIXED
+    assert _max_diff(loaded.base.denoiser, reference.base.denoiser) < 1e-4
+    assert _max_diff(loaded.base.denoiser, tiny.base.denoiser) > 1e-3  # it did train
+    assert loaded.stages[2].denoiser is tiny.stages[2].denoiser  # untouched stages are shared
+    again, none = finetune_on_ray(video, MIXED, tiny, store, TrainSettings(zero=2, **SETTINGS))
+    assert (again, none) == (key, None)  # finetune once, edit many: the artifact is reused
+
+
+def test_zero3_frames_only_masks_the_same_layers(ray_local, tiny, video, tmp_path):
+    """alpha = 0 under ZeRO-3: the temporal layers frame mode masks stay exactly as they were."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    key, result = finetune_on_ray(video, FRAMES, tiny, store, TrainSettings(zero=3, **SETTINGS))
+    state = read_state(result.checkpoint)
+    assert state["zero"] == 3 and [s for s, _ in state["starts"]] == ["base", "ssr"]  # both stages, one run
+    loaded, _ = load_finetuned(tiny, key, store)
+    reference = finetune(video, FRAMES, tiny)
+    for index in (0, 2):
+        before = tiny.stages[index].denoiser.state_dict()
+        after = loaded.stages[index].denoiser.state_dict()
+        single = reference.stages[index].denoiser.state_dict()
+        temporal = temporal_parameter_names(tiny.stages[index].denoiser)
+        assert temporal and all(torch.equal(before[n], after[n]) for n in temporal)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert changed == {n for n in before if not torch.equal(before[n], single[n])}
+        assert max((after[n] - single[n]).abs().max().item() for n in after) < 1e-4
+
+
+def test_killed_run_resumes_from_its_checkpoint(ray_local, tiny, video, single_mixed, tmp_path):
+    losses, reference = single_mixed
+    storage, store = str(tmp_path / "ray"), ArtifactStore(str(tmp_path / "store"))
+    settings = TrainSettings(zero=2, **SETTINGS)
+    with pytest.raises(ray.train.TrainingFailedError):  # a worker dies hard after step 3; checkpoint at 2
+        finetune_on_ray(video, MIXED, tiny, store, settings, name="resume", storage=storage, fail_after_step=3)
+    assert not store.has(artifact_key(video_bytes(video), MIXED, tiny), ARTIFACT_FILE)
+    key, result = finetune_on_ray(video, MIXED, tiny, store, settings, name="resume", storage=storage)
+    state = read_state(result.checkpoint)
+    assert state["starts"] == [["base", 0], ["base", 2]]  # the step counter carried on from the checkpoint
+    np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-3)
+    # weights and Adam moments came back too: the result matches the uninterrupted single-process run
+    assert _max_diff(load_finetuned(tiny, key, store)[0].base.denoiser, reference.base.denoiser) < 1e-4
+    with pytest.raises(ResumeError, match="--workers 2"):  # ZeRO shards were cut for 2 workers
+        finetune_on_ray(video, MIXED, tiny, ArtifactStore(str(tmp_path / "other")),
+                        TrainSettings(zero=2, workers=1, threads=1), name="resume", storage=storage)
+
+
+def test_pretrain_on_ray_trains_on_the_shared_world_batch(ray_local, text_encoder, tmp_path):
+    from dreamix_ray.models.cascade import build_cascade
+    from dreamix_ray.models.embedded import EMBEDDED_DENOISERS, embedded_config
+    from dreamix_ray.models.stage import StageDenoiser
+    from dreamix_ray.pretrain import PretrainConfig, pretrain_batch
+
+    cfg = PretrainConfig(stage="base", max_steps=2, batch_size=2, minutes=30)
+    result = pretrain_on_ray(cfg, str(tmp_path / "run"), TrainSettings(zero=2, **SETTINGS))
+    state = read_state(result.checkpoint)
+    cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder, cfg.seed)
+    with torch.no_grad():
+        first = pretrain_batch(cascade.base, cfg, 0, text_encoder).loss(cascade.base).item()
+    assert len(state["losses"]["base"]) == 2
+    assert state["losses"]["base"][0] == pytest.approx(first, rel=1e-4)
+    StageDenoiser.from_pretrained(tmp_path / "run" / "base" / "ema")  # where export_cascade reads it
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(TrainSetupError, match="--workers"):
+        TrainSettings(workers=0)
+    with pytest.raises(TrainSetupError, match="--zero"):
+        TrainSettings(zero=1)
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"optimizer": {"type": "Adam"}}')
+    with pytest.raises(TrainSetupError, match="optimizer"):
+        load_deepspeed_config(TrainSettings(deepspeed_config=str(bad)))
+    zero3 = Path(__file__).resolve().parents[1] / "infra" / "deepspeed_zero3.json"
+    with pytest.raises(TrainSetupError, match="ZeRO-3 but --zero is 2"):
+        load_deepspeed_config(TrainSettings(zero=2, deepspeed_config=str(zero3)))
+    assert load_deepspeed_config(TrainSettings(zero=3, deepspeed_config=str(zero3)))["zero_optimization"]["stage"] == 3
+    with pytest.raises(TrainSetupError, match="cannot read"):
+        load_deepspeed_config(TrainSettings(deepspeed_config=str(tmp_path / "missing.json")))
