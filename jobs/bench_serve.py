@@ -134,7 +134,7 @@ async def run_load(url: str, args) -> dict:
     video = clip_bytes()
     stats = {"accepted": 0, "rejected": 0, "done": 0, "failed": 0, "errors": [], "lost": [],
              "status_ms": [], "submit_ms": [], "job_s": []}
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     await asyncio.gather(*(client(i, url, args, video, stats) for i in range(args.clients)))
     wall = time.perf_counter() - start
     return {
@@ -150,6 +150,7 @@ async def run_load(url: str, args) -> dict:
         "submit_p50_ms": round(percentile(stats["submit_ms"], 50), 1),
         "submit_p95_ms": round(percentile(stats["submit_ms"], 95), 1),
         "job_p50_s": round(statistics.median(stats["job_s"]), 2) if stats["job_s"] else None,
+        "cpus": os.cpu_count(), "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "error_samples": stats["errors"][:3],
     }
 
@@ -159,6 +160,8 @@ def markdown(result: dict, command: str) -> str:
     return (f"\n### {time.strftime('%Y-%m-%d %H:%M')} - {r['clients']} clients x {r['jobs_per_client']} edits, "
             f"{r['keys']} keys (limit {r['concurrency_per_key']} unfinished jobs per key), job store: {r['store']}\n\n"
             f"Command: `{command}`\n\n"
+            f"Machine: {r['cpus']} CPUs, 1-minute load average {r['load_avg_1m'][0]} before and "
+            f"{r['load_avg_1m'][1]} after (other processes share the cores).\n\n"
             "| requests | accepted | rejected (429) | other errors | done | failed | every accepted job completed |\n"
             "|---|---|---|---|---|---|---|\n"
             f"| {r['requests']} | {r['accepted']} | {r['rejected_429']} | {r['other_errors']} | {r['done']} | "

@@ -76,8 +76,10 @@ def ray_cluster(s3_server):
                                             "runtime-env-agent-port")}
     temp = tempfile.mkdtemp(prefix="dxray-")  # short: Ray's socket paths must stay under ~107 characters
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # Auth off on this loopback-only cluster: a driver connecting by address does not send Ray's token
+    # unless its own process is in token mode, and these tests must not change the pytest process's mode.
     env.update(AWS_ACCESS_KEY_ID=KEYS["access_key"], AWS_SECRET_ACCESS_KEY=KEYS["secret_key"],
-               AWS_DEFAULT_REGION=KEYS["region"], RAY_DASHBOARD_STARTUP_TIMEOUT_S="600")
+               AWS_DEFAULT_REGION=KEYS["region"], RAY_DASHBOARD_STARTUP_TIMEOUT_S="600", RAY_AUTH_MODE="disabled")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp}",
            "--disable-usage-stats", "--object-store-memory=300000000"]

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest_batch import BIN, REPO, shapes_clip
+pytest.register_assert_rewrite("conftest_batch")  # it is also a plugin (below); import it rewritten once
+from conftest_batch import BIN, REPO, shapes_clip  # noqa: E402
 
 pytest_plugins = ["conftest_batch"]
-from dreamix_ray.config import EditConfig
+from dreamix_ray.config import EditConfig  # noqa: E402
 
 CHUNK = 3  # 8 output frames -> last-SSR chunks of 3, 3, 2: exercises split and reassembly
 TEST_CPUS = {"decode": 0.25, "base": 0.5, "tsr": 0.5, "ssr": 0.5, "reassemble": 0.1, "encode": 0.25}
@@ -92,34 +93,32 @@ def test_flag_and_manifest_errors_are_one_line(tmp_path, capsys):
 def test_infra_manifests_parse_and_their_entrypoints_exist():
     import yaml
 
-    docs = [d for f in sorted((REPO / "infra").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
-    kinds = {d["kind"] for d in docs}
-    assert {"RayJob", "RayCluster"} <= kinds
-    for doc in docs:
-        spec = doc.get("spec", {})
-        if doc["kind"] == "RayJob":
-            script = next(a for a in shlex.split(spec["entrypoint"]) if a.endswith(".py"))
-            assert (REPO / script).is_file(), script
-            cluster = spec["rayClusterSpec"]
-        elif doc["kind"] == "RayCluster":
-            cluster = spec
-        else:
-            continue
+    def docs(pattern):
+        return [d for f in sorted((REPO / "infra").glob(pattern)) for d in yaml.safe_load_all(f.read_text()) if d]
+
+    for job in (d for d in docs("*.yaml") if d["kind"] == "RayJob"):  # every RayJob here, not only ours
+        script = next(a for a in shlex.split(job["spec"]["entrypoint"]) if a.endswith(".py"))
+        assert (REPO / script).is_file(), script
+    batch = {d["kind"]: d["spec"] for d in docs("*-batch.yaml") if d["kind"] in ("RayJob", "RayCluster")}
+    assert set(batch) == {"RayJob", "RayCluster"}
+    assert "--pin-stages" in batch["RayJob"]["entrypoint"]
+    for cluster in (batch["RayJob"]["rayClusterSpec"], batch["RayCluster"]):
         groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-        assert {"base", "tsr", "ssr"} <= set(groups), groups.keys()
-        for name in ("base", "tsr", "ssr"):
-            pod = groups[name]["template"]["spec"]
-            limits = pod["containers"][0]["resources"]["limits"]
-            assert int(limits["nvidia.com/gpu"]) >= 1
-            resources = json.loads(groups[name]["rayStartParams"]["resources"])
-            resources = json.loads(resources) if isinstance(resources, str) else resources  # KubeRay's quoting
-            assert resources[f"stage_{name}"] >= 1
+        assert {"base", "tsr", "ssr", "cpu"} <= set(groups), groups.keys()
+        for name, group in groups.items():
+            pod = group["template"]["spec"]
             shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
             assert shm and shm[0]["emptyDir"]["sizeLimit"]
             mounts = pod["containers"][0]["volumeMounts"]
             assert any(m["mountPath"] == "/dev/shm" and m["name"] == shm[0]["name"] for m in mounts)
+            if name == "cpu":
+                continue
+            assert int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+            resources = json.loads(group["rayStartParams"]["resources"])
+            resources = json.loads(resources) if isinstance(resources, str) else resources  # KubeRay's quoting
+            assert resources[f"stage_{name}"] >= 1
     dockerfile = (REPO / "infra" / "Dockerfile").read_text()
-    assert "jobs/" in dockerfile and "rayproject/ray" in dockerfile
+    assert "COPY --chown=ray:users jobs ./jobs" in dockerfile and "rayproject/ray:2.60.0" in dockerfile
 
 
 # ---------------------------------------------------------------- Ray Data on a real cluster

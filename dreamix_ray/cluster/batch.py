@@ -69,7 +69,8 @@ class BatchSummary:
     results: str = ""
     stopped: str = ""
     errors: list[tuple[str, str, str]] = field(default_factory=list)
-    stats: str = ""
+    stats: str = ""  # ds.stats() after execution
+    busy_seconds: dict[str, float] = field(default_factory=dict)  # per stage: summed remote wall time
 
     @property
     def videos_per_minute(self) -> float:
@@ -227,12 +228,21 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
                     writer.add(row)
         writer.flush()
         summary.seconds = time.perf_counter() - start
-        summary.stats = ds.stats()
+        summary.stats, summary.busy_seconds = ds.stats(), busy_seconds(ds)
         _write_summary(opts, summary, s3)
     finally:
         if started:
             ray.shutdown()
     return summary
+
+
+def busy_seconds(ds) -> dict[str, float]:
+    """Per operator, the summed wall time of its tasks (what ds.stats() prints as 'Remote wall time ... total')."""
+    try:  # ds.stats() is text only; its structured form is not public API, so tolerate it changing
+        ops = ds._get_stats_summary().operators_stats
+        return {op.operator_name: float(op.wall_time.sum) for op in ops if op.wall_time is not None}
+    except (AttributeError, TypeError):
+        return {}
 
 
 def _count(summary: BatchSummary, row: dict) -> None:

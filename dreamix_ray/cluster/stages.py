@@ -7,6 +7,7 @@ import json
 import math
 import os
 import posixpath
+import shutil
 import tempfile
 import time
 from collections import OrderedDict, defaultdict
@@ -88,7 +89,7 @@ def model_dir(model: str | None, s3: S3Settings | None = None) -> str | None:
         try:
             os.replace(tmp, cache)
         except OSError:  # another actor on this machine finished first
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(cache)
 
 
@@ -126,13 +127,14 @@ def model_tag(model: str | None, s3: S3Settings | None = None) -> str:
     return f"{config.name}-{h.hexdigest()[:12]}"
 
 
-def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None):
-    """(Video, file bytes) for a local path or an s3:// object; the bytes key finetuned artifacts."""
+def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None, with_bytes: bool = False):
+    """(Video, file bytes or None) for a local path or an s3:// object; the bytes key finetuned artifacts."""
     from ..video import VideoLimits, read_video
 
     lim = VideoLimits.from_dict(limits or {})
     if not is_s3(uri):
-        return read_video(uri, lim), (Path(uri).read_bytes() if Path(uri).is_file() else b"")
+        video = read_video(uri, lim)
+        return video, (Path(uri).read_bytes() if with_bytes and Path(uri).is_file() else None)
     data = read_bytes(uri, s3)
     if len(data) > lim.max_bytes:
         raise UserError(f"{uri} is {len(data) / 1e6:.1f} MB, over the {lim.max_bytes / 1e6:.0f} MB limit")
@@ -214,7 +216,7 @@ class Finetune:
         cfg = finetune_preset(preset)
         if self.cascade is None:
             self.cascade = load_cascade(model_dir(self.model, self.s3))
-        video, data = load_video(video_uri, self.s3, self.limits)
+        video, data = load_video(video_uri, self.s3, self.limits, with_bytes=True)
         return finetune_or_load(video, cfg, self.cascade, self.store, source_bytes=data)[1]
 
     def __call__(self, batch: dict) -> dict:

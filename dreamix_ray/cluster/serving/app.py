@@ -63,6 +63,7 @@ class Ingress:
 
 
 def _autoscaling(settings: ServeSettings, target: float, min_replicas: int | None = None) -> dict:
+    """Serve's autoscaling_config: replicas follow ongoing requests per replica."""
     low = settings.min_replicas if min_replicas is None else min_replicas
     return {"min_replicas": low, "max_replicas": max(settings.max_replicas, 1),
             "target_ongoing_requests": target, "upscale_delay_s": 5, "downscale_delay_s": 120}

@@ -1,0 +1,161 @@
+"""Batch throughput: N videos through the Ray Data pipeline vs the same stages one after another in one process.
+
+    python jobs/bench_batch.py --videos 16 [--model DIR] [--write BENCHMARKS.md]
+
+Reports videos/minute for both, their ratio, per-stage busy time from ds.stats() after execution, and the
+peak object-store use sampled during the run. Both runs start cold (they load the models themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HEADING = "## Batch pipeline"
+
+
+def make_inputs(folder: Path, n: int) -> Path:
+    """n distinct shapes-world clips (2 s, 64x64, 8 fps) and a manifest with one prompt each."""
+    from dreamix_ray.video import Video, write_video
+    from dreamix_ray.world import render, sample_scene
+
+    rows = []
+    for i in range(n):
+        scene = sample_scene(np.random.default_rng(i))
+        path = write_video(folder / f"clip{i}.mp4", Video(render(scene, num_frames=16, size=64, fps=8.0), 8.0))
+        rows.append({"id": f"clip{i}", "video": str(path), "prompt": "a yellow square moving right", "seed": i})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    return manifest
+
+
+class PeakObjectStore:
+    """Samples the cluster's object-store bytes in use (Ray's memory summary) on a thread."""
+
+    def __init__(self, every_s: float = 0.25):
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(None)
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, int(get_memory_info_reply(state).store_stats.object_store_bytes_used))
+            except Exception:  # a sample may fail while the cluster is busy; the next one counts
+                pass
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_sequential(manifest: Path, out: Path, args) -> tuple[float, int]:
+    from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
+    from dreamix_ray.cluster.stages import cascade_config, model_tag
+    from dreamix_ray.config import EditConfig
+    from dreamix_ray.manifest import read_manifest, work_items
+
+    start = time.perf_counter()
+    items = work_items(read_manifest(str(manifest)), str(out), EditConfig(ssr_chunk_frames=args.ssr_chunk_frames),
+                       model_tag(args.model))
+    specs = pipeline_stages(cascade_config(args.model), args.model, None, None, False)
+    rows = run_in_process(items, specs, batch_size=args.batch_size, threads=args.baseline_threads)
+    return time.perf_counter() - start, sum(r["status"] == "ok" for r in rows)
+
+
+def run_pipeline(manifest: Path, out: Path, args):
+    import ray
+
+    from dreamix_ray.cluster.batch import BatchOptions, run_batch
+    from dreamix_ray.cluster.batch_cli import parse_table
+    from dreamix_ray.config import EditConfig
+
+    start = time.perf_counter()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    init_s = time.perf_counter() - start
+    try:
+        opts = BatchOptions(manifest=str(manifest), output_prefix=str(out), model=args.model,
+                            edit=EditConfig(ssr_chunk_frames=args.ssr_chunk_frames),
+                            cpus=parse_table(args.stage_cpus, "--stage-cpus"),
+                            actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
+                            batch_size=args.batch_size, progress=False)
+        with PeakObjectStore() as peak:
+            summary = run_batch(opts)
+    finally:
+        ray.shutdown()
+    return summary, init_s, peak.peak
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace (or append) this benchmark's section, leaving the others' sections as they are."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if HEADING in old:
+        head, _, rest = old.partition(HEADING)
+        nxt = rest.find("\n## ")
+        old = head + (rest[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--videos", type=int, default=16)
+    p.add_argument("--model", default=None, help="cascade directory (default: the embedded cascade)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--ssr-chunk-frames", type=int, default=8, help="last-SSR chunk (default 8: 2 chunks per video)")
+    p.add_argument("--num-cpus", type=int, default=None, help="local Ray cluster CPUs (default: enough for 1 actor/stage)")
+    p.add_argument("--stage-cpus", default="decode=0.5,base=1,tsr=1,ssr=1,reassemble=0.1,encode=0.5")
+    p.add_argument("--stage-actors", default="base=1:2,tsr=1:2,ssr=1:2")
+    p.add_argument("--baseline-threads", type=int, default=1, help="torch threads of the one-process baseline")
+    p.add_argument("--write", default=None, metavar="BENCHMARKS.md", help="append/replace the section there")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+        manifest = make_inputs(Path(tmp), args.videos)
+        seq_s, seq_ok = run_sequential(manifest, Path(tmp, "seq"), args)
+        summary, init_s, peak = run_pipeline(manifest, Path(tmp, "ray"), args)
+    ratio = seq_s / summary.seconds if summary.seconds else float("nan")
+    busy = "\n".join(f"| {name} | {secs:.1f} |" for name, secs in summary.busy_seconds.items())
+    import os
+
+    command = "python jobs/bench_batch.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    text = f"""{HEADING}
+
+`{command}` ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, model: {args.model or 'embedded'};
+the machine's load average at the end: {os.getloadavg()[0]:.1f})
+
+| run | videos ok | seconds | videos/min |
+|---|---|---|---|
+| one process, stage after stage ({args.baseline_threads} torch thread(s)) | {seq_ok} | {seq_s:.1f} | {60 * seq_ok / seq_s:.2f} |
+| Ray Data pipeline (excl. {init_s:.1f} s `ray.init`) | {summary.ok} | {summary.seconds:.1f} | {summary.videos_per_minute:.2f} |
+
+Pipeline / one-process throughput ratio: **{ratio:.2f}x**. Peak object-store use: {peak / 2**20:.1f} MiB.
+
+Per-stage busy time (sum of task wall times, from ds.stats() after execution):
+
+| operator | busy seconds |
+|---|---|
+{busy}
+"""
+    print(text)
+    if args.write:
+        write_section(Path(args.write), text)
+    return 0 if summary.ok == seq_ok == args.videos else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
