@@ -48,7 +48,7 @@ class ManifestRow:
     prompts: tuple[str, ...] = ()
     strength: float | None = None  # None: the job's default
     seed: int = 0
-    finetune: str | None = None  # finetune preset name
+    finetune: str | None = None  # a preset name, or FinetuneConfig fields as a JSON object
     steps: tuple[int, ...] = ()  # int in the manifest = the base stage only; a list = one per stage
     output: str | None = None
     extra: dict = field(default_factory=dict)
@@ -152,6 +152,20 @@ def _steps(value: Any) -> tuple[int, ...]:
     return steps
 
 
+def _finetune(value: Any) -> str | None:
+    """A preset name, or a JSON object of FinetuneConfig fields ({"preset": "video", "steps": 32}), as text."""
+    if _null(value):
+        return None
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise _RowError("finetune", f"is neither a preset name nor a JSON object: {value!r:.60}") from None
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return _text(value, "finetune")
+
+
 def _validate(index: int, raw: dict) -> ManifestRow:
     row_id = _text(raw.get("id"), "id", required=True)
     video = _text(raw.get("video"), "video", required=True)
@@ -169,7 +183,7 @@ def _validate(index: int, raw: dict) -> ManifestRow:
     if output is not None and not output.lower().endswith(".mp4"):
         raise _RowError("output", f"must be an .mp4 URI, got {output!r:.80}")
     extra = {k: v for k, v in raw.items() if k not in KNOWN_COLUMNS}
-    return ManifestRow(index, row_id, video, prompts, strength, seed, _text(raw.get("finetune"), "finetune"),
+    return ManifestRow(index, row_id, video, prompts, strength, seed, _finetune(raw.get("finetune")),
                        _steps(raw.get("steps")), output, extra)
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run from a checkout
+
 HEADING = "## Batch pipeline"
 
 
@@ -45,9 +47,11 @@ class PeakObjectStore:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        state = get_state_from_address(None)
+        # This driver's cluster by address: other Ray instances on the machine must not be sampled.
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
         while not self._stop.is_set():
             try:
                 self.peak = max(self.peak, int(get_memory_info_reply(state).store_stats.object_store_bytes_used))

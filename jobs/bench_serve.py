@@ -141,7 +141,8 @@ async def run_load(url: str, args) -> dict:
         "clients": args.clients, "jobs_per_client": args.jobs_per_client, "keys": args.keys,
         "store": "s3 (moto, loopback)" if args.s3 else ("given" if args.store or args.url else "local dir"),
         "concurrency_per_key": args.concurrency_per_key, "steps": args.steps, "wall_s": round(wall, 1),
-        "requests": args.clients * args.jobs_per_client, "accepted": stats["accepted"], "rejected_429": stats["rejected"],
+        "requests": args.clients * args.jobs_per_client, "accepted": stats["accepted"],
+        "rejected_429": stats["rejected"],
         "other_errors": len(stats["errors"]), "done": stats["done"], "failed": stats["failed"],
         "not_finished": len(stats["lost"]), "all_accepted_completed": stats["done"] == stats["accepted"],
         "status_calls": len(stats["status_ms"]),
@@ -176,7 +177,8 @@ def append_section(path: Path, text: str) -> None:
     """Append under '## Serving' (created if missing), leaving every other section untouched."""
     body = path.read_text() if path.exists() else "# Benchmarks\n"
     if "\n## Serving" not in body:
-        body = body.rstrip("\n") + "\n\n## Serving\n\nLoad tests of the Serve endpoint (`jobs/bench_serve.py`), loopback.\n"
+        intro = "Load tests of the Serve endpoint (`jobs/bench_serve.py`) on loopback.\n"
+        body = body.rstrip("\n") + "\n\n## Serving\n\n" + intro
     head, _, rest = body.partition("\n## Serving")
     section, sep, after = rest.partition("\n## ")
     path.write_text(head + "\n## Serving" + section.rstrip("\n") + "\n" + text + (sep + after if sep else ""))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from dreamix_ray.cluster.batch_cli import add_arguments, run
-from dreamix_ray.errors import UserError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run from a checkout
+
+from dreamix_ray.cluster.batch_cli import add_arguments, run  # noqa: E402
+from dreamix_ray.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,41 +63,68 @@ def s3_client(s3_server):
                         aws_secret_access_key=KEYS["secret_key"], region_name=KEYS["region"])
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(s3_server):
-    """`ray start --head --block` with its own ports and temp dir; SIGTERM to it stops exactly this cluster.
-
-    Yields (GCS address, dashboard URL). Its workers get the S3 test keys through their environment,
-    as a real cluster's workers get theirs.
-    """
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "node-manager-port", "object-manager-port", "metrics-export-port",
-                                            "runtime-env-agent-port")}
+def _start_head(env: dict, attempt_timeout: float) -> tuple[subprocess.Popen, dict, str]:
+    """One `ray start --head --block` with fresh ports and temp dir; returns once the node is fully up."""
+    names = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "node-manager-port", "object-manager-port", "metrics-export-port",
+             "runtime-env-agent-port")
+    ports = {name: free_port() for name in names}
     temp = tempfile.mkdtemp(prefix="dxray-")  # short: Ray's socket paths must stay under ~107 characters
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    # Auth off on this loopback-only cluster: a driver connecting by address does not send Ray's token
-    # unless its own process is in token mode, and these tests must not change the pytest process's mode.
-    env.update(AWS_ACCESS_KEY_ID=KEYS["access_key"], AWS_SECRET_ACCESS_KEY=KEYS["secret_key"],
-               AWS_DEFAULT_REGION=KEYS["region"], RAY_DASHBOARD_STARTUP_TIMEOUT_S="600", RAY_AUTH_MODE="disabled")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp}",
            "--disable-usage-stats", "--object-store-memory=300000000"]
     cmd += [f"--{name}={port}" for name, port in ports.items()]
-    log = open(Path(temp, "ray-start.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_port(ports["port"], proc, 300, "ray start")
-        wait_port(ports["dashboard-port"], proc, 600, "the Ray dashboard")
-        yield f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}"
-    finally:
+    log_path = Path(temp, "ray-start.log")
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + attempt_timeout
+    # `--block` prints this once every process of the node is up (ports alone open before the raylet).
+    while "block forever" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_head(proc, temp)
+            raise RuntimeError(f"ray start failed: {log_path.read_text()[-500:] if log_path.exists() else ''}")
+        time.sleep(0.5)
+    return proc, ports, temp
+
+
+def _stop_head(proc: subprocess.Popen, temp: str) -> None:
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
             proc.wait(120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+            proc.wait()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A `ray start --head` cluster with its own ports and temp dir; SIGTERM to it stops exactly this cluster.
+
+    Yields (GCS address, dashboard URL). Its workers get the S3 test keys through their environment,
+    as a real cluster's workers get theirs. On an overloaded machine the raylet can miss Ray's fixed
+    30 s registration window, so a failed start is retried.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # Auth off on this loopback-only cluster: a driver connecting by address does not send Ray's token
+    # unless its own process is in token mode, and these tests must not change the pytest process's mode.
+    env.update(AWS_ACCESS_KEY_ID=KEYS["access_key"], AWS_SECRET_ACCESS_KEY=KEYS["secret_key"],
+               AWS_DEFAULT_REGION=KEYS["region"], RAY_DASHBOARD_STARTUP_TIMEOUT_S="600", RAY_AUTH_MODE="disabled")
+    errors = []
+    for _ in range(3):
+        try:
+            proc, ports, temp = _start_head(env, attempt_timeout=600)
+            break
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    else:
+        raise RuntimeError("could not start a Ray head node: " + " | ".join(errors))
+    try:
+        wait_port(ports["dashboard-port"], proc, 600, "the Ray dashboard")
+        yield f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}"
+    finally:
+        _stop_head(proc, temp)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,38 @@ def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, ti
     assert outputs[1][2] == _reference_mp4(tmp_path, clips[2], "a green circle", 12, tiny_dir)
 
 
+def test_finetune_rows_finetune_once_then_edit_with_the_artifact(tmp_path, tiny_dir):
+    """Plain stages with the Finetune stage: one artifact per video, its token in the prompt, s = 0.95."""
+    from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
+    from dreamix_ray.cluster.stages import cascade_config
+    from dreamix_ray.edit import edit
+    from dreamix_ray.finetune import finetuned_prompt, load_finetuned
+    from dreamix_ray.manifest import read_manifest, work_items
+    from dreamix_ray.models.cascade import Cascade
+    from dreamix_ray.storage import ArtifactStore
+    from dreamix_ray.video import read_video, write_video
+
+    clip = shapes_clip(tmp_path / "in.mp4", seed=1)
+    rows = [{"id": "ft", "video": str(clip), "prompts": ["a green circle", "a red square"], "seed": 4,
+             "finetune": {"preset": "video", "steps": 2}},
+            {"id": "nopreset", "video": str(clip), "prompt": "x", "finetune": "nope"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / "out"),
+                       EditConfig(ssr_chunk_frames=CHUNK), "tiny")
+    store = str(tmp_path / "store")
+    specs = pipeline_stages(cascade_config(str(tiny_dir)), str(tiny_dir), None, store, finetune=True)
+    assert [s.name for s in specs][:3] == ["decode", "finetune", "base"]
+    done = {(r["id"], r["prompt"]): r for r in run_in_process(items, specs)}
+    green, red = done[("ft", "a green circle")], done[("ft", "a red square")]
+    assert green["status"] == red["status"] == "ok" and green["artifact"] == red["artifact"] != ""
+    assert [p.name for p in Path(store).iterdir()] == [green["artifact"]]  # finetuned once for both prompts
+    assert "unknown finetune preset 'nope'" in done[("nopreset", "x")]["error"]
+    tuned, ft_cfg = load_finetuned(Cascade.from_pretrained(tiny_dir), red["artifact"], ArtifactStore(store))
+    cfg = EditConfig(strength=0.95, seed=4, ssr_chunk_frames=CHUNK)
+    ref = write_video(tmp_path / "ref.mp4", edit(read_video(clip), finetuned_prompt("a red square", ft_cfg), cfg, tuned))
+    assert Path(red["output"]).read_bytes() == ref.read_bytes()
+
+
 def test_flag_and_manifest_errors_are_one_line(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "jobs"))
     from edit_batch import main
@@ -253,3 +285,28 @@ def test_ray_job_submit_runs_the_batch_job(ray_cluster, s3_job, s3_server, s3_cl
     assert "2 outputs: 2 done, 0 failed, 0 skipped" in done.stdout
     table = read_results("s3://batch/jobout", s3_server[1], run_id="job").to_pylist()
     assert sorted((r["id"], r["status"]) for r in table) == [("job0", "ok"), ("job1", "ok")]
+
+
+@pytest.mark.slow
+def test_error_rate_stops_the_job_and_missing_rows_are_reported_lost(ray_driver, tmp_path):
+    """The driver loop on a real Ray dataset of finished rows (the stages are tested above)."""
+    import ray
+
+    from dreamix_ray.cluster.batch import LOST, BatchOptions, BatchSummary, _execute, _ResultsWriter
+    from dreamix_ray.manifest import read_results
+
+    items = [dict(key=f"{i}:0", row=i, id=f"r{i}", prompt="p", prompt_index=0, video="v", output="o", preview="pv",
+                  finetune="", artifact="", cfg="{}", extra="{}", status="ok" if i % 2 else "error",
+                  error="" if i % 2 else "bad input") for i in range(10)]
+    opts = BatchOptions(manifest="m", output_prefix=str(tmp_path), max_error_rate=0.2, progress=False, flush_every=2)
+    summary = BatchSummary("stop", len(items))
+    ds = ray.data.from_items(items, override_num_blocks=10)
+    _execute(ds, items, opts, summary, _ResultsWriter(opts, "stop", "m", None))
+    assert summary.stopped.startswith("3 of 10 outputs failed, over --max-error-rate 0.2; first error: bad input")
+    assert read_results(str(tmp_path), run_id="stop").num_rows == summary.ok + summary.failed < 10
+
+    opts = BatchOptions(manifest="m", output_prefix=str(tmp_path), progress=False)
+    summary = BatchSummary("lost", len(items))
+    _execute(ray.data.from_items(items[:7]), items, opts, summary, _ResultsWriter(opts, "lost", "m", None))
+    rows = read_results(str(tmp_path), run_id="lost").to_pylist()
+    assert [r["error"] for r in rows if r["id"] in ("r7", "r8", "r9")] == [LOST] * 3 and not summary.stopped

@@ -4,6 +4,7 @@ called over HTTP: round trips, every bad input's 4xx, replicas killed mid-job, t
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import socket
@@ -23,6 +24,7 @@ from dreamix_ray.video import Video, read_video, write_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY, OTHER_KEY = "test-key-alpha", "test-key-beta"
+S3_CLIP = "s3://inputs/clips/clip.mp4"
 LIMITS = dict(max_upload_mb=1.0, max_width=64, max_height=64, max_duration_s=10.0)
 
 
@@ -64,7 +66,7 @@ class Served:
         self.url, self.metrics_port = url, metrics_port
         self.http = httpx.Client(base_url=url, timeout=90)
 
-    def wait(self, route: str, job_id: str, key: str = KEY, timeout: float = 120, on_poll=None) -> dict:
+    def wait(self, route: str, job_id: str, key: str = KEY, timeout: float = 240, on_poll=None) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
             job = self.http.get(f"{route}/{job_id}", headers=auth(key)).json()
@@ -91,6 +93,7 @@ def s3():
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per S3 request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -108,6 +111,25 @@ def s3():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+_FAILED: list[str] = []
+
+
+def start_ray(temp: str, metrics_port: int, attempts: int = 3) -> None:
+    """A private Ray; retried because on a starved machine the raylet can miss Ray's fixed 30 s start window."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp, logging_level="ERROR",
+                     log_to_driver=False, _metrics_export_port=metrics_port,
+                     # No idle workers prestarted: they only compete with startup; 1 s metric reports for the test.
+                     _system_config={"metrics_report_interval_ms": 1000, "enable_worker_prestart": False,
+                                     "prestart_worker_first_driver": False})
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture(scope="module")
 def served(s3, tiny_dir):
     """The whole application on a private Ray instance; keys from DREAMIX_API_KEYS like in production."""
@@ -119,10 +141,15 @@ def served(s3, tiny_dir):
     os.environ["DREAMIX_API_KEYS"] = f"{KEY},{OTHER_KEY}"  # replicas inherit the driver's environment
     if ray.is_initialized():
         ray.shutdown()
+    if _FAILED:
+        pytest.fail(f"the Serve app did not start for an earlier test: {_FAILED[0]}")
     temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths have a length limit
     http_port, metrics_port = free_port(), free_port()
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp, logging_level="ERROR", log_to_driver=False,
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
+    try:
+        start_ray(temp, metrics_port)
+    except Exception as exc:
+        _FAILED.append(str(exc).splitlines()[0])  # one slow start is enough; later tests fail at once
+        raise
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     args = dict(model=str(tiny_dir), store="s3://dreamix-jobs/serve", allowed_buckets=["inputs"], max_replicas=1,
                 torch_threads=1, heartbeat_s=1.0, lease_s=4.0, recover_every_s=1.0, concurrency_per_key=3, **LIMITS)
@@ -169,21 +196,23 @@ def test_edit_round_trip(served):
 
 
 def test_edit_from_an_allowed_bucket(served):
-    r = served.http.post("/v1/edits", headers=auth(), json={"prompt": "a red circle", "video_uri": "s3://inputs/clips/clip.mp4"})
+    r = served.http.post("/v1/edits", headers=auth(), json={"prompt": "a red circle", "video_uri": S3_CLIP})
     assert r.status_code == 202, r.text
     assert served.wait("/v1/edits", r.json()["id"])["status"] == "done"
+
+
+MP4_HEAD = b"\0\0\0\x18ftypmp42"  # what an mp4 starts with: the cap, not the sniffer, must refuse these
 
 
 def _streamed_upload(size: int):
     """A multipart body without Content-Length: the cap must hold while the bytes stream in."""
     yield (b'--xyz\r\nContent-Disposition: form-data; name="video"; filename="big.mp4"\r\n'
-           b"Content-Type: video/mp4\r\n\r\n\0\0\0\x18ftypmp42")
+           b"Content-Type: video/mp4\r\n\r\n" + MP4_HEAD)
     for _ in range(0, size, 64_000):
         yield os.urandom(64_000)
     yield b"\r\n--xyz--\r\n"
 
 
-S3_CLIP = "s3://inputs/clips/clip.mp4"
 # (case, headers, request kwargs (built lazily), expected status, words in the message)
 BAD = [
     ("no key", {}, lambda: dict(json={"prompt": "x"}), 401, "missing API key"),
@@ -192,7 +221,7 @@ BAD = [
                                              data={"prompt": "x"}), 415, "not a video"),
     ("image sent as video", auth(), lambda: dict(files={"video": ("a.mp4", png_bytes(), "video/mp4")},
                                                  data={"prompt": "x"}), 415, "animations"),
-    ("oversized upload", auth(), lambda: dict(files={"video": ("big.mp4", b"\0\0\0\x18ftypmp42" + os.urandom(1_200_000))},
+    ("oversized upload", auth(), lambda: dict(files={"video": ("big.mp4", MP4_HEAD + os.urandom(1_200_000))},
                                               data={"prompt": "x"}), 413, "MB limit"),
     ("oversized stream", auth(), lambda: dict(content=_streamed_upload(1_300_000),
                                               headers={"content-type": "multipart/form-data; boundary=xyz"}),
@@ -235,7 +264,7 @@ def test_replicas_killed_mid_job_never_lose_it(served):
     """Kill the TSR replica while it samples, then the ingress that runs the job: it still finishes."""
     h = served.http
     r = h.post("/v1/edits", headers=auth(), files={"video": ("clip.mp4", clip_bytes())},
-               data={"prompt": "a blue square", "strength": "1", "steps": "100"})
+               data={"prompt": "a blue square", "strength": "1", "steps": "60"})
     assert r.status_code == 202, r.text
     job_id, killed = r.json()["id"], []
     replica_before = h.get("/healthz").json()["replica"]
@@ -248,7 +277,7 @@ def test_replicas_killed_mid_job_never_lose_it(served):
         elif job["stage"] == "ssr" and len(killed) == 1:
             killed.append(served.kill_replica("ingress"))
 
-    job = served.wait("/v1/edits", job_id, timeout=180, on_poll=on_poll)
+    job = served.wait("/v1/edits", job_id, timeout=300, on_poll=on_poll)
     assert len(killed) == 2, f"the job finished before both kills: {killed}"
     assert job["status"] == "done", job  # retried on a fresh TSR replica, taken over by the new ingress
     assert job["attempts"] >= 2 and job["progress"] == 1.0
@@ -325,7 +354,7 @@ def test_web_page_in_headless_chromium(served, tmp_path):
         browser.find_element(By.ID, "file").send_keys(str(clip))
         browser.find_element(By.ID, "prompt").send_keys("a green square moving right")
         browser.find_element(By.ID, "run").click()
-        state = WebDriverWait(browser, 90, poll_frequency=0.2).until(
+        state = WebDriverWait(browser, 180, poll_frequency=0.2).until(
             lambda b: b.execute_script("return document.body.dataset.state"))
         assert state == "done", browser.find_element(By.ID, "error").text
         assert browser.find_element(By.ID, "progress").get_attribute("value") == "1"
@@ -337,7 +366,7 @@ def test_web_page_in_headless_chromium(served, tmp_path):
             "return document.getElementById('edited').readyState >= 2 && "
             "document.getElementById('original-media').readyState >= 2"))
         assert browser.execute_script("return document.getElementById('edited').videoWidth") == 16
-        browser.execute_script("document.getElementById('edited').pause(); document.getElementById('original-media').pause()")
+        browser.execute_script("for (const id of ['edited', 'original-media']) document.getElementById(id).pause()")
         shot = tmp_path / "page.png"
         browser.save_screenshot(str(shot))
         rects = {i: browser.find_element(By.ID, i).rect for i in ("original-media", "edited")}

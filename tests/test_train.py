@@ -80,9 +80,25 @@ def single_mixed(tiny, video):
     return losses, tuned
 
 
-def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    sa, sb = a.state_dict(), b.state_dict()
-    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+def _update_gap(got: torch.nn.Module, want: torch.nn.Module, start: torch.nn.Module) -> float:
+    """||update(got) - update(want)|| / ||update(want)||: Adam turns float noise in near-zero gradients
+    into lr-sized steps on single weights, so whole updates are compared, not single weights."""
+    s0, sg, sw = start.state_dict(), got.state_dict(), want.state_dict()
+    dg = torch.cat([(sg[k] - s0[k]).flatten() for k in s0])
+    dw = torch.cat([(sw[k] - s0[k]).flatten() for k in s0])
+    return ((dg - dw).norm() / dw.norm()).item()
+
+
+def _first_grad_norm(cascade, video, cfg) -> float:
+    """The single-process gradient norm of step 0 of the base stage: checks the loss scale end to end
+    (Adam alone would hide a constant factor)."""
+    import copy
+
+    stage = copy.deepcopy(cascade.base)
+    stage.denoiser.train().requires_grad_(True)
+    text = cascade.text_encoder([cfg.prompt])
+    finetune_batch(stage, _StageData(video, stage, cfg), text, cfg, 0, 0).loss(stage).backward()
+    return torch.nn.utils.clip_grad_norm_(stage.denoiser.parameters(), float("inf")).item()
 
 
 def test_rank_shards_add_up_to_the_global_batch(tiny, video):
@@ -121,11 +137,11 @@ def test_zero2_matches_single_process_and_writes_the_same_artifact(ray_local, ti
     state = read_state(result.checkpoint)
     assert state["world"] == 2 and state["zero"] == 2 and state["starts"] == [["base", 0]]
     np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-3)
+    assert state["grad_norms"]["base"][0] == pytest.approx(_first_grad_norm(tiny, video, MIXED), rel=1e-4)
     assert store.has(key, ARTIFACT_FILE)
     loaded, cfg = load_finetuned(tiny, key, store)
     assert cfg == MIXED
-    assert _max_diff(loaded.base.denoiser, reference.base.denoiser) < 1e-4
-    assert _max_diff(loaded.base.denoiser, tiny.base.denoiser) > 1e-3  # it did train
+    assert _update_gap(loaded.base.denoiser, reference.base.denoiser, tiny.base.denoiser) < 1e-2
     assert loaded.stages[2].denoiser is tiny.stages[2].denoiser  # untouched stages are shared
     again, none = finetune_on_ray(video, MIXED, tiny, store, TrainSettings(zero=2, **SETTINGS))
     assert (again, none) == (key, None)  # finetune once, edit many: the artifact is reused
@@ -147,7 +163,8 @@ def test_zero3_frames_only_masks_the_same_layers(ray_local, tiny, video, tmp_pat
         assert temporal and all(torch.equal(before[n], after[n]) for n in temporal)
         changed = {n for n in before if not torch.equal(before[n], after[n])}
         assert changed == {n for n in before if not torch.equal(before[n], single[n])}
-        assert max((after[n] - single[n]).abs().max().item() for n in after) < 1e-4
+        assert _update_gap(loaded.stages[index].denoiser, reference.stages[index].denoiser,
+                           tiny.stages[index].denoiser) < 1e-2
 
 
 def test_killed_run_resumes_from_its_checkpoint(ray_local, tiny, video, single_mixed, tmp_path):
@@ -162,7 +179,8 @@ def test_killed_run_resumes_from_its_checkpoint(ray_local, tiny, video, single_m
     assert state["starts"] == [["base", 0], ["base", 2]]  # the step counter carried on from the checkpoint
     np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-3)
     # weights and Adam moments came back too: the result matches the uninterrupted single-process run
-    assert _max_diff(load_finetuned(tiny, key, store)[0].base.denoiser, reference.base.denoiser) < 1e-4
+    assert _update_gap(load_finetuned(tiny, key, store)[0].base.denoiser, reference.base.denoiser,
+                       tiny.base.denoiser) < 1e-2
     with pytest.raises(ResumeError, match="--workers 2"):  # ZeRO shards were cut for 2 workers
         finetune_on_ray(video, MIXED, tiny, ArtifactStore(str(tmp_path / "other")),
                         TrainSettings(zero=2, workers=1, threads=1), name="resume", storage=storage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -154,15 +155,21 @@ def _named(cls: type, name: str) -> type:
     return cls if cls.__name__ == title else type(title, (cls,), {"__module__": cls.__module__})
 
 
-def _configure_data_context(opts: BatchOptions) -> None:
+@contextlib.contextmanager
+def _data_context(opts: BatchOptions):
+    """This job's Ray Data settings, restored afterwards (the context is global to the driver process)."""
     ctx = DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.execution_options.resource_limits
     ctx.enable_progress_bars = opts.progress
     # Rows carry their own errors; a block is lost only if its worker died more than max_task_retries
     # times. Keep going then: the driver records its rows as lost, and --max-error-rate decides.
     ctx.max_errored_blocks = -1
     if opts.object_store_mb:
-        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-            object_store_memory=opts.object_store_mb * 2**20)
+        ctx.execution_options.resource_limits = saved[2].copy(object_store_memory=opts.object_store_mb * 2**20)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.execution_options.resource_limits = saved
 
 
 class _ResultsWriter:
@@ -201,39 +208,42 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     summary = BatchSummary(run_id, len(items), results=join(results_dir(opts.output_prefix), f"run={run_id}"))
     started = init_ray(opts, specs)
     try:
-        _configure_data_context(opts)
-        ds = build_dataset(items, specs, opts, stage_classes)
-        writer = _ResultsWriter(opts, run_id, tag, s3)
-        seen: set[str] = set()
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        try:
-            for batch in batches:
-                for row in to_rows(batch):
-                    if row["key"] in seen:
-                        continue
-                    seen.add(row["key"])
-                    _count(summary, row)
-                    writer.add(row)
-                if summary.failed > opts.max_error_rate * summary.total:
-                    summary.stopped = (f"{summary.failed} of {summary.total} outputs failed, over --max-error-rate "
-                                       f"{opts.max_error_rate:g}; first error: {summary.errors[0][2]}")
-                    break
-        finally:
-            getattr(batches, "close", lambda: None)()  # stops the streaming executor when we leave early
-        if not summary.stopped:
-            for item in items:
-                if item["key"] not in seen:
-                    row = dict(item, status="error", error=LOST)
-                    _count(summary, row)
-                    writer.add(row)
-        writer.flush()
+        with _data_context(opts):
+            _execute(build_dataset(items, specs, opts, stage_classes), items, opts, summary,
+                     _ResultsWriter(opts, run_id, tag, s3))
         summary.seconds = time.perf_counter() - start
-        summary.stats, summary.busy_seconds = ds.stats(), busy_seconds(ds)
         _write_summary(opts, summary, s3)
     finally:
         if started:
             ray.shutdown()
     return summary
+
+
+def _execute(ds, items: list[dict], opts: BatchOptions, summary: BatchSummary, writer: _ResultsWriter) -> None:
+    """Consume the stream: count, write results as they come, stop on the error rate, record lost rows."""
+    seen: set[str] = set()
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        for batch in batches:
+            for row in to_rows(batch):
+                if row["key"] not in seen:  # a retried block may deliver a row twice
+                    seen.add(row["key"])
+                    _count(summary, row)
+                    writer.add(row)
+            if summary.failed > opts.max_error_rate * summary.total:
+                summary.stopped = (f"{summary.failed} of {summary.total} outputs failed, over --max-error-rate "
+                                   f"{opts.max_error_rate:g}; first error: {summary.errors[0][2]}")
+                break
+    finally:
+        getattr(batches, "close", lambda: None)()  # stops the streaming executor when we leave early
+    if not summary.stopped:
+        for item in items:
+            if item["key"] not in seen:
+                row = dict(item, status="error", error=LOST)
+                _count(summary, row)
+                writer.add(row)
+    writer.flush()
+    summary.stats, summary.busy_seconds = ds.stats(), busy_seconds(ds)
 
 
 def busy_seconds(ds) -> dict[str, float]:

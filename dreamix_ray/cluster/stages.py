@@ -145,6 +145,19 @@ def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None, with
         return read_video(f.name, lim), data
 
 
+def _load_cascade(model: str | None, s3: S3Settings | None):
+    """load_cascade without the libraries' per-load progress bars, which flood every actor's log."""
+    from diffusers.utils import logging as df_logging
+    from transformers.utils import logging as hf_logging
+
+    from ..models.cascade import load_cascade
+
+    for lib in (hf_logging, df_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    return load_cascade(model_dir(model, s3))
+
+
 class _Lru(OrderedDict):
     def __init__(self, size: int):
         super().__init__()
@@ -158,6 +171,21 @@ class _Lru(OrderedDict):
         while len(self) > self.size:
             self.popitem(last=False)
         return value
+
+
+def finetune_config(spec: str):
+    """A manifest's finetune value: a preset name or a JSON object of fields ("preset" picks the recipe)."""
+    from ..finetune import finetune_preset
+
+    if not spec.startswith("{"):
+        return finetune_preset(spec)
+    fields = json.loads(spec)
+    if not isinstance(fields, dict):
+        raise UserError(f"finetune must be a preset name or a JSON object, got {spec!r:.60}")
+    try:
+        return finetune_preset(str(fields.pop("preset", "mixed")), **fields)
+    except TypeError as exc:
+        raise UserError(f"finetune {spec!r:.80}: {exc}") from None
 
 
 # ---------------------------------------------------------------- stages
@@ -209,13 +237,12 @@ class Finetune:
         self.cascade = None
         self.done: dict[tuple[str, str], tuple[str, str]] = {}
 
-    def _artifact(self, video_uri: str, preset: str) -> str:
-        from ..finetune import finetune_or_load, finetune_preset
-        from ..models.cascade import load_cascade
+    def _artifact(self, video_uri: str, spec: str) -> str:
+        from ..finetune import finetune_or_load
 
-        cfg = finetune_preset(preset)
+        cfg = finetune_config(spec)
         if self.cascade is None:
-            self.cascade = load_cascade(model_dir(self.model, self.s3))
+            self.cascade = _load_cascade(self.model, self.s3)
         video, data = load_video(video_uri, self.s3, self.limits, with_bytes=True)
         return finetune_or_load(video, cfg, self.cascade, self.store, source_bytes=data)[1]
 
@@ -259,10 +286,8 @@ class CascadeStage:
         self.name = cascade_config(model, self.s3).stages[index].name
 
     def _load(self):
-        from ..models.cascade import load_cascade
-
         if self.cascade is None:
-            self.cascade = self._to_device(load_cascade(model_dir(self.model, self.s3)))
+            self.cascade = self._to_device(_load_cascade(self.model, self.s3))
         return self.cascade
 
     def _to_device(self, cascade):

@@ -57,20 +57,23 @@ class RunState:
     world: int = 0
     zero: int = 0
     losses: dict = field(default_factory=dict)
+    grad_norms: dict = field(default_factory=dict)  # global gradient norm before clipping, per step
     memory: dict = field(default_factory=dict)  # stage -> per rank {params, optimizer} bytes
     seconds_per_step: dict = field(default_factory=dict)
     starts: list = field(default_factory=list)  # [stage, step] each time a stage (re)starts: shows resumes
 
 
 class MaskedAdamW(torch.optim.AdamW):
-    """AdamW that leaves the groups in `frozen` untouched: ZeRO hands every flat partition a (zero)
-    gradient, and without this Adam's momentum would move the temporal layers on frame steps, which
-    the single-process loop (grad None -> skipped) never does."""
+    """AdamW that leaves groups marked `frame_masked` untouched while `masking` is on: ZeRO hands every
+    flat partition a (zero) gradient, and without this Adam's momentum would move the temporal layers
+    on frame steps, which the single-process loop (grad None -> skipped) never does. Groups are found
+    by their mark, since ZeRO steps one group (or sub-group) at a time with the others swapped out."""
 
-    frozen: tuple[int, ...] = ()
+    masking: bool = False
 
     def step(self, closure=None):
-        stashed = [(p, p.grad) for i in self.frozen for p in self.param_groups[i]["params"]]
+        masked = [g for g in self.param_groups if self.masking and g.get("frame_masked")]
+        stashed = [(p, p.grad) for g in masked for p in g["params"]]
         for p, _ in stashed:
             p.grad = None
         try:
@@ -91,14 +94,13 @@ class _EngineDenoiser:
         return self.engine(cast(x), t, cast(tokens), cast(pooled), cast(cond), frame_mode_on=frame_mode_on).float()
 
 
-def _param_groups(module: torch.nn.Module) -> tuple[list[dict], tuple[int, ...]]:
-    """Spatial and temporal parameters apart (the same names frame mode masks), and the temporal group."""
+def _param_groups(module: torch.nn.Module) -> list[dict]:
+    """Spatial and temporal parameters apart; the temporal group (the names frame mode masks) is marked."""
     temporal = temporal_parameter_names(module)
     named = list(module.named_parameters())
     groups = [{"params": [p for n, p in named if n not in temporal]},
-              {"params": [p for n, p in named if n in temporal]}]
-    groups = [g for g in groups if g["params"]]
-    return groups, ((len(groups) - 1,) if temporal and len(groups) == 2 else ())
+              {"params": [p for n, p in named if n in temporal], "frame_masked": True}]
+    return [g for g in groups if g["params"]]
 
 
 def memory_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -211,8 +213,7 @@ def _train_task(task: StageTask, index: int, job: dict, state: RunState, resume_
 
     module = task.stage.denoiser.train().requires_grad_(True)
     ema = EMA(module, task.ema_decay) if task.ema_decay is not None else None  # before ZeRO-3 partitions it
-    groups, frozen = _param_groups(module)
-    optimizer = MaskedAdamW(groups, lr=task.lr, weight_decay=0.0)
+    optimizer = MaskedAdamW(_param_groups(module), lr=task.lr, weight_decay=0.0)
     bf16 = _bf16(job["precision"], device)
     ds_cfg = deepspeed_config(job["deepspeed"], world, job["micro_steps"], task.grad_clip, bf16)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
@@ -225,6 +226,7 @@ def _train_task(task: StageTask, index: int, job: dict, state: RunState, resume_
                   task.stage.scheduler)
     losses = state.losses.setdefault(task.name, [])[:step]
     state.losses[task.name] = losses
+    norms = state.grad_norms[task.name] = state.grad_norms.get(task.name, [])[:step]
     state.starts.append([task.name, step])
     deadline = time.time() + task.minutes * 60 if task.minutes else None
     started = None
@@ -232,13 +234,14 @@ def _train_task(task: StageTask, index: int, job: dict, state: RunState, resume_
         if step == first + 1:
             started = time.perf_counter()  # the first step pays for warm-up; time the rest
         batch = task.batch(step)
-        optimizer.frozen = frozen if batch.frames_step else ()
+        optimizer.masking = batch.frames_step
         part = 0.0
         for loss, share in rank_losses(batch, stage, rank, world, job["micro_steps"], device):
             engine.backward(loss, scale_wrt_gas=False)
             engine.step()
             part += share
         losses.append(_global_loss(part, device))
+        norms.append(float(engine.get_global_grad_norm() or 0.0))
         step += 1
         if ema is not None:
             _update_ema(ema, module, step, job["zero"])

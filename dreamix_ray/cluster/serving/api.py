@@ -146,7 +146,8 @@ def _routes(app: FastAPI, ctx, kind: str, owner) -> None:
                            "not_found")
         data = await asyncio.to_thread(ctx.jobs.get, job_id, name)
         filename = f"{job_id}-{name}"
-        return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+        disposition = f'attachment; filename="{filename}"'
+        return Response(data, media_type=media_type, headers={"Content-Disposition": disposition})
 
     async def video(job_id: str, who: str = Depends(owner)):
         return await fetch(job_id, who, "output.mp4", "video/mp4")

@@ -68,9 +68,10 @@ class _Run:
         self.results: dict[str, dict] = {}
         self.last_write = 0.0
 
-    def progress(self, unit: dict, done: int, total: int) -> None:
+    def progress(self, unit: dict, done: int, total: int, running: bool = True) -> None:
         self.done[unit["output"]] = unit["weight"] * min(1.0, done / max(total, 1))
-        self.job["stage"] = unit["label"]
+        if running:
+            self.job["stage"] = unit["label"]
         # Monotonic: a unit retried on a fresh replica restarts its steps, the bar should not jump back.
         share = sum(self.done.values()) / max(sum(self.weights.values()), 1)
         self.job["progress"] = round(max(self.job["progress"], min(0.99, share)), 4)
@@ -190,7 +191,7 @@ class JobRunner:
     async def _unit(self, run: _Run, spec: dict, unit: dict) -> None:
         exists = await asyncio.to_thread(self.jobs.has, run.job["id"], unit["output"])
         if exists and unit["method"] != "finish":  # stored by an earlier attempt: resume after it
-            run.progress(unit, 1, 1)
+            run.progress(unit, 1, 1, running=False)
             return
         keys = ("source", "output", "frames", "chunk", "to_frames", "sources")
         call = dict(spec, **{k: unit[k] for k in keys if k in unit})

@@ -111,7 +111,8 @@ def check_s3_uri(uri: object, allowed: tuple[str, ...]) -> str:
                             "control characters", "bad_uri")
     if bucket not in allowed:
         names = ", ".join(allowed) or "none are configured"
-        raise ApiError(403, f"bucket {bucket!r} is not one this service reads from (allowed: {names})", "forbidden_bucket")
+        raise ApiError(403, f"bucket {bucket!r} is not one this service reads from (allowed: {names})",
+                       "forbidden_bucket")
     return uri
 
 
