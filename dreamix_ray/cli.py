@@ -32,6 +32,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", default=None, metavar="DIR",
                        help="cascade directory (default: the embedded shapes-world cascade)")
+        p.add_argument("--device", default="auto",
+                       help="where the networks run: auto (a CUDA GPU if there is one), cpu, cuda, cuda:N, mps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -14,9 +14,11 @@ def _progress(args) -> bool:
 
 
 def _cascade(args):
+    from .devices import resolve_device
     from .models.cascade import load_cascade
 
-    return load_cascade(getattr(args, "model", None))
+    device = resolve_device(getattr(args, "device", "auto"))  # before loading: a bad device fails fast
+    return load_cascade(getattr(args, "model", None)).to(device)
 
 
 def _store(args):

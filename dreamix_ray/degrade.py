@@ -44,7 +44,7 @@ def noise_at_strength(x0_bcfhw: torch.Tensor, strength: float, scheduler, steps:
     """
     strength = validate_strength(strength)
     timesteps = strength_timesteps(scheduler, steps, strength)
-    noise = draw_noise(tuple(x0_bcfhw.shape), generators, x0_bcfhw.dtype)
+    noise = draw_noise(tuple(x0_bcfhw.shape), generators, x0_bcfhw.dtype, x0_bcfhw.device)
     if len(timesteps) == 0:
         return x0_bcfhw, timesteps
     t0 = timesteps[:1].repeat(x0_bcfhw.shape[0])

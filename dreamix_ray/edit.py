@@ -82,7 +82,7 @@ def run_base(cascade: Cascade, x0_bcfhw: torch.Tensor, prompts: list[str], seeds
     start = time.perf_counter()
     scheduler = fresh_scheduler(stage.scheduler)
     gens = seed_generators(seeds, 0)
-    x0 = stage.encode(x0_bcfhw)  # a latent stage degrades its VAE latents (models/latent.py)
+    x0 = stage.encode(x0_bcfhw.to(cascade.device))  # a latent stage degrades its VAE latents (models/latent.py)
     x_s, timesteps = noise_at_strength(x0, cfg.strength, scheduler, cfg.stage_steps(0, stage.config), gens)
     text = _encode(cascade, prompts, cfg.guidance_scale)
     out = _sample(cascade, 0, x_s, timesteps, scheduler, text, None, cfg, gens, timings, progress, on_step)
@@ -103,7 +103,7 @@ def run_sr_stage(cascade: Cascade, index: int, prev_bcfhw: torch.Tensor, prompts
     timesteps = strength_timesteps(scheduler, cfg.stage_steps(index, stage.config), 1.0)
     gens = seed_generators(seeds, index, chunk)
     if stage.vae is None:
-        x = draw_noise(tuple(cond.shape), gens, cond.dtype)
+        x = draw_noise(tuple(cond.shape), gens, cond.dtype, cond.device)
     else:  # a latent SSR (zeroscope_v2_XL) refines by SDEdit from the upscaled output, with no concat
         x, timesteps = noise_at_strength(stage.encode(cond), refine_strength(stage.config), scheduler,
                                          cfg.stage_steps(index, stage.config), gens)

@@ -253,8 +253,8 @@ def load_finetuned(cascade: Cascade, key: str, store: ArtifactStore) -> tuple[Ca
         store.get_dir(key, tmp)
         stages = []
         for s in cascade.stages:
-            den = type(s.denoiser).from_pretrained(tmp / s.config.name).eval() if s.config.name in meta["stages"] \
-                else s.denoiser
+            den = type(s.denoiser).from_pretrained(tmp / s.config.name).eval().to(cascade.device) \
+                if s.config.name in meta["stages"] else s.denoiser
             stages.append(Stage(s.config, den, s.scheduler, s.vae))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

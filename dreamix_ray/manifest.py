@@ -239,19 +239,21 @@ def output_uris(prefix: str, row: ManifestRow, index: int, prompt: str, cfg: Edi
     return f"{stem}.mp4", f"{stem}.preview.mp4"
 
 
-def row_config(row: ManifestRow, defaults: EditConfig) -> EditConfig:
-    """The job's EditConfig with the row's strength, seed and steps (finetuned rows default to s = 0.95)."""
+def row_config(row: ManifestRow, defaults: EditConfig,
+               finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0]) -> EditConfig:
+    """The job's EditConfig with the row's strength, seed and steps; finetuned rows default to their own s."""
     changes: dict[str, Any] = {"seed": row.seed}
     if row.strength is not None:
         changes["strength"] = row.strength
     elif row.finetune:  # paper Sec. 4.1: after finetuning, strengths near 1 work best
-        changes["strength"] = PAPER_STRENGTH_FINETUNED[0]
+        changes["strength"] = finetuned_strength
     if row.steps:
         changes["steps"] = row.steps
     return dataclasses.replace(defaults, **changes)
 
 
-def work_items(rows: Iterable[ManifestRow], prefix: str, defaults: EditConfig, model_tag: str) -> list[dict]:
+def work_items(rows: Iterable[ManifestRow], prefix: str, defaults: EditConfig, model_tag: str,
+               finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0]) -> list[dict]:
     """One item per (row, prompt): what the pipeline carries, all plain columns (no tensors yet)."""
     items = []
     for row in rows:
@@ -261,7 +263,7 @@ def work_items(rows: Iterable[ManifestRow], prefix: str, defaults: EditConfig, m
             items.append(dict(common, key=f"{row.row}:0", prompt="", prompt_index=0, cfg="{}", output="",
                               preview="", status="error", error=row.error))
             continue
-        cfg = row_config(row, defaults)
+        cfg = row_config(row, defaults, finetuned_strength)
         for index, prompt in enumerate(row.prompts):
             video_uri, preview_uri = output_uris(prefix, row, index, prompt, cfg, model_tag)
             items.append(dict(common, key=f"{row.row}:{index}", prompt=prompt, prompt_index=index,

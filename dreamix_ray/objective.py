@@ -31,6 +31,9 @@ def draw_training_noise(stage: Stage, x0_bcfhw, gen: torch.Generator) -> tuple[t
 def v_loss(stage: Stage, x0_bcfhw, cond_bcfhw, tokens, pooled, t_b, noise_bcfhw, frame_mode_on: bool,
            reduction: str = "mean") -> torch.Tensor:
     """diffusion_loss at given draws; reduction="sum" lets shards of a batch add up to its mean."""
+    device = stage.denoiser.device  # draws are made on the CPU, the same on any device
+    x0_bcfhw, noise_bcfhw, t_b, tokens, pooled = (v.to(device) for v in (x0_bcfhw, noise_bcfhw, t_b, tokens, pooled))
+    cond_bcfhw = cond_bcfhw.to(device) if cond_bcfhw is not None else None
     x_t = stage.scheduler.add_noise(x0_bcfhw, noise_bcfhw, t_b)
     target = prediction_target(stage.scheduler, x0_bcfhw, noise_bcfhw, t_b)
     pred = stage.denoiser(x_t, t_b, tokens, pooled, cond_bcfhw, frame_mode_on=frame_mode_on)

@@ -40,6 +40,7 @@ class PretrainConfig(_Dict):
     ssr_crop: int = 32  # SSR trains on random crops of its output size (it is fully convolutional)
     ssr_crop_frames: int = 8
     cond_noise: float = 0.1  # max Gaussian noise on an SR stage's low-res input (robust to base errors)
+    caption_dropout: float = 0.1  # captions replaced by "" so the model also learns p(x): enables guidance
     seed: int = 0
     checkpoint_every_s: float = 180.0
     grad_clip: float = 1.0
@@ -66,6 +67,9 @@ def world_batch(stage: StageConfig, cfg: PretrainConfig, step: int):
     rng = np.random.default_rng([cfg.seed, step])
     scenes = training_scenes(rng, cfg.batch_size)
     captions = [caption(s, rng) for s in scenes]
+    # A separate stream, so the scenes, crops and noise of a step do not depend on the dropout rate.
+    drop = np.random.default_rng([cfg.seed, step, 1]).random(len(captions)) < cfg.caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop)]
     if stage.kind == "ssr":
         hi = torch.cat([frames_to_tensor(render(s, stage.frames, stage.height, stage.fps)) for s in scenes])
         c, f = cfg.ssr_crop, cfg.ssr_crop_frames
@@ -104,7 +108,7 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for s, p in zip(self.shadow.parameters(), model.parameters()):
-            s.lerp_(p.detach().to(s.dtype), 1 - d)  # bf16 weights under DeepSpeed, fp32 average
+            s.lerp_(p.detach().to(s.device, s.dtype), 1 - d)  # DeepSpeed: bf16 or GPU weights, fp32 average
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -130,6 +134,8 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
         model.load_state_dict(ckpt["model"])
         ema.shadow.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:  # the saved state carries the old rate; a resumed run may lower it
+            group["lr"] = cfg.lr
         step = ckpt["step"]
         log(f"[{cfg.stage}] resumed at step {step}")
     deadline = time.time() + cfg.minutes * 60
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-steps", type=int, default=1_000_000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="fraction of captions replaced by '' (teaches the unconditional model for guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", default=None, help="write the trained cascade to this directory when done")
     args = p.parse_args(argv)
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = args.minutes if len(args.minutes) == len(args.stages) else [args.minutes[0]] * len(args.stages)
     for stage, budget in zip(args.stages, minutes):
         cfg = PretrainConfig(stage=stage, minutes=budget, batch_size=args.batch_size, lr=args.lr,
-                             max_steps=args.max_steps, seed=args.seed)
+                             max_steps=args.max_steps, seed=args.seed, caption_dropout=args.caption_dropout)
         train_stage(cfg, args.run_dir, log=lambda m: print(m, flush=True))
     if args.export:
         export_cascade(args.run_dir, args.export)

@@ -46,9 +46,10 @@ def seed_generators(seeds: list[int], *salt: int) -> list[torch.Generator]:
     return gens
 
 
-def draw_noise(shape: tuple[int, ...], generators: list[torch.Generator], dtype=torch.float32) -> torch.Tensor:
-    """Row b's noise comes from generators[b] alone."""
-    return randn_tensor(shape, generator=generators, dtype=dtype)
+def draw_noise(shape: tuple[int, ...], generators: list[torch.Generator], dtype=torch.float32,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row b's noise comes from generators[b] alone (CPU generators, moved to `device`: device-independent)."""
+    return randn_tensor(shape, generator=generators, dtype=dtype, device=torch.device(device))
 
 
 def ddim_sample(
@@ -64,9 +65,9 @@ def ddim_sample(
     steps = timesteps.tolist()
     desc = progress if isinstance(progress, str) else "sampling"
     for t in tqdm(steps, desc=desc, disable=not progress, leave=False, unit="step"):
-        t_b = torch.full((x_bcfhw.shape[0],), t, dtype=torch.long)
+        t_b = torch.full((x_bcfhw.shape[0],), t, dtype=torch.long, device=x_bcfhw.device)
         v_bcfhw = denoise(x_bcfhw, t_b)
-        noise = draw_noise(tuple(x_bcfhw.shape), generators, x_bcfhw.dtype) if eta > 0 else None
+        noise = draw_noise(tuple(x_bcfhw.shape), generators, x_bcfhw.dtype, x_bcfhw.device) if eta > 0 else None
         x_bcfhw = scheduler.step(v_bcfhw, t, x_bcfhw, eta=eta, variance_noise=noise).prev_sample
     return x_bcfhw
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
 import sys
 import tempfile
@@ -74,30 +76,38 @@ def run_sequential(manifest: Path, out: Path, args) -> tuple[float, int]:
     from dreamix_ray.config import EditConfig
     from dreamix_ray.manifest import read_manifest, work_items
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     items = work_items(read_manifest(str(manifest)), str(out), EditConfig(ssr_chunk_frames=args.ssr_chunk_frames),
                        model_tag(args.model))
     specs = pipeline_stages(cascade_config(args.model), args.model, None, None, False)
-    rows = run_in_process(items, specs, batch_size=args.batch_size, threads=args.baseline_threads)
-    return time.perf_counter() - start, sum(r["status"] == "ok" for r in rows)
+    stage_s: dict[str, float] = {}
+    rows = run_in_process(items, specs, batch_size=args.batch_size, threads=args.baseline_threads,
+                          on_stage=lambda name, secs: stage_s.__setitem__(name, secs))
+    print("one process, seconds per stage:", {k: round(v, 1) for k, v in stage_s.items()}, flush=True)
+    return time.perf_counter() - start, sum(r["status"] == "ok" for r in rows), time.process_time() - cpu_start
 
 
 def run_pipeline(manifest: Path, out: Path, args):
     import ray
 
-    from dreamix_ray.cluster.batch import BatchOptions, run_batch
+    from dreamix_ray.cluster.batch import BatchOptions, min_resources, run_batch
     from dreamix_ray.cluster.batch_cli import parse_table
+    from dreamix_ray.cluster.plan import pipeline_stages
+    from dreamix_ray.cluster.stages import cascade_config
     from dreamix_ray.config import EditConfig
 
+    opts = BatchOptions(manifest=str(manifest), output_prefix=str(out), model=args.model,
+                        edit=EditConfig(ssr_chunk_frames=args.ssr_chunk_frames),
+                        cpus=parse_table(args.stage_cpus, "--stage-cpus"),
+                        actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
+                        batch_size=args.batch_size, progress=False)
+    # The cluster run_batch would start, started here so that its start-up is timed apart.
+    need = min_resources(opts, pipeline_stages(cascade_config(args.model), args.model, None, None, False))
     start = time.perf_counter()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False,
+             log_to_driver=False)
     init_s = time.perf_counter() - start
     try:
-        opts = BatchOptions(manifest=str(manifest), output_prefix=str(out), model=args.model,
-                            edit=EditConfig(ssr_chunk_frames=args.ssr_chunk_frames),
-                            cpus=parse_table(args.stage_cpus, "--stage-cpus"),
-                            actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
-                            batch_size=args.batch_size, progress=False)
         with PeakObjectStore() as peak:
             summary = run_batch(opts)
     finally:
@@ -119,40 +129,42 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--videos", type=int, default=16)
     p.add_argument("--model", default=None, help="cascade directory (default: the embedded cascade)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2, help="rows per model call (both runs)")
     p.add_argument("--ssr-chunk-frames", type=int, default=8, help="last-SSR chunk (default 8: 2 chunks per video)")
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray cluster CPUs (default: enough for 1 actor/stage)")
     p.add_argument("--stage-cpus", default="decode=0.5,base=1,tsr=1,ssr=1,reassemble=0.1,encode=0.5")
-    p.add_argument("--stage-actors", default="base=1:2,tsr=1:2,ssr=1:2")
+    # The last SSR is ~80% of the embedded cascade's work: two SSR actors share its chunks.
+    p.add_argument("--stage-actors", default="base=1,tsr=1,ssr=2")
     p.add_argument("--baseline-threads", type=int, default=1, help="torch threads of the one-process baseline")
     p.add_argument("--write", default=None, metavar="BENCHMARKS.md", help="append/replace the section there")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         manifest = make_inputs(Path(tmp), args.videos)
-        seq_s, seq_ok = run_sequential(manifest, Path(tmp, "seq"), args)
+        seq_s, seq_ok, seq_cpu = run_sequential(manifest, Path(tmp, "seq"), args)
         summary, init_s, peak = run_pipeline(manifest, Path(tmp, "ray"), args)
+    print(summary.stats, flush=True)
     ratio = seq_s / summary.seconds if summary.seconds else float("nan")
-    busy = "\n".join(f"| {name} | {secs:.1f} |" for name, secs in summary.busy_seconds.items())
-    import os
-
+    busy = "\n".join(f"| {name} | {secs:.1f} | {summary.cpu_seconds.get(name, 0.0):.1f} |"
+                     for name, secs in summary.busy_seconds.items())
+    ray_cpu = sum(summary.cpu_seconds.values())
     command = "python jobs/bench_batch.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = f"""{HEADING}
 
 `{command}` ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, model: {args.model or 'embedded'};
 the machine's load average at the end: {os.getloadavg()[0]:.1f})
 
-| run | videos ok | seconds | videos/min |
-|---|---|---|---|
-| one process, stage after stage ({args.baseline_threads} torch thread(s)) | {seq_ok} | {seq_s:.1f} | {60 * seq_ok / seq_s:.2f} |
-| Ray Data pipeline (excl. {init_s:.1f} s `ray.init`) | {summary.ok} | {summary.seconds:.1f} | {summary.videos_per_minute:.2f} |
+| run | videos ok | seconds | videos/min | CPU seconds | cores used on average |
+|---|---|---|---|---|---|
+| one process, stage after stage ({args.baseline_threads} torch thread(s)) | {seq_ok} | {seq_s:.1f} | {60 * seq_ok / seq_s:.2f} | {seq_cpu:.1f} | {seq_cpu / seq_s:.2f} |
+| Ray Data pipeline (excl. {init_s:.1f} s `ray.init`) | {summary.ok} | {summary.seconds:.1f} | {summary.videos_per_minute:.2f} | {ray_cpu:.1f} (stage tasks) | {ray_cpu / summary.seconds:.2f} |
 
 Pipeline / one-process throughput ratio: **{ratio:.2f}x**. Peak object-store use: {peak / 2**20:.1f} MiB.
 
-Per-stage busy time (sum of task wall times, from ds.stats() after execution):
+Per-stage busy time (sum of task wall and CPU times, from ds.stats() after execution):
 
-| operator | busy seconds |
-|---|---|
+| operator | busy seconds | CPU seconds |
+|---|---|---|
 {busy}
 """
     print(text)

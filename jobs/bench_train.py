@@ -5,7 +5,8 @@ bytes under ZeRO-2, ZeRO-3 and plain DDP, on one finetuned stage of a cascade.
 
 Every configuration is a real Ray Train run (DeepSpeed ZeRO via dreamix_ray.cluster.train; DDP via
 ray.train.torch.prepare_model with the same sharded batches). With --append the table goes to
-BENCHMARKS.md under "## Distributed training".
+BENCHMARKS.md under "## Distributed training". "optimizer" = fp32 master partitions (ZeRO keeps a copy)
++ Adam moments, measured on each rank after the last step; "params" = the weights a rank holds.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(storage, ignore_errors=True)
-    params = sum(p.numel() for p in next(s for s in cascade.stages if s.config.name == args.stage).denoiser.parameters())
+    stage = next(s for s in cascade.stages if s.config.name == args.stage)
+    params = sum(p.numel() for p in stage.denoiser.parameters())
     report = _table(rows, args, params, argv if argv is not None else sys.argv[1:])
     print(report)
     if args.append:
@@ -135,17 +137,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(rows, args, params: int, argv) -> str:
-    ddp = next(out for name, out, _ in rows if name.startswith("DDP"))["memory"]
-    ddp_total = ddp["params"] + ddp["optimizer"]
+    def total(name):
+        m = next(out for n, out, _ in rows if n.startswith(name))["memory"]
+        return m["params"] + m["optimizer"]
+
+    ddp_total, one_total = total("DDP"), total("ZeRO-2, 1 worker")
     lines = [f"`python jobs/bench_train.py {' '.join(argv)}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU "
-             f"cores, gloo; stage {args.stage}, {params:,} parameters, fp32, global batch {args.batch_size}, "
-             f"{args.steps} steps, first step not timed)", "",
-             "| run | steps/s | params / worker | optimizer / worker | total vs DDP | wall (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"cores, load average {os.getloadavg()[0]:.1f} at the end, gloo, 1 torch thread per worker; stage "
+             f"{args.stage}, {params:,} parameters, fp32, global batch {args.batch_size}, {args.steps} steps, "
+             "first step not timed)", "",
+             "| run | steps/s | params / worker | optimizer / worker | total vs 1 worker | total vs DDP | wall (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, out, wall in rows:
         m = out["memory"]
+        held = m["params"] + m["optimizer"]
         lines.append(f"| {name} | {1 / out['seconds_per_step']:.2f} | {m['params'] / 2**20:.2f} MiB | "
-                     f"{m['optimizer'] / 2**20:.2f} MiB | {(m['params'] + m['optimizer']) / ddp_total:.2f} | {wall:.0f} |")
+                     f"{m['optimizer'] / 2**20:.2f} MiB | {held / one_total:.2f} | {held / ddp_total:.2f} | "
+                     f"{wall:.0f} |")
     return "\n".join(lines) + "\n"
 
 

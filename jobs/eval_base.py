@@ -45,24 +45,30 @@ def main() -> int:
     p.add_argument("--n", type=int, default=40)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
+                   help="classifier-free guidance scales to compare (the unconditional model is the '' prompt)")
+    p.add_argument("--seed", type=int, default=1234, help="which held-out scenes")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     te = TextEncoder("minilm")
     base = Stage(EMBEDDED_STAGES[0], StageDenoiser.from_pretrained(args.weights).eval(), make_scheduler())
     cascade = Cascade(embedded_config(te.spec()), te, [base])
-    scenes = held_out_scenes(args.n)
+    scenes = held_out_scenes(args.n, args.seed)
     prompts = [canonical_caption(s) for s in scenes]
     sc = base.config
     x0 = torch.zeros(len(scenes), 3, sc.frames, sc.height, sc.width)
-    cfg = EditConfig(strength=1.0, steps=(args.steps,))
-    out = tensor_to_frames(run_base(cascade, x0, prompts, list(range(len(scenes))), cfg))
-    totals, by_motion = Counter(), defaultdict(Counter)
-    for scene, frames in zip(scenes, out):
-        res = compare(scene, analyze(frames))
-        totals.update({k: int(v) for k, v in res.items()})
-        by_motion[scene.objects[0].motion].update(ok=int(res["motion"]), n=1)
-    print(f"{args.weights}: n={len(scenes)} " + " ".join(f"{k}={v / len(scenes):.0%}" for k, v in totals.items()))
-    print("motion by direction: " + " ".join(f"{m}={c['ok']}/{c['n']}" for m, c in sorted(by_motion.items())))
+    for scale in args.guidance:
+        cfg = EditConfig(strength=1.0, steps=(args.steps,), guidance_scale=scale)
+        out = tensor_to_frames(run_base(cascade, x0, prompts, list(range(len(scenes))), cfg))
+        totals, by_motion = Counter(), defaultdict(Counter)
+        for scene, frames in zip(scenes, out):
+            res = compare(scene, analyze(frames))
+            totals.update({k: int(v) for k, v in res.items()})
+            by_motion[scene.objects[0].motion].update(ok=int(res["motion"]), n=1)
+        print(f"{args.weights} guidance {scale:g}: n={len(scenes)} "
+              + " ".join(f"{k}={v / len(scenes):.0%}" for k, v in totals.items()))
+        print("  motion by direction: " + " ".join(f"{m}={c['ok']}/{c['n']}" for m, c in sorted(by_motion.items())),
+              flush=True)
     return 0
 
 

@@ -99,3 +99,17 @@ def test_core_modules_do_not_import_ray():
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_text_cache_stays_bounded_and_never_drops_what_a_call_reads(text_encoder, monkeypatch):
+    """A call that overflows the cache clears it first: prompts cached earlier in the same call survive."""
+    import dreamix_ray.models.text as text
+
+    monkeypatch.setattr(text, "CACHE_SIZE", 3)
+    text_encoder._cache.clear()
+    first = text_encoder(["", "a red circle"])
+    tokens, pooled = text_encoder(["", "a blue square", "a green triangle"])  # 2 cached + 2 new > 3
+    assert len(text_encoder._cache) <= 3
+    assert torch.equal(tokens[0], first[0][0]) and torch.equal(pooled[0], first[1][0])
+    text_encoder._cache.clear()
+    assert torch.allclose(text_encoder(["a blue square"])[1][0], pooled[1])

@@ -66,6 +66,9 @@ def test_finetune_once_then_edit_many(capsys, tiny_dir, tmp_path):
     (None, ["--strength", "nan"], "strength must be in"),
     (None, ["--model", "/nonexistent/cascade"], "not a cascade directory"),
     (None, ["--finetuned", "ft-nope", "--store", "/tmp/dreamix-empty-store"], "no finetuned artifact"),
+    (None, ["--device", "tpu"], "unknown device 'tpu'"),
+    pytest.param(None, ["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, tiny_dir, tmp_path, make_input, extra, message):
     import re
@@ -98,3 +101,16 @@ def test_bad_finetune_arguments(capsys, tiny_dir, tmp_path):
     for extra, message in ((["--alpha", "2"], "alpha"), (["--ft-steps", "0"], "at least 1 step")):
         code, _, err = run_cli(capsys, "finetune", clip, "--model", str(tiny_dir), "--store", str(tmp_path), *extra)
         assert code == 2 and message in err
+
+
+def test_device_flag_runs_the_same_edit(capsys, tiny_dir, tmp_path):
+    """--device cpu and the default (auto: CPU here) give the same video; noise never depends on the device."""
+    clip = str(sample_clip("wolf.mp4"))
+    outs = []
+    for name, extra in (("auto", []), ("cpu", ["--device", "cpu"])):
+        out = tmp_path / f"{name}.mp4"
+        code, _, err = run_cli(capsys, "edit", clip, "-p", "a wolf", "-o", str(out), "--model", str(tiny_dir),
+                               "--quiet", "--seed", "4", *extra)
+        assert code == 0, err
+        outs.append(read_video(out).frames)
+    assert (outs[0] == outs[1]).all()

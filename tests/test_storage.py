@@ -111,6 +111,8 @@ def test_output_keys_are_idempotent_and_follow_the_edit():
     other_strength = work_items(rows, "s3://out/run", EditConfig(strength=0.4), "tiny-1")
     assert one[0]["output"] != other_model[0]["output"] != other_strength[0]["output"]
     assert json.loads(one[3]["cfg"])["strength"] == 0.95  # finetuned rows default to the paper's s
+    flag = work_items(rows, "s3://out/run", EditConfig(strength=0.6), "tiny-1", finetuned_strength=0.6)
+    assert [json.loads(i["cfg"])["strength"] for i in flag] == [0.6, 0.6, 0.5, 0.6]  # a row's own s wins
 
 
 def read_manifest_from(rows):

@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 ray = pytest.importorskip("ray")
+import ray.train  # noqa: E402  (TrainingFailedError, before any run has imported it)
 
 from dreamix_ray.cluster.train import (  # noqa: E402
     TrainSettings, TrainSetupError, finetune_on_ray, load_deepspeed_config, pretrain_on_ray, read_state,
@@ -29,9 +30,10 @@ from dreamix_ray.finetune import (  # noqa: E402
 from dreamix_ray.models.frame_mode import temporal_parameter_names  # noqa: E402
 from dreamix_ray.storage import ArtifactStore  # noqa: E402
 
-# Global batch of 2 samples. Seed 0, alpha 0.35: steps 0-3 and 5 are frame steps, step 4 a video step, so
-# step 5 checks that the temporal layers' Adam moments from step 4 do not move them on a frame step.
-MIXED = finetune_preset("mixed", steps=6, lr=1e-3, stages=("base",), batch_size=2, checkpoint_every=2)
+# Global batch of 2 samples. Seed 35, alpha 0.35: steps 0 and 5 are video steps, 1-4 frame steps, so the
+# temporal layers' Adam moments from step 0 must neither move them on steps 1-4 (single-process AdamW
+# skips them: no gradient) nor be lost across the kill after step 3 (step 5 uses them).
+MIXED = finetune_preset("mixed", steps=6, lr=1e-3, stages=("base",), batch_size=2, checkpoint_every=2, seed=35)
 FRAMES = finetune_preset("frames", steps=3, lr=1e-3, stages=("base", "ssr"), checkpoint_every=10)
 SETTINGS = dict(workers=2, threads=1)
 
@@ -46,6 +48,25 @@ def ray_local():
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture()
+def s3_bucket(monkeypatch):
+    """A real S3 server (moto) on loopback with one bucket; the project's storage finds it through the
+    standard AWS variables, and Ray Train's workers get the pickled pyarrow filesystem."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    keys = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
+                AWS_ENDPOINT_URL_S3=endpoint)
+    for name, value in keys.items():
+        monkeypatch.setenv(name, value)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="dreamix-train")
+    yield "s3://dreamix-train"
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +101,13 @@ def single_mixed(tiny, video):
     return losses, tuned
 
 
-def _update_gap(got: torch.nn.Module, want: torch.nn.Module, start: torch.nn.Module) -> float:
-    """||update(got) - update(want)|| / ||update(want)||: Adam turns float noise in near-zero gradients
-    into lr-sized steps on single weights, so whole updates are compared, not single weights."""
+def _update_gap(got: torch.nn.Module, want: torch.nn.Module, start: torch.nn.Module, names=None) -> float:
+    """||update(got) - update(want)|| / ||update(want)|| over `names` (default all): Adam turns float noise
+    in near-zero gradients into lr-sized steps on single weights, so whole updates are compared."""
     s0, sg, sw = start.state_dict(), got.state_dict(), want.state_dict()
-    dg = torch.cat([(sg[k] - s0[k]).flatten() for k in s0])
-    dw = torch.cat([(sw[k] - s0[k]).flatten() for k in s0])
+    keys = sorted(names) if names is not None else list(s0)
+    dg = torch.cat([(sg[k] - s0[k]).flatten() for k in keys])
+    dw = torch.cat([(sw[k] - s0[k]).flatten() for k in keys])
     return ((dg - dw).norm() / dw.norm()).item()
 
 
@@ -129,28 +151,12 @@ def test_rank_shards_add_up_to_the_global_batch(tiny, video):
         model.eval().requires_grad_(False).zero_grad(set_to_none=True)
 
 
-def test_zero2_matches_single_process_and_writes_the_same_artifact(ray_local, tiny, video, single_mixed, tmp_path):
-    losses, reference = single_mixed
-    store = ArtifactStore(str(tmp_path / "store"))
-    key, result = finetune_on_ray(video, MIXED, tiny, store, TrainSettings(zero=2, **SETTINGS))
-    assert key == artifact_key(video_bytes(video), MIXED, tiny)  # the single-process key
-    state = read_state(result.checkpoint)
-    assert state["world"] == 2 and state["zero"] == 2 and state["starts"] == [["base", 0]]
-    np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-3)
-    assert state["grad_norms"]["base"][0] == pytest.approx(_first_grad_norm(tiny, video, MIXED), rel=1e-4)
-    assert store.has(key, ARTIFACT_FILE)
-    loaded, cfg = load_finetuned(tiny, key, store)
-    assert cfg == MIXED
-    assert _update_gap(loaded.base.denoiser, reference.base.denoiser, tiny.base.denoiser) < 1e-2
-    assert loaded.stages[2].denoiser is tiny.stages[2].denoiser  # untouched stages are shared
-    again, none = finetune_on_ray(video, MIXED, tiny, store, TrainSettings(zero=2, **SETTINGS))
-    assert (again, none) == (key, None)  # finetune once, edit many: the artifact is reused
-
-
-def test_zero3_frames_only_masks_the_same_layers(ray_local, tiny, video, tmp_path):
-    """alpha = 0 under ZeRO-3: the temporal layers frame mode masks stay exactly as they were."""
-    store = ArtifactStore(str(tmp_path / "store"))
+def test_zero3_frames_only_masks_the_same_layers(ray_local, tiny, video, s3_bucket):
+    """alpha = 0 under ZeRO-3, checkpoints and artifact on S3: the temporal layers frame mode masks stay
+    exactly as they were, and the rest moves as in the single-process run."""
+    store = ArtifactStore(f"{s3_bucket}/artifacts")
     key, result = finetune_on_ray(video, FRAMES, tiny, store, TrainSettings(zero=3, **SETTINGS))
+    assert result.checkpoint.path.startswith("dreamix-train/artifacts/_train/")  # on the S3 server
     state = read_state(result.checkpoint)
     assert state["zero"] == 3 and [s for s, _ in state["starts"]] == ["base", "ssr"]  # both stages, one run
     loaded, _ = load_finetuned(tiny, key, store)
@@ -167,21 +173,33 @@ def test_zero3_frames_only_masks_the_same_layers(ray_local, tiny, video, tmp_pat
                            tiny.stages[index].denoiser) < 1e-2
 
 
-def test_killed_run_resumes_from_its_checkpoint(ray_local, tiny, video, single_mixed, tmp_path):
+def test_zero2_run_killed_after_a_checkpoint_resumes_and_matches_single_process(ray_local, tiny, video,
+                                                                               single_mixed, tmp_path):
     losses, reference = single_mixed
     storage, store = str(tmp_path / "ray"), ArtifactStore(str(tmp_path / "store"))
     settings = TrainSettings(zero=2, **SETTINGS)
-    with pytest.raises(ray.train.TrainingFailedError):  # a worker dies hard after step 3; checkpoint at 2
+    key = artifact_key(video_bytes(video), MIXED, tiny)  # the single-process key
+    with pytest.raises(ray.train.TrainingFailedError):  # every worker dies hard after step 3; checkpoint at 2
         finetune_on_ray(video, MIXED, tiny, store, settings, name="resume", storage=storage, fail_after_step=3)
-    assert not store.has(artifact_key(video_bytes(video), MIXED, tiny), ARTIFACT_FILE)
-    key, result = finetune_on_ray(video, MIXED, tiny, store, settings, name="resume", storage=storage)
+    assert not store.has(key, ARTIFACT_FILE)
+    resumed, result = finetune_on_ray(video, MIXED, tiny, store, settings, name="resume", storage=storage)
+    assert resumed == key
     state = read_state(result.checkpoint)
+    assert state["world"] == 2 and state["zero"] == 2
     assert state["starts"] == [["base", 0], ["base", 2]]  # the step counter carried on from the checkpoint
+    # same seed and global batch: the 2-worker loss curve (steps 0-1 before the kill, 2-5 after) is the
+    # single-process one, and so is the loss scale (gradient norm of step 0)
     np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-3)
-    # weights and Adam moments came back too: the result matches the uninterrupted single-process run
-    assert _update_gap(load_finetuned(tiny, key, store)[0].base.denoiser, reference.base.denoiser,
-                       tiny.base.denoiser) < 1e-2
-    with pytest.raises(ResumeError, match="--workers 2"):  # ZeRO shards were cut for 2 workers
+    assert state["grad_norms"]["base"][0] == pytest.approx(_first_grad_norm(tiny, video, MIXED), rel=1e-4)
+    # weights and Adam moments came back too: the artifact matches the uninterrupted single-process run
+    loaded, cfg = load_finetuned(tiny, key, store)
+    assert cfg == MIXED
+    assert _update_gap(loaded.base.denoiser, reference.base.denoiser, tiny.base.denoiser) < 1e-2
+    temporal = temporal_parameter_names(tiny.base.denoiser)  # moved by steps 0 and 5 only
+    assert _update_gap(loaded.base.denoiser, reference.base.denoiser, tiny.base.denoiser, temporal) < 1e-2
+    assert loaded.stages[2].denoiser is tiny.stages[2].denoiser  # untouched stages are shared
+    assert finetune_on_ray(video, MIXED, tiny, store, settings) == (key, None)  # finetune once, edit many
+    with pytest.raises(ResumeError, match="--workers 2"):  # ZeRO cut the optimizer state for 2 workers
         finetune_on_ray(video, MIXED, tiny, ArtifactStore(str(tmp_path / "other")),
                         TrainSettings(zero=2, workers=1, threads=1), name="resume", storage=storage)
 

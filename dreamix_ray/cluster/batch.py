@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import uuid
 import warnings
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
-from ..config import EditConfig
+from ..config import PAPER_STRENGTH_FINETUNED, EditConfig
 from ..errors import UserError
 from ..manifest import read_manifest, results_dir, work_items, write_results
 from ..storage import S3Settings, join, write_bytes
@@ -39,7 +40,8 @@ class BatchOptions:
     model: str | None = None
     address: str | None = None
     s3: S3Settings = S3Settings()
-    edit: EditConfig = EditConfig()
+    edit: EditConfig = EditConfig()  # its strength is for rows without one and without finetuning
+    finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0]  # for finetuned rows without one
     store: str | None = None  # finetuned artifacts; default <output-prefix>/artifacts
     cpus: dict = field(default_factory=dict)  # stage name or kind -> CPUs per actor
     gpus: dict = field(default_factory=dict)
@@ -55,6 +57,7 @@ class BatchOptions:
     flush_every: int = 64  # results rows per Parquet part
     object_store_mb: float | None = None  # Ray Data's budget for rows in flight: bounds how far reading runs ahead
     pin_stages: bool = False  # cascade stages ask for custom resource stage_<kind> (one worker group per stage)
+    actor_start_timeout_s: float = 1800  # a stage with no actor by then fails the job instead of hanging
 
 
 @dataclass
@@ -72,6 +75,7 @@ class BatchSummary:
     errors: list[tuple[str, str, str]] = field(default_factory=list)
     stats: str = ""  # ds.stats() after execution
     busy_seconds: dict[str, float] = field(default_factory=dict)  # per stage: summed remote wall time
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per stage: summed remote CPU time
 
     @property
     def videos_per_minute(self) -> float:
@@ -102,6 +106,16 @@ def _actors(opts: BatchOptions, spec: StageSpec) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def min_resources(opts: BatchOptions, specs: list[StageSpec]) -> dict[str, float]:
+    """CPUs and GPUs that one actor of every stage needs at once: less and the pipeline cannot stream."""
+    need = {"CPU": 0.1, "GPU": 0.0}  # the chunk split's tasks
+    for spec in _map_specs(specs):
+        lo = _actors(opts, spec)[0]
+        need["CPU"] += lo * stage_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
+        need["GPU"] += lo * stage_resource(opts.gpus, spec, 0.0)
+    return need
+
+
 def init_ray(opts: BatchOptions, specs: list[StageSpec]) -> bool:
     """Connect to --address / $RAY_ADDRESS, or start a local cluster; True if this call started Ray."""
     if ray.is_initialized():
@@ -111,11 +125,20 @@ def init_ray(opts: BatchOptions, specs: list[StageSpec]) -> bool:
         return True
     # Every stage needs one actor alive for rows to stream through; on a small machine that means more
     # logical CPUs than cores, which the OS time-slices (stages seldom all compute at once).
-    needed = sum(_actors(opts, s)[0] * stage_resource(opts.cpus, s, DEFAULT_CPUS.get(s.kind, 0.5))
-                 for s in _map_specs(specs))
-    num_cpus = opts.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    num_cpus = opts.num_cpus or max(os.cpu_count() or 1, math.ceil(min_resources(opts, specs)["CPU"]))
     ray.init(num_cpus=num_cpus, include_dashboard=False)
     return True
+
+
+def check_fits(opts: BatchOptions, specs: list[StageSpec]) -> None:
+    """Say so up front when the cluster cannot hold one actor per stage (it would wait for an autoscaler)."""
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in min_resources(opts, specs).items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        text = ", ".join(f"{need:g} {k} (the cluster has {got:g})" for k, (need, got) in short.items())
+        print(f"warning: one actor per stage needs {text}; the job waits up to {opts.actor_start_timeout_s:g} s "
+              "for an autoscaler to add nodes. Lower --stage-cpus / --stage-gpus on a fixed cluster.",
+              file=sys.stderr)
 
 
 def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
@@ -159,17 +182,20 @@ def _named(cls: type, name: str) -> type:
 def _data_context(opts: BatchOptions):
     """This job's Ray Data settings, restored afterwards (the context is global to the driver process)."""
     ctx = DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.execution_options.resource_limits
+    saved = (ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.execution_options.resource_limits,
+             ctx.wait_for_min_actors_s)
     ctx.enable_progress_bars = opts.progress
     # Rows carry their own errors; a block is lost only if its worker died more than max_task_retries
     # times. Keep going then: the driver records its rows as lost, and --max-error-rate decides.
     ctx.max_errored_blocks = -1
+    ctx.wait_for_min_actors_s = int(opts.actor_start_timeout_s)
     if opts.object_store_mb:
         ctx.execution_options.resource_limits = saved[2].copy(object_store_memory=opts.object_store_mb * 2**20)
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.execution_options.resource_limits = saved
+        (ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.execution_options.resource_limits,
+         ctx.wait_for_min_actors_s) = saved
 
 
 class _ResultsWriter:
@@ -201,13 +227,14 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     worker_s3 = {k: v for k, v in (("endpoint_url", s3.endpoint_url), ("region", s3.region)) if v}
     rows = read_manifest(opts.manifest, s3, on_error="keep")
     config, tag = cascade_config(opts.model, s3), model_tag(opts.model, s3)
-    items = work_items(rows, opts.output_prefix, opts.edit, tag)
+    items = work_items(rows, opts.output_prefix, opts.edit, tag, opts.finetuned_strength)
     store = opts.store or join(opts.output_prefix, "artifacts")
     specs = pipeline_stages(config, opts.model, worker_s3 or None, store, any(r.finetune for r in rows), opts.limits)
     run_id = opts.run_id or new_run_id()
     summary = BatchSummary(run_id, len(items), results=join(results_dir(opts.output_prefix), f"run={run_id}"))
     started = init_ray(opts, specs)
     try:
+        check_fits(opts, specs)
         with _data_context(opts):
             _execute(build_dataset(items, specs, opts, stage_classes), items, opts, summary,
                      _ResultsWriter(opts, run_id, tag, s3))
@@ -243,14 +270,22 @@ def _execute(ds, items: list[dict], opts: BatchOptions, summary: BatchSummary, w
                 _count(summary, row)
                 writer.add(row)
     writer.flush()
-    summary.stats, summary.busy_seconds = ds.stats(), busy_seconds(ds)
+    summary.stats, summary.busy_seconds, summary.cpu_seconds = ds.stats(), busy_seconds(ds), busy_seconds(
+        ds, "cpu_time")
 
 
-def busy_seconds(ds) -> dict[str, float]:
-    """Per operator, the summed wall time of its tasks (what ds.stats() prints as 'Remote wall time ... total')."""
+def busy_seconds(ds, kind: str = "wall_time") -> dict[str, float]:
+    """Per operator, the summed wall (or cpu_time) seconds of its tasks, as ds.stats() prints them."""
+    def walk(summary, out):
+        for parent in summary.parents:
+            walk(parent, out)
+        for op in summary.operators_stats:
+            if getattr(op, kind, None) is not None:
+                out[op.operator_name] = float(getattr(op, kind).sum)
+        return out
+
     try:  # ds.stats() is text only; its structured form is not public API, so tolerate it changing
-        ops = ds._get_stats_summary().operators_stats
-        return {op.operator_name: float(op.wall_time.sum) for op in ops if op.wall_time is not None}
+        return walk(ds._get_stats_summary(), {})
     except (AttributeError, TypeError):
         return {}
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # ray loads only when a batch runs, so `dreamix --help` stays fast
+    from .batch import BatchOptions
 
 STAGES_HELP = "stage=value pairs by stage name or kind, e.g. base=1,tsr=1,ssr=1 (also decode, finetune, encode)"
 
@@ -66,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssr-chunk-frames", type=int, default=None,
                    help="frames per chunk of the last SSR stage (default 32, as the paper)")
     p.add_argument("--fit", choices=("crop", "pad"), default="crop", help="how inputs are fitted to the base size")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: the machine's)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local cluster (default: the machine's, or enough for one actor per stage)")
     p.add_argument("--run-id", default=None, help="name of this run in the results (default: time + random)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -76,9 +81,9 @@ def options_from_args(args) -> "BatchOptions":
     from ..storage import S3Settings
     from .batch import BatchOptions
 
-    edit = {"fit": args.fit}
-    if args.strength is not None:
-        edit["strength"] = args.strength
+    edit, more = {"fit": args.fit}, {}
+    if args.strength is not None:  # given: it is every row's default, finetuned or not
+        edit["strength"] = more["finetuned_strength"] = args.strength
     if args.ssr_chunk_frames is not None:
         edit["ssr_chunk_frames"] = args.ssr_chunk_frames
     if args.batch_size < 1:
@@ -87,9 +92,11 @@ def options_from_args(args) -> "BatchOptions":
         manifest=args.manifest, output_prefix=args.output_prefix, model=args.model, address=args.address,
         s3=S3Settings(endpoint_url=args.endpoint_url, region=args.region), edit=EditConfig(**edit),
         store=args.store, cpus=parse_table(args.stage_cpus, "--stage-cpus"),
-        gpus=parse_table(args.stage_gpus, "--stage-gpus"), actors=parse_table(args.stage_actors, "--stage-actors", True),
+        gpus=parse_table(args.stage_gpus, "--stage-gpus"),
+        actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
         batch_size=args.batch_size, max_error_rate=args.max_error_rate, max_restarts=args.max_restarts,
-        object_store_mb=args.object_store_mb, pin_stages=args.pin_stages, num_cpus=args.num_cpus, run_id=args.run_id, progress=not args.quiet)
+        object_store_mb=args.object_store_mb, pin_stages=args.pin_stages, num_cpus=args.num_cpus,
+        run_id=args.run_id, progress=not args.quiet, **more)
 
 
 def run(args) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import CascadeConfig, EditConfig
 from ..errors import UserError
-from ..storage import ArtifactStore, S3Settings, filesystem, is_s3, join, read_bytes, write_bytes, exists
+from ..storage import ArtifactStore, S3Settings, exists, filesystem, is_s3, join, read_bytes, write_bytes
 
 TENSOR_COLUMNS = ("x", "frames")
 INT_COLUMNS = ("row", "prompt_index", "chunk", "n_chunks")
@@ -65,9 +65,8 @@ def describe(exc: BaseException) -> str:
     """One line for a row's `error`: the message for user errors, the type too for anything else."""
     from ..video import VideoError
 
-    if isinstance(exc, (UserError, VideoError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    text = " ".join(str(exc).split())  # results hold one line per row
+    return text if isinstance(exc, (UserError, VideoError)) else f"{type(exc).__name__}: {text}"
 
 
 def _s3(settings: dict | None) -> S3Settings | None:
@@ -291,11 +290,7 @@ class CascadeStage:
         return self.cascade
 
     def _to_device(self, cascade):
-        if self.device != "cpu":  # the sampling loop draws noise on the CPU generators' device; see docs
-            cascade.text_encoder.to(self.device)
-            for stage in cascade.stages:
-                stage.denoiser.to(self.device)
-        return cascade
+        return cascade.to(self.device)  # noise still comes from CPU generators: same rows on any device
 
     def _model(self, artifact: str):
         """(cascade, prompt rewrite) for the base cascade or a finetuned artifact."""

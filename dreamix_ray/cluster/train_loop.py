@@ -89,6 +89,10 @@ class _EngineDenoiser:
     def __init__(self, engine, dtype: torch.dtype):
         self.engine, self.dtype = engine, dtype
 
+    @property
+    def device(self) -> torch.device:  # objective.v_loss moves the CPU-made batch here
+        return torch.device(self.engine.device)
+
     def __call__(self, x, t, tokens, pooled, cond=None, frame_mode_on: bool = False):
         cast = (lambda v: None if v is None else v.to(self.dtype))
         return self.engine(cast(x), t, cast(tokens), cast(pooled), cast(cond), frame_mode_on=frame_mode_on).float()
@@ -113,13 +117,13 @@ def memory_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
         t = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps only this rank's partition in ds_tensor
         params += nbytes(t)
         seen.add(t.data_ptr())
-    opt = 0
     base = getattr(optimizer, "optimizer", optimizer)  # the torch AdamW inside a ZeRO wrapper
-    for group in base.param_groups:
-        for p in group["params"]:
-            if p.data_ptr() not in seen:  # fp32 master partitions (a copy unless plain DDP)
-                opt += nbytes(p)
-            opt += sum(nbytes(v) for v in base.state.get(p, {}).values() if torch.is_tensor(v) and v.dim())
+    # fp32 master partitions: ZeRO-3 swaps them out of the param groups between sub-group steps
+    masters = (getattr(optimizer, "fp32_partitioned_groups_flat", None)
+               or getattr(optimizer, "single_partition_of_fp32_groups", None)
+               or [p for g in base.param_groups for p in g["params"]])
+    opt = sum(nbytes(m) for m in masters if m.data_ptr() not in seen)  # plain DDP: the weights themselves
+    opt += sum(nbytes(v) for st in base.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
     return {"params": params, "optimizer": opt}
 
 
@@ -245,19 +249,19 @@ def _train_task(task: StageTask, index: int, job: dict, state: RunState, resume_
         step += 1
         if ema is not None:
             _update_ema(ema, module, step, job["zero"])
-        if step == first + 1:
-            state.memory[task.name] = _gather(memory_bytes(module, ds_optimizer))
         if step % task.checkpoint_every == 0 and step < task.steps:
             state.step = step
             _report(engine, state, exports, task, index, rank, ema, ds=True)
         if job.get("fail_after_step") == step:
-            _crash(rank, world)
+            _crash()
+    # after the loop: a masked (temporal) group has no Adam state until its first video step
+    state.memory[task.name] = _gather(memory_bytes(module, ds_optimizer))
     if started is not None and step > first + 1:
         state.seconds_per_step[task.name] = (time.perf_counter() - started) / (step - first - 1)
     _export(engine, module, ema, task, exports, rank)
     finished = step >= task.steps
     state.stage, state.step = (index + 1, 0) if finished else (index, step)
-    _report(engine, state, exports, task, index, rank, ema, ds=not finished)
+    _report(engine, state, exports, task, index, rank, ema, ds=not finished, suffix="" if finished else "-stop")
     engine.destroy()
     return finished
 
@@ -291,7 +295,8 @@ def _export(engine, module, ema, task: StageTask, exports: Path, rank: int) -> N
     model.save_pretrained(exports / task.name)
 
 
-def _report(engine, state: RunState, exports: Path, task: StageTask, index: int, rank: int, ema, ds: bool) -> None:
+def _report(engine, state: RunState, exports: Path, task: StageTask, index: int, rank: int, ema, ds: bool,
+            suffix: str = "") -> None:
     """Every rank writes its part of the checkpoint into one folder; Ray Train merges them in storage."""
     import ray.train
 
@@ -307,14 +312,13 @@ def _report(engine, state: RunState, exports: Path, task: StageTask, index: int,
         losses = state.losses.get(task.name) or [float("nan")]
         metrics = {"stage": task.name, "stage_index": index, "step": state.step, "loss": losses[-1]}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint-s{state.stage}-{task.name}-{state.step:07d}")
+                         checkpoint_dir_name=f"checkpoint-s{state.stage}-{task.name}-{state.step:07d}{suffix}")
 
 
-def _crash(rank: int, world: int) -> None:
-    """Test hook (job["fail_after_step"]): kill the last rank hard once the checkpoints so far are stored."""
+def _crash() -> None:
+    """Test hook (job["fail_after_step"]): every worker process dies hard, as on losing the nodes, once
+    Ray Train has registered the checkpoints reported so far."""
     import ray.train
 
     ray.train.get_all_reported_checkpoints()
-    if rank == world - 1:
-        os._exit(1)
-    time.sleep(600)  # the controller tears this rank down when it sees the dead one
+    os._exit(1)

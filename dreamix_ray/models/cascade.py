@@ -62,6 +62,20 @@ class Cascade:
     def base(self) -> Stage:
         return self.stages[0]
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.denoiser.parameters()).device
+
+    def to(self, device: str | torch.device) -> "Cascade":
+        """Move every network (text encoder, denoisers, VAEs) to `device`; noise is still drawn by CPU
+        generators and then moved, so a seed gives the same video on any device."""
+        self.text_encoder.to(device)
+        for stage in self.stages:
+            stage.denoiser.to(device)
+            if stage.vae is not None:
+                stage.vae.to(device)
+        return self
+
     def last_ssr_index(self) -> int | None:
         idx = [i for i, s in enumerate(self.stages) if s.config.kind == "ssr"]
         return idx[-1] if idx else None

@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+CACHE_SIZE = 4096  # prompts kept encoded
+
 class TextEncoder(torch.nn.Module):
     """A frozen Hugging Face text encoder with a small prompt cache."""
 
@@ -48,10 +50,16 @@ class TextEncoder(torch.nn.Module):
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing and len(self._cache) + len(missing) > CACHE_SIZE:
+            # bounded (pretraining sees many distinct captions, 49 KB each); clear first, then encode
+            # everything this call needs, so no entry it reads is evicted half-way
+            self._cache.clear()
+            missing = list(dict.fromkeys(prompts))
         if missing:
             self._encode(missing)
-        tokens = torch.stack([self._cache[p][0] for p in prompts])
-        pooled = torch.stack([self._cache[p][1] for p in prompts])
+        device = next(self.model.parameters()).device  # the cache may predate a .to(device)
+        tokens = torch.stack([self._cache[p][0] for p in prompts]).to(device)
+        pooled = torch.stack([self._cache[p][1] for p in prompts]).to(device)
         return tokens, pooled
 
     def _encode(self, prompts: list[str]) -> None:
@@ -66,8 +74,6 @@ class TextEncoder(torch.nn.Module):
         pooled_bd = getattr(out, "pooler_output", None) if self.kind == "clip" else None
         if pooled_bd is None:  # mean over real tokens, as sentence-transformers pools MiniLM
             pooled_bd = (tokens_bld * mask_bl1).sum(1) / mask_bl1.sum(1).clamp(min=1)
-        if len(self._cache) > 4096:  # bounded: pretraining sees many distinct captions (49 KB each)
-            self._cache.clear()
         for p, t, q in zip(prompts, tokens_bld, pooled_bd.float()):
             self._cache[p] = (t, q)
 

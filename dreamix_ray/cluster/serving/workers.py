@@ -83,7 +83,10 @@ class _Replica:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         threads = self.settings.torch_threads or max(1, int(cpus))
         torch.set_num_threads(threads)  # several replicas share a node: never oversubscribe its cores
-        self.cascade = Cascade.from_pretrained(self.settings.model_dir)
+        from ...devices import resolve_device
+
+        # a replica with num_gpus sees its GPU (Ray sets CUDA_VISIBLE_DEVICES); otherwise the CPU
+        self.cascade = Cascade.from_pretrained(self.settings.model_dir).to(resolve_device("auto"))
         self.store = ArtifactStore(self.settings.store_root)
         self.jobs = JobStore(self.store)
         self._tuned: OrderedDict = OrderedDict()
