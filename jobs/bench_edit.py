@@ -108,7 +108,8 @@ def loop_speed(cascade, steps: int, repeats: int) -> dict:
 
     ours, ref = [], []
     for r in range(repeats):
-        for name, bucket in (("ours", ours), ("diffusers", ref)):
+        pair = [("ours", ours), ("diffusers", ref)]
+        for name, bucket in (pair if r % 2 == 0 else pair[::-1]):  # alternate who runs first (warm caches)
             sched = fresh_scheduler(stage.scheduler)
             ts = strength_timesteps(sched, steps, 1.0)
             start = time.perf_counter()

@@ -35,5 +35,11 @@ EMBEDDED_DENOISERS = {
 }
 
 
+# Finetuning learning rate found on tuning videos (BENCHMARKS.md, "Finetuning"): a 7M-parameter cascade
+# needs a far larger step than the paper's 6e-6 for a billion parameters.
+EMBEDDED_FINETUNE_LR = 1e-4
+
+
 def embedded_config(text_encoder_spec: dict) -> CascadeConfig:
-    return CascadeConfig(EMBEDDED_STAGES, dict(text_encoder_spec), EMBEDDED_NAME, EMBEDDED_DESCRIPTION)
+    return CascadeConfig(EMBEDDED_STAGES, dict(text_encoder_spec), EMBEDDED_NAME, EMBEDDED_DESCRIPTION,
+                         finetune_lr=EMBEDDED_FINETUNE_LR)
