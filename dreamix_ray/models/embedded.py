@@ -37,7 +37,7 @@ EMBEDDED_DENOISERS = {
 
 # Finetuning learning rate found on tuning videos (BENCHMARKS.md, "Finetuning"): a 7M-parameter cascade
 # needs a far larger step than the paper's 6e-6 for a billion parameters.
-EMBEDDED_FINETUNE_LR = 1e-4
+EMBEDDED_FINETUNE_LR = 3e-5
 
 
 def embedded_config(text_encoder_spec: dict) -> CascadeConfig:
