@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import EDIT_TYPES
 from .errors import UserError
 
 FIT_HELP = ("how the input is fitted to each stage's size: 'crop' resizes keeping the aspect ratio until "
@@ -25,6 +26,7 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     df_logging.set_verbosity_error()
+    df_logging.disable_progress_bar()
     logging.getLogger("torch").setLevel(logging.ERROR)
 
 
@@ -72,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="video file (mp4, webm, mov, avi, gif) or a folder of frames")
     _edit_args(p)
     p.add_argument("--strength", "-s", type=float, default=None,
-                   help="noise strength s in [0, 1] (default 0.7; 1.0 after finetuning)")
+                   help="noise strength s in [0, 1] (default: the cascade's strength for --edit-type, "
+                        "else 0.7, or 0.95 after finetuning)")
+    p.add_argument("--edit-type", default=None, choices=EDIT_TYPES,
+                   help="what the prompt changes; picks the cascade's tuned strength for it (motion edits need "
+                        "more noise than style edits)")
     p.add_argument("--preview", default=None, metavar="PREVIEW.mp4",
                    help="also write original | edit side by side (mp4 and a contact-sheet PNG)")
     p.add_argument("--keep-audio", action="store_true", help="copy the input's audio into the output")

@@ -52,19 +52,30 @@ def _write(args, video, original=None, audio_from=None) -> None:
         print(f"wrote preview {mp4} and {png}")
 
 
+def _edit_strength(args, cascade, preset: str | None) -> float:
+    """--strength, else the cascade's tuned strength for --edit-type (and finetuning preset), else
+    0.7 without finetuning and the paper's 0.95 after it."""
+    if args.strength is not None:
+        return args.strength
+    if args.edit_type:
+        tuned = cascade.config.strength_for(args.edit_type, preset or "none")
+        if tuned is not None:
+            return tuned
+    return PAPER_STRENGTH_FINETUNED[0] if preset else 0.7
+
+
 def cmd_edit(args) -> int:
     from .edit import edit
     from .finetune import finetuned_prompt, load_finetuned
     from .video import read_video
 
-    tuned = bool(args.finetune or args.finetuned)
-    strength = args.strength if args.strength is not None else (PAPER_STRENGTH_FINETUNED[0] if tuned else 0.7)
-    cfg = _edit_config(args, strength)  # bad settings fail before any decoding or training
+    # bad settings fail before any decoding or training; a preset strength is settled once the cascade is loaded
+    _edit_config(args, args.strength if args.strength is not None else 0.7)
     video = read_video(args.input)
-    cascade, prompt = _cascade(args), args.prompt
+    cascade, prompt, preset = _cascade(args), args.prompt, None
     if args.finetuned:
         cascade, ft_cfg = load_finetuned(cascade, args.finetuned, _store(args))
-        prompt = finetuned_prompt(prompt, ft_cfg)
+        prompt, preset = finetuned_prompt(prompt, ft_cfg), ft_cfg.preset
     elif args.finetune:
         from .finetune import finetune_or_load
 
@@ -72,7 +83,9 @@ def cmd_edit(args) -> int:
         cascade, key = finetune_or_load(video, ft_cfg, cascade, _store(args), _progress(args),
                                         source_bytes=_file_bytes(args.input))
         print(f"finetuned artifact {key}", file=sys.stderr)
-        prompt = finetuned_prompt(prompt, ft_cfg)
+        prompt, preset = finetuned_prompt(prompt, ft_cfg), ft_cfg.preset
+    strength = _edit_strength(args, cascade, preset)
+    cfg = _edit_config(args, strength)
     start = time.perf_counter()
     out = edit(video, prompt, cfg, cascade, progress=_progress(args))
     print(f"edited in {time.perf_counter() - start:.1f} s with prompt {prompt!r} at strength {strength:g}")

@@ -26,7 +26,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("eval", help="automatic evaluation reproducing the paper's Tables 1 and 2 -> EVAL.md")
-    p.add_argument("--quick", action="store_true", help="a few edits only (CI)")
+    p.add_argument("--quick", action="store_true", help="one source video, 4 edits per method (CI)")
+    p.add_argument("--sources", type=int, default=None,
+                   help="held-out source videos, 4 edits each (default 6; 1 with --quick)")
     p.add_argument("-o", "--output", default="EVAL.md")
     p.add_argument("--model", default=None)
     p.add_argument("--quiet", action="store_true")

@@ -18,6 +18,8 @@ PAPER_GUIDANCE_SCALE = 1.0
 # Paper Sec. 4.1 / App. A.3: good strengths without finetuning 0.4-0.85, after finetuning 0.95-1.0.
 PAPER_STRENGTH_NO_FINETUNE = (0.4, 0.85)
 PAPER_STRENGTH_FINETUNED = (0.95, 1.0)
+EDIT_TYPES = ("motion", "style", "object", "background")  # the paper's edit categories (Table 1)
+STRENGTH_PRESETS = ("none", "video", "mixed")  # no finetuning, or the finetuning preset used
 # Paper App. A.2: learning rate of every finetuning recipe.
 PAPER_FINETUNE_LR = 6e-6
 # Latent SSR refiners (models/latent.py): zeroscope_v2_XL's card recommends SDEdit strength 0.66-0.85.
@@ -86,22 +88,45 @@ class CascadeConfig(_Dict):
     name: str = "cascade"
     description: str = ""
     finetune_lr: float | None = None  # what works for this cascade; None = the paper's 6e-6
+    # Strength per edit type, found on tuning videos: {"none" | "video" | "mixed": {edit type: s}}
+    # ("none" = no finetuning). Motion edits need more noise than style edits (paper Sec. 6).
+    edit_strengths: dict | None = None
+
+    def __post_init__(self):
+        for preset, by_type in (self.edit_strengths or {}).items():
+            if preset not in STRENGTH_PRESETS or not isinstance(by_type, dict):
+                raise ConfigError(f"edit_strengths: keys must be among {STRENGTH_PRESETS}, each mapping edit types "
+                                  f"to strengths; got {preset!r}: {by_type!r}")
+            for edit_type, s in by_type.items():
+                if edit_type not in EDIT_TYPES:
+                    raise ConfigError(f"edit_strengths[{preset!r}]: unknown edit type {edit_type!r}; "
+                                      f"use one of {EDIT_TYPES}")
+                validate_strength(s)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "name": self.name,
             "description": self.description,
             "finetune_lr": self.finetune_lr,
             "text_encoder": dict(self.text_encoder),
             "stages": [s.to_dict() for s in self.stages],
         }
+        if self.edit_strengths:  # cascades without presets keep their cascade.json (and ids) unchanged
+            data["edit_strengths"] = {k: dict(v) for k, v in self.edit_strengths.items()}
+        return data
+
+    def strength_for(self, edit_type: str, preset: str = "none") -> float | None:
+        """The tuned strength for an edit type ("none" = no finetuning), or None if this cascade has none."""
+        if edit_type not in EDIT_TYPES:
+            raise ConfigError(f"unknown edit type {edit_type!r}; use one of {', '.join(EDIT_TYPES)}")
+        return (self.edit_strengths or {}).get(preset, {}).get(edit_type)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CascadeConfig":
         stages = tuple(StageConfig.from_dict(s) for s in data["stages"])
         return cls(stages=stages, text_encoder=dict(data.get("text_encoder", {})),
                    name=data.get("name", "cascade"), description=data.get("description", ""),
-                   finetune_lr=data.get("finetune_lr"))
+                   finetune_lr=data.get("finetune_lr"), edit_strengths=data.get("edit_strengths"))
 
 
 def validate_strength(strength: float) -> float:

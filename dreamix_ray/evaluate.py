@@ -6,6 +6,7 @@ People scored quality, fidelity and alignment; here the pixel analyzer does. Eac
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import EditConfig
-from .edit import edit, generate
+from .config import EDIT_TYPES, EditConfig
+from .errors import UserError
+from .degrade import downsample_to_stage
+from .edit import run_cascade
 from .finetune import finetune, finetune_preset, finetuned_prompt
 from .models.frame_mode import frame_mode
 from .video import Video, contact_sheet
@@ -25,13 +28,15 @@ from .world.captions import canonical_caption
 from .world.render import render
 from .world.scene import BACKGROUND_COLOURS, COLOURS, MOTIONS, SHAPES, STYLES, sample_scene
 
-EDIT_TYPES = ("motion", "style", "object", "background")
 METHODS = ("text-to-video", "per-frame", "dreamix", "dreamix+video-ft", "dreamix+mixed-ft")
 DREAMIX_VARIANTS = METHODS[2:]
+VARIANT_PRESET = {"dreamix": "none", "dreamix+video-ft": "video", "dreamix+mixed-ft": "mixed"}
 CHECKED = ("background", "colour", "shape", "style", "motion")
 EDITED_ATTRIBUTE = {"motion": "motion", "style": "style", "object": "shape", "background": "background"}
 SMOOTH_BAR = 0.05  # mean |second difference| of the centroid, in frame widths
 FOUND_BAR = 0.9
+LAYOUT_BAR = 0.1  # mean centroid distance to the ideal edit's track, in frame widths
+EVAL_SOURCES = 6  # held-out source videos, one edit of each type per source
 FLICKER_BAR = 6.0  # median |frame-to-frame change| of a pixel (uint8 levels); a still background is ~0
 
 
@@ -39,12 +44,23 @@ FLICKER_BAR = 6.0  # median |frame-to-frame change| of a pixel (uint8 levels); a
 class EvalSettings:
     """Strengths and finetuning recipes used for the tables (chosen on tuning videos, not these)."""
 
-    strength: float = 0.8
+    strength: float = 0.8  # Dreamix without finetuning, for a cascade with no per-type strengths
     strength_finetuned: float = 0.9
+    # {"none" | "video" | "mixed": {edit type: s}}; None = the cascade's `edit_strengths`
+    edit_strengths: dict | None = None
     finetune_steps: int = 60
     finetune_lr: float | None = None  # None: the cascade's finetune_lr
     finetune_stages: tuple[str, ...] = ("base",)
     steps: tuple[int, ...] = ()  # per-stage sampling steps; empty = the cascade's
+
+    def strength_for(self, method: str, edit_type: str, cascade) -> float:
+        """Per-frame editing uses Dreamix's no-finetuning strengths, so it differs only in frame mode."""
+        preset = VARIANT_PRESET.get(method, "none")
+        table = self.edit_strengths if self.edit_strengths is not None else (cascade.config.edit_strengths or {})
+        tuned = table.get(preset, {}).get(edit_type)
+        if tuned is not None:
+            return float(tuned)
+        return self.strength if preset == "none" else self.strength_finetuned
 
 
 @dataclass
@@ -63,6 +79,7 @@ class Scores:
     quality: float
     psnr: float
     ssim: float
+    layout: bool  # the object's track follows the ideal edit's (where it is, not only what it is)
     passed: dict = field(default_factory=dict)
 
     @property
@@ -124,8 +141,15 @@ def unedited_region_fidelity(source: np.ndarray, edited: np.ndarray, target: np.
     def fg(frames, background):
         return np.abs(frames.astype(int) - np.array(COLOURS[background])).sum(-1) > 60
 
-    obj = fg(source, case.source.background) | fg(target, case.target.background)
-    mask = obj if case.edit_type == "background" else ~obj
+    def dilate(mask):  # one pixel: anti-aliased edges mix object and background, so neither side keeps them
+        t = torch.from_numpy(mask).float()[:, None]
+        return F.max_pool2d(t, 3, stride=1, padding=1)[:, 0].numpy() > 0
+
+    src_obj, tgt_obj = fg(source, case.source.background), fg(target, case.target.background)
+    if case.edit_type == "background":
+        mask = ~dilate(~(src_obj & tgt_obj))  # the object's interior, in both videos
+    else:
+        mask = ~dilate(src_obj | tgt_obj)
     if mask.sum() == 0:
         return float("nan"), float("nan")
     diff = (source.astype(np.float64) - edited.astype(np.float64))[mask]
@@ -133,6 +157,16 @@ def unedited_region_fidelity(source: np.ndarray, edited: np.ndarray, target: np.
     gray = lambda v: torch.from_numpy(v.mean(-1, keepdims=True) / 255.0).float().permute(0, 3, 1, 2)  # noqa
     ssim_map = _ssim(gray(source), gray(edited))[:, 0].numpy()
     return float(psnr), float(ssim_map[mask].mean())
+
+
+def layout_kept(centroids: np.ndarray, target: np.ndarray) -> bool:
+    """Mean distance of the edited object's centroid track to the ideal edit's (the target render:
+    the source's start, the target's motion) within LAYOUT_BAR frame widths."""
+    ideal = analyze(target).objects
+    if not ideal or len(ideal[0].centroids) != len(centroids):
+        return False
+    dist = np.linalg.norm(centroids - ideal[0].centroids, axis=-1)
+    return bool(np.isfinite(dist).any() and np.nanmean(dist) <= LAYOUT_BAR)
 
 
 def score(case: Case, source: np.ndarray, edited: np.ndarray, target: np.ndarray) -> Scores:
@@ -146,16 +180,20 @@ def score(case: Case, source: np.ndarray, edited: np.ndarray, target: np.ndarray
     alignment = float(found[edited_attr] == getattr(want_target, edited_attr))
     kept = [a for a in CHECKED if a != edited_attr]
     src = {"background": case.source.background, **{a: getattr(case.source.objects[0], a) for a in CHECKED[1:]}}
-    fidelity = float(np.mean([found[a] == src[a] for a in kept]))
+    # Fidelity is "preserves the original" (paper Sec. 6): every kept attribute and the layout. With
+    # captions that name every attribute, text-to-video could keep all attributes without the video.
+    layout = obj is not None and layout_kept(obj.centroids, target)
+    facets = [found[a] == src[a] for a in kept] + [layout]
+    fidelity = float(np.mean(facets))
     smooth = trajectory_smoothness(edited)
     found_frac = object_found_fraction(edited)
     flicker = float(np.median(np.abs(np.diff(edited.astype(np.int16), axis=0)))) if len(edited) > 1 else 0.0
     quality = float(np.mean([found_frac >= FOUND_BAR, np.isfinite(smooth) and smooth <= SMOOTH_BAR,
                              flicker <= FLICKER_BAR]))
     psnr, ssim = unedited_region_fidelity(source, edited, target, case)
-    passed = {"alignment": alignment == 1.0, "fidelity": fidelity >= (len(kept) - 1) / len(kept),
+    passed = {"alignment": alignment == 1.0, "fidelity": fidelity >= (len(facets) - 1) / len(facets),
               "quality": quality == 1.0}
-    return Scores(alignment, fidelity, quality, psnr, ssim, passed)
+    return Scores(alignment, fidelity, quality, psnr, ssim, layout, passed)
 
 
 def _render(scene, cascade) -> Video:
@@ -163,28 +201,55 @@ def _render(scene, cascade) -> Video:
     return Video(render(scene, last.frames, last.height, last.fps), last.fps)
 
 
-def run_method(method: str, case: Case, cascade, tuned: dict, s: EvalSettings) -> Video:
-    """One method's output for one case; `tuned` maps variant -> (cascade, FinetuneConfig) per source."""
-    source = _render(case.source, cascade)
-    cfg = EditConfig(strength=s.strength, seed=case.seed, steps=s.steps)
-    if method == "text-to-video":
-        return generate(case.prompt, cfg, cascade)
-    if method == "per-frame":  # an image editor run frame by frame: every stage in frame mode
-        with frame_mode():
-            return edit(source, case.prompt, cfg, cascade)
-    if method == "dreamix":
-        return edit(source, case.prompt, cfg, cascade)
-    model, ft_cfg = tuned[method]
-    ft = EditConfig(strength=s.strength_finetuned, seed=case.seed, steps=s.steps)
-    return edit(source, finetuned_prompt(case.prompt, ft_cfg), ft, model)
+def _run_rows(model, sources: list[Video] | None, prompts: list[str], seeds: list[int], strength: float,
+              s: EvalSettings) -> list[np.ndarray]:
+    """One batch through the cascade (no sources = text-to-video); rows are independent (per-row seeds)."""
+    base = model.base.config
+    if sources is None:
+        x0, strength = torch.zeros(len(prompts), 3, base.frames, base.height, base.width), 1.0
+    else:
+        x0 = torch.cat([downsample_to_stage(v, base) for v in sources])
+    return list(run_cascade(model, x0, prompts, seeds, EditConfig(strength=strength, steps=s.steps)))
+
+
+def run_method(method: str, cases: list[Case], cascade, tuned: dict, s: EvalSettings) -> list[np.ndarray]:
+    """One method's outputs for cases of one source, batched by strength; `tuned` maps
+    variant -> (finetuned cascade, FinetuneConfig) for that source."""
+    source = _render(cases[0].source, cascade)
+    model, prompts = cascade, [c.prompt for c in cases]
+    if method in tuned:
+        model, ft_cfg = tuned[method]
+        prompts = [finetuned_prompt(p, ft_cfg) for p in prompts]
+    outputs: list = [None] * len(cases)
+    by_strength = defaultdict(list)
+    for i, case in enumerate(cases):
+        by_strength[s.strength_for(method, case.edit_type, cascade)].append(i)
+    for strength, rows in by_strength.items():
+        sources = None if method == "text-to-video" else [source] * len(rows)
+        # per-frame: an image editor run frame by frame, every stage in frame mode
+        with frame_mode() if method == "per-frame" else contextlib.nullcontext():
+            outs = _run_rows(model, sources, [prompts[i] for i in rows], [cases[i].seed for i in rows], strength, s)
+        for i, out in zip(rows, outs):
+            outputs[i] = out
+    return outputs
+
+
+def finetune_variants(source_video: Video, cascade, s: EvalSettings, seed: int) -> dict:
+    """The finetuned variants of one source: {variant: (cascade, FinetuneConfig)}."""
+    tuned = {}
+    for variant, preset in (("dreamix+video-ft", "video"), ("dreamix+mixed-ft", "mixed")):
+        ft_cfg = finetune_preset(preset, steps=s.finetune_steps, lr=s.finetune_lr, stages=s.finetune_stages,
+                                 seed=seed)
+        tuned[variant] = (finetune(source_video, ft_cfg, cascade), ft_cfg)
+    return tuned
 
 
 def run_eval(cascade, quick: bool = False, settings: EvalSettings = EvalSettings(), progress: bool = True,
-             sheets_dir: Path | None = None):
+             sheets_dir: Path | None = None, n_sources: int | None = None):
     """Every method on every case; returns {method: [(case, Scores)]}."""
     from tqdm.auto import tqdm
 
-    cases = eval_cases(1 if quick else 4)
+    cases = eval_cases(n_sources or (1 if quick else EVAL_SOURCES))
     results: dict[str, list] = defaultdict(list)
     by_source = defaultdict(list)
     for case in cases:
@@ -192,20 +257,16 @@ def run_eval(cascade, quick: bool = False, settings: EvalSettings = EvalSettings
     bar = tqdm(total=len(cases) * len(METHODS), desc="eval", disable=not progress, unit="edit")
     for group in by_source.values():
         source_video = _render(group[0].source, cascade)
-        tuned = {}
-        for variant, preset in (("dreamix+video-ft", "video"), ("dreamix+mixed-ft", "mixed")):
-            ft_cfg = finetune_preset(preset, steps=settings.finetune_steps, lr=settings.finetune_lr,
-                                     stages=settings.finetune_stages, seed=group[0].seed)
-            tuned[variant] = (finetune(source_video, ft_cfg, cascade), ft_cfg)
-        for case in group:
-            target = _render(case.target, cascade).frames
-            for method in METHODS:
-                out = run_method(method, case, cascade, tuned, settings)
-                results[method].append((case, score(case, source_video.frames, out.frames, target)))
+        tuned = finetune_variants(source_video, cascade, settings, group[0].seed)
+        targets = [_render(case.target, cascade).frames for case in group]
+        for method in METHODS:
+            outs = run_method(method, group, cascade, tuned, settings)
+            for case, out, target in zip(group, outs, targets):
+                results[method].append((case, score(case, source_video.frames, out, target)))
                 if sheets_dir is not None and len(results[method]) <= len(EDIT_TYPES):
                     sheets_dir.mkdir(parents=True, exist_ok=True)
-                    contact_sheet(source_video, out, sheets_dir / f"{method}-{case.edit_type}.png")
-                bar.update()
+                    contact_sheet(source_video, Video(out, source_video.fps), sheets_dir / f"{method}-{case.edit_type}.png")
+            bar.update(len(group))
     bar.close()
     return dict(results)
 
@@ -223,12 +284,13 @@ def tables(results) -> tuple[str, str, float]:
         total += n
         t1.append(f"| {et} | {n} | " + " | ".join(f"{np.mean(rates[m]):.0%}" for m in METHODS)
                   + f" | {best} |")
-    t2 = ["| method | quality | fidelity | alignment | success | PSNR unedited (dB) | SSIM unedited |",
-          "|---|---|---|---|---|---|---|"]
+    t2 = ["| method | quality | fidelity | alignment | success | layout kept | PSNR unedited (dB) | SSIM unedited |",
+          "|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         rows = [s for _, s in results[m]]
         t2.append(f"| {m} | {np.mean([s.quality for s in rows]):.2f} | {np.mean([s.fidelity for s in rows]):.2f}"
                   f" | {np.mean([s.alignment for s in rows]):.2f} | {np.mean([s.success for s in rows]):.0%}"
+                  f" | {np.mean([s.layout for s in rows]):.0%}"
                   f" | {np.nanmean([s.psnr for s in rows]):.1f} | {np.nanmean([s.ssim for s in rows]):.3f} |")
     return "\n".join(t1), "\n".join(t2), best_hits / max(total, 1)
 
@@ -240,10 +302,14 @@ def run_eval_cli(args) -> int:
     out = Path(args.output)
     sheets = out.parent / (out.stem.lower() + "_sheets")
     start = time.perf_counter()
-    results = run_eval(cascade, quick=args.quick, progress=not args.quiet, sheets_dir=sheets)
+    if args.sources is not None and args.sources < 1:
+        raise UserError(f"--sources must be >= 1, got {args.sources}")
+    results = run_eval(cascade, quick=args.quick, progress=not args.quiet, sheets_dir=sheets, n_sources=args.sources)
     minutes = (time.perf_counter() - start) / 60
     t1, t2, best = tables(results)
-    command = "dreamix eval" + (" --quick" if args.quick else "") + (f" --model {args.model}" if args.model else "")
+    command = " ".join(["dreamix eval"] + (["--quick"] if args.quick else [])
+                       + ([f"--sources {args.sources}"] if args.sources else [])
+                       + ([f"--model {args.model}"] if args.model else []))
     sheet_lines = "\n".join(f"- {m}: " + ", ".join(f"[{et}]({sheets.name}/{m}-{et}.png)" for et in EDIT_TYPES)
                             for m in METHODS)
     out.write_text(EVAL_TEMPLATE.format(command=command, minutes=minutes, cascade=cascade.config.name, t1=t1,
@@ -262,7 +328,8 @@ outlined), object (new shape) and background (new colour).
 Scores come from the pixel analyzer (dreamix_ray/world/analyze.py), in [0, 1]:
 - alignment: the edited attribute has the prompt's value;
 - fidelity: the other attributes (background, colour, shape, style, motion) keep the source's
-  values; passes with at most one changed. PSNR / SSIM are over the region the edit should keep
+  values and the layout is kept (the object's track within 0.1 frame widths of the ideal edit's);
+  passes with at most one of these missed. PSNR / SSIM are over the region the edit should keep
   (the background, or the object for background edits), against the source;
 - quality: the object is found in >= 90% of frames, its track is smooth, and the median pixel
   does not flicker between frames (temporal consistency);

@@ -43,7 +43,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--weights", default="runs/pretrain/base/ema")
     p.add_argument("--n", type=int, default=40)
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--steps", type=int, nargs="+", default=[32], help="sampling step counts to compare")
+    p.add_argument("--eta", type=float, nargs="+", default=[0.5], help="DDIM eta values to compare")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
                    help="classifier-free guidance scales to compare (the unconditional model is the '' prompt)")
@@ -57,15 +58,16 @@ def main() -> int:
     prompts = [canonical_caption(s) for s in scenes]
     sc = base.config
     x0 = torch.zeros(len(scenes), 3, sc.frames, sc.height, sc.width)
-    for scale in args.guidance:
-        cfg = EditConfig(strength=1.0, steps=(args.steps,), guidance_scale=scale)
+    settings = [(g, n, e) for g in args.guidance for n in args.steps for e in args.eta]
+    for scale, steps, eta in settings:
+        cfg = EditConfig(strength=1.0, steps=(steps,), guidance_scale=scale, eta=eta)
         out = tensor_to_frames(run_base(cascade, x0, prompts, list(range(len(scenes))), cfg))
         totals, by_motion = Counter(), defaultdict(Counter)
         for scene, frames in zip(scenes, out):
             res = compare(scene, analyze(frames))
             totals.update({k: int(v) for k, v in res.items()})
             by_motion[scene.objects[0].motion].update(ok=int(res["motion"]), n=1)
-        print(f"{args.weights} guidance {scale:g}: n={len(scenes)} "
+        print(f"{args.weights} guidance {scale:g} steps {steps} eta {eta:g}: n={len(scenes)} "
               + " ".join(f"{k}={v / len(scenes):.0%}" for k, v in totals.items()))
         print("  motion by direction: " + " ".join(f"{m}={c['ok']}/{c['n']}" for m, c in sorted(by_motion.items())),
               flush=True)

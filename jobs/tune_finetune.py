@@ -13,6 +13,7 @@ import itertools
 import json
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,7 +23,7 @@ import numpy as np  # noqa: E402
 
 def main() -> int:
     from dreamix_ray.cli import _quiet_libraries
-    from dreamix_ray.evaluate import EvalSettings, _render, eval_cases, run_method, score
+    from dreamix_ray.evaluate import EDIT_TYPES, EvalSettings, _render, eval_cases, run_method, score
     from dreamix_ray.finetune import finetune, finetune_preset
     from dreamix_ray.models.cascade import load_cascade
 
@@ -36,23 +37,24 @@ def main() -> int:
     args = p.parse_args()
     _quiet_libraries()
     cascade = load_cascade(args.model)
-    cases = eval_cases(args.sources, held=False)
+    groups = defaultdict(list)
+    for case in eval_cases(args.sources, held=False):
+        groups[id(case.source)].append(case)
     rows = []
     for preset, lr, steps in itertools.product(args.presets, args.lrs, args.steps):
         start = time.perf_counter()
+        variant = f"dreamix+{preset}-ft"
         tuned = {}
-        for case in cases:
-            if id(case.source) not in tuned:
-                cfg = finetune_preset(preset, steps=steps, lr=lr, stages=("base",), seed=case.seed)
-                tuned[id(case.source)] = (finetune(_render(case.source, cascade), cfg, cascade), cfg)
+        for key, group in groups.items():
+            cfg = finetune_preset(preset, steps=steps, lr=lr, stages=("base",), seed=group[0].seed)
+            tuned[key] = {variant: (finetune(_render(group[0].source, cascade), cfg, cascade), cfg)}
         for strength in args.strengths:
-            settings = EvalSettings(strength_finetuned=strength)
+            settings = EvalSettings(edit_strengths={preset: dict.fromkeys(EDIT_TYPES, strength)})
             scores = []
-            for case in cases:
-                out = run_method("dreamix+mixed-ft", case, cascade, {"dreamix+mixed-ft": tuned[id(case.source)]},
-                                 settings)
-                scores.append(score(case, _render(case.source, cascade).frames, out.frames,
-                                    _render(case.target, cascade).frames))
+            for key, group in groups.items():
+                outs = run_method(variant, group, cascade, tuned[key], settings)
+                scores += [score(case, _render(case.source, cascade).frames, out, _render(case.target, cascade).frames)
+                           for case, out in zip(group, outs)]
             row = {"preset": preset, "lr": lr, "steps": steps, "strength": strength,
                    "success": float(np.mean([s.success for s in scores])),
                    "alignment": float(np.mean([s.alignment for s in scores])),

@@ -97,7 +97,8 @@ def test_finetune_rows_finetune_once_then_edit_with_the_artifact(tmp_path, tiny_
     done = {(r["id"], r["prompt"]): r for r in run_in_process(items, specs)}
     green, red = done[("ft", "a green circle")], done[("ft", "a red square")]
     assert green["status"] == red["status"] == "ok" and green["artifact"] == red["artifact"] != ""
-    assert [p.name for p in Path(store).iterdir()] == [green["artifact"]]  # finetuned once for both prompts
+    stored = sorted(p.name for p in Path(store).iterdir())
+    assert stored == [green["artifact"]], stored  # finetuned once for both prompts
     assert "unknown finetune preset 'nope'" in done[("nopreset", "x")]["error"]
     tuned, ft_cfg = load_finetuned(Cascade.from_pretrained(tiny_dir), red["artifact"], ArtifactStore(store))
     cfg = EditConfig(strength=0.95, seed=4, ssr_chunk_frames=CHUNK)

@@ -114,3 +114,30 @@ def test_device_flag_runs_the_same_edit(capsys, tiny_dir, tmp_path):
         assert code == 0, err
         outs.append(read_video(out).frames)
     assert (outs[0] == outs[1]).all()
+
+
+def test_edit_type_picks_the_cascade_strength(capsys, tiny_dir, tmp_path):
+    """--edit-type reads the cascade's tuned strength; --strength still wins; no table keeps the default."""
+    import json
+    import shutil
+
+    model = tmp_path / "cascade"
+    shutil.copytree(tiny_dir, model)
+    spec = json.loads((model / "cascade.json").read_text())
+    spec["edit_strengths"] = {"none": {"motion": 0.9, "style": 0.5}}
+    (model / "cascade.json").write_text(json.dumps(spec))
+    clip = str(sample_clip("wolf.mp4"))
+    frames = {}
+    for name, extra in (("motion", ["--edit-type", "motion"]), ("s09", ["--strength", "0.9"]),
+                        ("override", ["--edit-type", "motion", "--strength", "0.5"]),
+                        ("object", ["--edit-type", "object"])):
+        code, out, err = run_cli(capsys, "edit", clip, "-p", "a wolf running left", "-o", str(tmp_path / f"{name}.mp4"),
+                                 "--model", str(model), "--quiet", "--seed", "2", *extra)
+        assert code == 0, err
+        frames[name] = (out, read_video(tmp_path / f"{name}.mp4").frames)
+    assert "at strength 0.9" in frames["motion"][0] and (frames["motion"][1] == frames["s09"][1]).all()
+    assert "at strength 0.5" in frames["override"][0]
+    assert "at strength 0.7" in frames["object"][0]  # no tuned strength for object edits: the default
+    with pytest.raises(SystemExit):
+        main(["edit", clip, "-p", "x", "-o", str(tmp_path / "x.mp4"), "--edit-type", "colour"])
+    assert "invalid choice: 'colour'" in capsys.readouterr().err

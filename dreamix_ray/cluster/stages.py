@@ -146,14 +146,10 @@ def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None, with
 
 def _load_cascade(model: str | None, s3: S3Settings | None):
     """load_cascade without the libraries' per-load progress bars, which flood every actor's log."""
-    from diffusers.utils import logging as df_logging
-    from transformers.utils import logging as hf_logging
-
+    from ..cli import _quiet_libraries
     from ..models.cascade import load_cascade
 
-    for lib in (hf_logging, df_logging):
-        lib.disable_progress_bar()
-        lib.set_verbosity_error()
+    _quiet_libraries()
     return load_cascade(model_dir(model, s3))
 
 

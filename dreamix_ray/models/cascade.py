@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -83,9 +84,8 @@ class Cascade:
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config = CascadeConfig(stages=tuple(s.config for s in self.stages), text_encoder=self.text_encoder.spec(),
-                               name=self.config.name, description=self.config.description,
-                               finetune_lr=self.config.finetune_lr)
+        config = dataclasses.replace(self.config, stages=tuple(s.config for s in self.stages),
+                                     text_encoder=self.text_encoder.spec())
         for stage in self.stages:
             stage.denoiser.save_pretrained(path / stage.config.name)
             stage.scheduler.save_pretrained(path / stage.config.name)
