@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from .config import EDIT_TYPES
 from .errors import UserError

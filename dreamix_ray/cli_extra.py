@@ -20,7 +20,8 @@ def add_subcommands(sub) -> None:
     p = sub.add_parser("demo", help="render a shapes-world clip, edit it, write original | edit, judge it")
     p.add_argument("-o", "--output-dir", default="out/demo")
     p.add_argument("-p", "--prompt", default=None, help="edit prompt (default: a new colour and motion)")
-    p.add_argument("--strength", "-s", type=float, default=0.75)
+    p.add_argument("--strength", "-s", type=float, default=None,
+                   help="default: the cascade's tuned strength for motion edits, else 0.75")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None)
     p.add_argument("--quiet", action="store_true")

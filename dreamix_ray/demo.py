@@ -17,6 +17,7 @@ from .world.render import render
 from .world.scene import sample_scene
 
 VERDICT_ATTRIBUTES = ("background", "colour", "shape", "motion")
+DEMO_STRENGTH = 0.75  # for cascades without tuned per-edit-type strengths
 
 
 def demo_scene(seed: int):
@@ -40,12 +41,15 @@ def run_demo(args) -> int:
     source = Video(render(scene, last.frames, last.height, last.fps), last.fps)
     target = scene.replace_object(0, colour="yellow", motion="left")
     prompt = args.prompt or canonical_caption(target)
+    # The default prompt changes the motion: use the cascade's tuned strength for motion edits.
+    strength = args.strength if args.strength is not None else (cascade.config.strength_for("motion")
+                                                                or DEMO_STRENGTH)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"source: {canonical_caption(scene)}")
-    print(f"prompt: {prompt}  (strength {args.strength:g}, seed {args.seed})")
+    print(f"prompt: {prompt}  (strength {strength:g}, seed {args.seed})")
     start = time.perf_counter()
-    edited = edit(source, prompt, EditConfig(strength=args.strength, seed=args.seed), cascade,
+    edited = edit(source, prompt, EditConfig(strength=strength, seed=args.seed), cascade,
                   progress=not args.quiet)
     print(f"edited in {time.perf_counter() - start:.1f} s")
     write_video(out_dir / "original.mp4", source)

@@ -234,10 +234,12 @@ def run_method(method: str, cases: list[Case], cascade, tuned: dict, s: EvalSett
     return outputs
 
 
-def finetune_variants(source_video: Video, cascade, s: EvalSettings, seed: int) -> dict:
+def finetune_variants(source_video: Video, cascade, s: EvalSettings, seed: int,
+                      presets: tuple[str, ...] = ("video", "mixed")) -> dict:
     """The finetuned variants of one source: {variant: (cascade, FinetuneConfig)}."""
     tuned = {}
-    for variant, preset in (("dreamix+video-ft", "video"), ("dreamix+mixed-ft", "mixed")):
+    for preset in presets:
+        variant = f"dreamix+{preset}-ft"
         ft_cfg = finetune_preset(preset, steps=s.finetune_steps, lr=s.finetune_lr, stages=s.finetune_stages,
                                  seed=seed)
         tuned[variant] = (finetune(source_video, ft_cfg, cascade), ft_cfg)
@@ -312,7 +314,10 @@ def run_eval_cli(args) -> int:
                        + ([f"--model {args.model}"] if args.model else []))
     sheet_lines = "\n".join(f"- {m}: " + ", ".join(f"[{et}]({sheets.name}/{m}-{et}.png)" for et in EDIT_TYPES)
                             for m in METHODS)
-    out.write_text(EVAL_TEMPLATE.format(command=command, minutes=minutes, cascade=cascade.config.name, t1=t1,
+    settings = EvalSettings()
+    strengths = ", ".join(f"{et} {settings.strength_for('dreamix', et, cascade):g} / "
+                          f"{settings.strength_for('dreamix+mixed-ft', et, cascade):g}" for et in EDIT_TYPES)
+    out.write_text(EVAL_TEMPLATE.format(command=command, strengths=strengths, minutes=minutes, cascade=cascade.config.name, t1=t1,
                                         t2=t2, best=best, sheets=sheet_lines, n=len(results[METHODS[0]])))
     print(t1, t2, f"Dreamix, best variant per edit type: {best:.0%} success", f"wrote {out}", sep="\n\n")
     return 0
@@ -334,6 +339,8 @@ Scores come from the pixel analyzer (dreamix_ray/world/analyze.py), in [0, 1]:
 - quality: the object is found in >= 90% of frames, its track is smooth, and the median pixel
   does not flicker between frames (temporal consistency);
 - success: all three pass (the paper: mean score > 2 on all three).
+
+Strengths (no finetuning / after finetuning) per edit type: {strengths}.
 
 ## Table 1: success by edit type and variant
 

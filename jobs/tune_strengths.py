@@ -51,7 +51,8 @@ def base_only(cascade):
 
 def main() -> int:
     from dreamix_ray.cli import _quiet_libraries
-    from dreamix_ray.evaluate import EvalSettings, _render, eval_cases, finetune_variants, run_method, score
+    from dreamix_ray.evaluate import (EDIT_TYPES, EvalSettings, _render, eval_cases, finetune_variants,
+                                      run_method, score)
     from dreamix_ray.models.cascade import load_cascade
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +60,9 @@ def main() -> int:
     p.add_argument("--sources", type=int, default=4, help="tuning source videos (4 edits each)")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.7, 0.8, 0.9, 1.0])
     p.add_argument("--presets", nargs="+", default=list(PRESET_VARIANT), choices=list(PRESET_VARIANT))
+    p.add_argument("--ft-steps", type=int, default=EvalSettings.finetune_steps, help="base finetuning steps")
+    p.add_argument("--ft-lr", type=float, default=None, help="finetuning lr (default: the cascade's)")
+    p.add_argument("--types", nargs="+", default=list(EDIT_TYPES), choices=list(EDIT_TYPES))
     p.add_argument("--base-only", action="store_true", help="judge the base stage's output (10x faster)")
     p.add_argument("--write", action="store_true", help="store the chosen table in the cascade's cascade.json")
     args = p.parse_args()
@@ -67,7 +71,8 @@ def main() -> int:
     cascade = base_only(full) if args.base_only else full
     groups = defaultdict(list)
     for case in eval_cases(args.sources, held=False):
-        groups[id(case.source)].append(case)
+        if case.edit_type in args.types:
+            groups[id(case.source)].append(case)
     scores: dict = defaultdict(lambda: defaultdict(list))  # (preset, type) -> strength -> [Scores]
     start = time.perf_counter()
     for n, group in enumerate(groups.values(), 1):
@@ -75,7 +80,9 @@ def main() -> int:
         targets = [_render(c.target, cascade).frames for c in group]
         tuned = {}
         if any(p != "none" for p in args.presets):  # finetuned on the full-size source, as in `dreamix eval`
-            tuned = finetune_variants(_render(group[0].source, full), full, EvalSettings(), group[0].seed)
+            ft = EvalSettings(finetune_steps=args.ft_steps, finetune_lr=args.ft_lr)
+            presets = tuple(p for p in args.presets if p != "none")
+            tuned = finetune_variants(_render(group[0].source, full), full, ft, group[0].seed, presets)
             if args.base_only:
                 tuned = {v: (base_only(model), cfg) for v, (model, cfg) in tuned.items()}
         for preset in args.presets:

@@ -39,7 +39,14 @@ EMBEDDED_DENOISERS = {
 # needs a far larger step than the paper's 6e-6 for a billion parameters.
 EMBEDDED_FINETUNE_LR = 3e-5
 
+# Strength per edit type found on tuning videos (`python jobs/tune_strengths.py --sources 8 --strengths
+# 0.6 0.8 0.9 0.95 1.0 --base-only`, BENCHMARKS.md): object edits land at 0.6, style at 0.9, a new
+# background at 0.95; a new motion only at 1.0 (below it the source's motion survives). Finetuning at
+# the tuned lr and 60 steps did not move any choice.
+_TUNED = {"background": 0.95, "motion": 1.0, "object": 0.6, "style": 0.9}
+EMBEDDED_EDIT_STRENGTHS = {"none": dict(_TUNED), "video": dict(_TUNED), "mixed": dict(_TUNED)}
+
 
 def embedded_config(text_encoder_spec: dict) -> CascadeConfig:
     return CascadeConfig(EMBEDDED_STAGES, dict(text_encoder_spec), EMBEDDED_NAME, EMBEDDED_DESCRIPTION,
-                         finetune_lr=EMBEDDED_FINETUNE_LR)
+                         finetune_lr=EMBEDDED_FINETUNE_LR, edit_strengths=EMBEDDED_EDIT_STRENGTHS)
