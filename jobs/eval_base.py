@@ -30,11 +30,12 @@ from dreamix_ray.world.captions import canonical_caption  # noqa: E402
 from dreamix_ray.world.scene import sample_scene  # noqa: E402
 
 
-def held_out_scenes(n: int, seed: int = 1234):
+def held_out_scenes(n: int, seed: int = 1234, held: bool = True):
+    """Single-object scenes whose combination was held out of pretraining (or, held=False, trained on)."""
     rng, scenes = np.random.default_rng(seed), []
     while len(scenes) < n:
         s = sample_scene(rng, n_objects=1)
-        if held_out(s):
+        if held_out(s) == held:
             scenes.append(s)
     return scenes
 
@@ -49,12 +50,14 @@ def main() -> int:
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
                    help="classifier-free guidance scales to compare (the unconditional model is the '' prompt)")
     p.add_argument("--seed", type=int, default=1234, help="which held-out scenes")
+    p.add_argument("--trained-combos", action="store_true",
+                   help="captions of combinations seen in pretraining instead of held-out ones (a diagnostic)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     te = TextEncoder("minilm")
     base = Stage(EMBEDDED_STAGES[0], StageDenoiser.from_pretrained(args.weights).eval(), make_scheduler())
     cascade = Cascade(embedded_config(te.spec()), te, [base])
-    scenes = held_out_scenes(args.n, args.seed)
+    scenes = held_out_scenes(args.n, args.seed, held=not args.trained_combos)
     prompts = [canonical_caption(s) for s in scenes]
     sc = base.config
     x0 = torch.zeros(len(scenes), 3, sc.frames, sc.height, sc.width)
