@@ -141,3 +141,17 @@ def test_edit_type_picks_the_cascade_strength(capsys, tiny_dir, tmp_path):
     with pytest.raises(SystemExit):
         main(["edit", clip, "-p", "x", "-o", str(tmp_path / "x.mp4"), "--edit-type", "colour"])
     assert "invalid choice: 'colour'" in capsys.readouterr().err
+
+
+def test_demo_writes_side_by_side_and_a_verdict(capsys, tiny_dir, tmp_path):
+    """The README's main command, on the tiny cascade: both videos, the preview and one verdict line per
+    attribute the prompt names."""
+    code, out, err = run_cli(capsys, "demo", "-o", str(tmp_path), "--model", str(tiny_dir), "--quiet")
+    assert code == 0, err
+    for name in ("original.mp4", "edit.mp4", "side_by_side.mp4", "side_by_side.png"):
+        assert (tmp_path / name).is_file()
+    assert "(strength 0.75, seed 0)" in out  # no tuned strengths in the tiny cascade: the fallback
+    verdict = [line for line in out.splitlines() if line.strip().startswith(("background", "colour", "shape",
+                                                                             "motion"))]
+    assert len(verdict) == 4 and all(line.rstrip().endswith(("ok", "MISSED")) for line in verdict)
+    assert "attributes of the prompt found" in out
