@@ -31,6 +31,7 @@ from .world.scene import BACKGROUND_COLOURS, COLOURS, MOTIONS, SHAPES, STYLES, s
 METHODS = ("text-to-video", "per-frame", "dreamix", "dreamix+video-ft", "dreamix+mixed-ft")
 DREAMIX_VARIANTS = METHODS[2:]
 VARIANT_PRESET = {"dreamix": "none", "dreamix+video-ft": "video", "dreamix+mixed-ft": "mixed"}
+PRESET_VARIANT = {preset: variant for variant, preset in VARIANT_PRESET.items()}
 CHECKED = ("background", "colour", "shape", "style", "motion")
 EDITED_ATTRIBUTE = {"motion": "motion", "style": "style", "object": "shape", "background": "background"}
 SMOOTH_BAR = 0.05  # mean |second difference| of the centroid, in frame widths
@@ -212,10 +213,10 @@ def _run_rows(model, sources: list[Video] | None, prompts: list[str], seeds: lis
     return list(run_cascade(model, x0, prompts, seeds, EditConfig(strength=strength, steps=s.steps)))
 
 
-def run_method(method: str, cases: list[Case], cascade, tuned: dict, s: EvalSettings) -> list[np.ndarray]:
-    """One method's outputs for cases of one source, batched by strength; `tuned` maps
-    variant -> (finetuned cascade, FinetuneConfig) for that source."""
-    source = _render(cases[0].source, cascade)
+def run_method(method: str, cases: list[Case], source: Video, cascade, tuned: dict,
+               s: EvalSettings) -> list[np.ndarray]:
+    """One method's outputs for cases of one source (`source`, rendered once by the caller), batched by
+    strength; `tuned` maps variant -> (finetuned cascade, FinetuneConfig) for that source."""
     model, prompts = cascade, [c.prompt for c in cases]
     if method in tuned:
         model, ft_cfg = tuned[method]
@@ -239,7 +240,7 @@ def finetune_variants(source_video: Video, cascade, s: EvalSettings, seed: int,
     """The finetuned variants of one source: {variant: (cascade, FinetuneConfig)}."""
     tuned = {}
     for preset in presets:
-        variant = f"dreamix+{preset}-ft"
+        variant = PRESET_VARIANT[preset]
         ft_cfg = finetune_preset(preset, steps=s.finetune_steps, lr=s.finetune_lr, stages=s.finetune_stages,
                                  seed=seed)
         tuned[variant] = (finetune(source_video, ft_cfg, cascade), ft_cfg)
@@ -262,7 +263,7 @@ def run_eval(cascade, quick: bool = False, settings: EvalSettings = EvalSettings
         tuned = finetune_variants(source_video, cascade, settings, group[0].seed)
         targets = [_render(case.target, cascade).frames for case in group]
         for method in METHODS:
-            outs = run_method(method, group, cascade, tuned, settings)
+            outs = run_method(method, group, source_video, cascade, tuned, settings)
             for case, out, target in zip(group, outs, targets):
                 results[method].append((case, score(case, source_video.frames, out, target)))
                 if sheets_dir is not None and len(results[method]) <= len(EDIT_TYPES):
@@ -306,7 +307,9 @@ def run_eval_cli(args) -> int:
     start = time.perf_counter()
     if args.sources is not None and args.sources < 1:
         raise UserError(f"--sources must be >= 1, got {args.sources}")
-    results = run_eval(cascade, quick=args.quick, progress=not args.quiet, sheets_dir=sheets, n_sources=args.sources)
+    settings = EvalSettings()
+    results = run_eval(cascade, quick=args.quick, settings=settings, progress=not args.quiet, sheets_dir=sheets,
+                       n_sources=args.sources)
     minutes = (time.perf_counter() - start) / 60
     t1, t2, best = tables(results)
     command = " ".join(["dreamix eval"] + (["--quick"] if args.quick else [])
@@ -314,7 +317,6 @@ def run_eval_cli(args) -> int:
                        + ([f"--model {args.model}"] if args.model else []))
     sheet_lines = "\n".join(f"- {m}: " + ", ".join(f"[{et}]({sheets.name}/{m}-{et}.png)" for et in EDIT_TYPES)
                             for m in METHODS)
-    settings = EvalSettings()
     strengths = ", ".join(f"{et} {settings.strength_for('dreamix', et, cascade):g} / "
                           f"{settings.strength_for('dreamix+mixed-ft', et, cascade):g}" for et in EDIT_TYPES)
     out.write_text(EVAL_TEMPLATE.format(command=command, strengths=strengths, minutes=minutes, cascade=cascade.config.name, t1=t1,

@@ -23,9 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-PRESET_VARIANT = {"none": "dreamix", "video": "dreamix+video-ft", "mixed": "dreamix+mixed-ft"}
-
-
 def choose(scores_by_key: dict) -> dict:
     """Best strength per (preset, edit type): most successes, then alignment + fidelity, then the
     lower strength (it keeps more of the source)."""
@@ -51,15 +48,16 @@ def base_only(cascade):
 
 def main() -> int:
     from dreamix_ray.cli import _quiet_libraries
-    from dreamix_ray.evaluate import (EDIT_TYPES, EvalSettings, _render, eval_cases, finetune_variants,
-                                      run_method, score)
+    from dreamix_ray.evaluate import (EDIT_TYPES, PRESET_VARIANT, EvalSettings, _render, eval_cases,
+                                      finetune_variants, run_method, score)
+    from dreamix_ray.config import STRENGTH_PRESETS
     from dreamix_ray.models.cascade import load_cascade
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="cascade directory (default: the embedded cascade)")
     p.add_argument("--sources", type=int, default=4, help="tuning source videos (4 edits each)")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.7, 0.8, 0.9, 1.0])
-    p.add_argument("--presets", nargs="+", default=list(PRESET_VARIANT), choices=list(PRESET_VARIANT))
+    p.add_argument("--presets", nargs="+", default=list(STRENGTH_PRESETS), choices=list(STRENGTH_PRESETS))
     p.add_argument("--ft-steps", type=int, default=EvalSettings.finetune_steps, help="base finetuning steps")
     p.add_argument("--ft-lr", type=float, default=None, help="finetuning lr (default: the cascade's)")
     p.add_argument("--types", nargs="+", default=list(EDIT_TYPES), choices=list(EDIT_TYPES))
@@ -88,7 +86,7 @@ def main() -> int:
         for preset in args.presets:
             for strength in args.strengths:
                 settings = EvalSettings(edit_strengths={preset: {c.edit_type: strength for c in group}})
-                outs = run_method(PRESET_VARIANT[preset], group, cascade, tuned, settings)
+                outs = run_method(PRESET_VARIANT[preset], group, source, cascade, tuned, settings)
                 for case, out, target in zip(group, outs, targets):
                     scores[(preset, case.edit_type)][strength].append(score(case, source.frames, out, target))
         print(f"source {n}/{len(groups)} done after {(time.perf_counter() - start) / 60:.1f} min", flush=True)

@@ -84,10 +84,10 @@ def test_run_method_batches_by_strength_without_changing_any_row(tiny):
     cases = eval_cases(1)  # one source, one edit of each type
     settings = EvalSettings(edit_strengths={"none": {"motion": 1.0, "style": 0.6, "object": 0.6,
                                                      "background": 0.8}})
-    batched = run_method("dreamix", cases, tiny, {}, settings)
     from dreamix_ray.evaluate import _render
 
     source = _render(cases[0].source, tiny)
+    batched = run_method("dreamix", cases, source, tiny, {}, settings)
     for case, out in zip(cases, batched):
         strength = settings.strength_for("dreamix", case.edit_type, tiny)
         alone = _run_rows(tiny, [source], [case.prompt], [case.seed], strength, settings)[0]
