@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import time
 import argparse
@@ -23,7 +24,7 @@ from .objective import TrainBatch, draw_training_noise
 from .sampling import make_scheduler
 from .world.captions import caption
 from .world.render import render
-from .world.scene import sample_scene
+from .world.scene import DIRECTIONS, TRAVEL, Scene, sample_scene
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,17 @@ class PretrainConfig(_Dict):
     max_steps: int = 1_000_000
     batch_size: int = 8
     lr: float = 1e-3
+    warmup_steps: int = 200  # linear warmup, then cosine decay to lr * final_lr_fraction at max_steps
+    final_lr_fraction: float = 0.1
     ema_decay: float = 0.995
-    image_fraction: float = 0.15  # steps trained in frame mode on frames as independent images
+    # Steps trained in frame mode on frames as independent images. They teach appearance, never motion:
+    # a small share is enough (the base learns colour and shape long before the translations).
+    image_fraction: float = 0.05
+    # Chance that a translating single-object scene comes with its time-reversed twin (same object and
+    # background, opposite direction) in the same batch. Session 3's base moved objects along the right
+    # axis but in the wrong direction half the time (BENCHMARKS.md); the twin's caption differs from its
+    # pair's only in the direction word, so the gradient of the pair is about direction alone.
+    reversed_twins: float = 0.5
     ssr_crop: int = 32  # SSR trains on random crops of its output size (it is fully convolutional)
     ssr_crop_frames: int = 8
     cond_noise: float = 0.1  # max Gaussian noise on an SR stage's low-res input (robust to base errors)
@@ -53,19 +63,46 @@ def held_out(scene) -> bool:
     return hashlib.sha256(key).digest()[0] % 8 == 0
 
 
-def training_scenes(rng: np.random.Generator, n: int):
+def training_scenes(rng: np.random.Generator, n: int, reversed_twins: float = 0.0):
     scenes = []
     while len(scenes) < n:
         scene = sample_scene(rng, n_objects=1 if rng.random() < 0.85 else 2)
-        if not held_out(scene):
-            scenes.append(scene)
+        if held_out(scene):
+            continue
+        scenes.append(scene)
+        if len(scene.objects) == 1 and scene.objects[0].motion in OPPOSITE and rng.random() < reversed_twins:
+            twin = reversed_twin(scene)
+            if len(scenes) < n and not held_out(twin):
+                scenes.append(twin)
     return scenes
+
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def reversed_twin(scene: Scene) -> Scene:
+    """The single translating object starts where it would end and travels back the other way."""
+    obj = scene.objects[0]
+    dx, dy = DIRECTIONS[obj.motion]
+    return scene.replace_object(0, motion=OPPOSITE[obj.motion], start_x=round(obj.start_x + dx * TRAVEL, 4),
+                                start_y=round(obj.start_y + dy * TRAVEL, 4))
+
+
+def learning_rate(cfg: PretrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to cfg.lr * final_lr_fraction at max_steps (a function of step,
+    so a resumed run continues the same schedule)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.final_lr_fraction
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def world_batch(stage: StageConfig, cfg: PretrainConfig, step: int):
     """(target [B,3,F,H,W], low-res condition or None, captions) for `step`; a pure function of (seed, step)."""
     rng = np.random.default_rng([cfg.seed, step])
-    scenes = training_scenes(rng, cfg.batch_size)
+    scenes = training_scenes(rng, cfg.batch_size, cfg.reversed_twins)
     captions = [caption(s, rng) for s in scenes]
     # A separate stream, so the scenes, crops and noise of a step do not depend on the dropout rate.
     drop = np.random.default_rng([cfg.seed, step, 1]).random(len(captions)) < cfg.caption_dropout
@@ -134,14 +171,14 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
         model.load_state_dict(ckpt["model"])
         ema.shadow.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:  # the saved state carries the old rate; a resumed run may lower it
-            group["lr"] = cfg.lr
         step = ckpt["step"]
         log(f"[{cfg.stage}] resumed at step {step}")
     deadline = time.time() + cfg.minutes * 60
     last_ckpt, losses = time.time(), []
     with (out / "log.jsonl").open("a") as log_file:
         while step < cfg.max_steps and time.time() < deadline:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
             loss = pretrain_batch(stage, cfg, step, text_encoder).loss(stage)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -194,6 +231,18 @@ def export_cascade(run_dir: str | Path, out_dir: str | Path, text_encoder: TextE
     return cascade
 
 
+def _pretrain_on_ray(cfg: PretrainConfig, args) -> None:
+    """One stage on Ray Train + DeepSpeed; a rerun with the same --run-dir resumes from its checkpoint."""
+    from .cluster.train import TrainSettings, ensure_ray, pretrain_on_ray, read_state
+
+    settings = TrainSettings(workers=args.workers, zero=args.zero, use_gpu=args.gpu, threads=args.threads)
+    ensure_ray(args.address)
+    result = pretrain_on_ray(cfg, args.run_dir, settings)
+    losses = read_state(result.checkpoint)["losses"][cfg.stage]
+    print(f"[{cfg.stage}] {len(losses)} steps on {args.workers} Ray Train workers, last loss {losses[-1]:.4f}",
+          flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dreamix pretrain", description=__doc__)
     p.add_argument("--stages", nargs="+", default=["base", "tsr", "ssr"], choices=["base", "tsr", "ssr"])
@@ -202,11 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default="runs/pretrain", help="checkpoints and logs; rerun to resume")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-steps", type=int, default=1_000_000)
+    p.add_argument("--max-steps", type=int, default=1_000_000,
+                   help="step budget; the learning rate decays (cosine) to a tenth of --lr at this step")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="fraction of captions replaced by '' (teaches the unconditional model for guidance)")
+    p.add_argument("--image-fraction", type=float, default=PretrainConfig.image_fraction,
+                   help="share of steps trained in frame mode on frames as images")
+    p.add_argument("--reversed-twins", type=float, default=PretrainConfig.reversed_twins,
+                   help="chance a translating scene comes with its time-reversed twin in the batch (0 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="train on Ray Train with this many DeepSpeed workers (same batches, same result)")
+    p.add_argument("--zero", type=int, choices=(2, 3), default=2, help="ZeRO stage with --workers")
+    p.add_argument("--address", default=None, help="Ray cluster address with --workers (default: a local Ray)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker with --workers")
     p.add_argument("--export", default=None, help="write the trained cascade to this directory when done")
     args = p.parse_args(argv)
     if args.threads:
@@ -214,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     minutes = args.minutes if len(args.minutes) == len(args.stages) else [args.minutes[0]] * len(args.stages)
     for stage, budget in zip(args.stages, minutes):
         cfg = PretrainConfig(stage=stage, minutes=budget, batch_size=args.batch_size, lr=args.lr,
-                             max_steps=args.max_steps, seed=args.seed, caption_dropout=args.caption_dropout)
-        train_stage(cfg, args.run_dir, log=lambda m: print(m, flush=True))
+                             max_steps=args.max_steps, seed=args.seed, caption_dropout=args.caption_dropout,
+                             image_fraction=args.image_fraction, reversed_twins=args.reversed_twins)
+        if args.workers:
+            _pretrain_on_ray(cfg, args)
+        else:
+            train_stage(cfg, args.run_dir, log=lambda m: print(m, flush=True))
     if args.export:
         export_cascade(args.run_dir, args.export)
         print(f"exported cascade to {args.export}")

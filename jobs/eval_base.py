@@ -65,15 +65,21 @@ def main() -> int:
     for scale, steps, eta in settings:
         cfg = EditConfig(strength=1.0, steps=(steps,), guidance_scale=scale, eta=eta)
         out = tensor_to_frames(run_base(cascade, x0, prompts, list(range(len(scenes))), cfg))
-        totals, by_motion = Counter(), defaultdict(Counter)
+        totals, by_motion, confusion = Counter(), defaultdict(Counter), defaultdict(Counter)
         for scene, frames in zip(scenes, out):
-            res = compare(scene, analyze(frames))
+            est = analyze(frames)
+            res = compare(scene, est)
             totals.update({k: int(v) for k, v in res.items()})
             by_motion[scene.objects[0].motion].update(ok=int(res["motion"]), n=1)
+            if not res["motion"]:  # what the analyzer saw instead (no object found counts as "none")
+                confusion[scene.objects[0].motion][est.objects[0].motion if est.objects else "none"] += 1
         print(f"{args.weights} guidance {scale:g} steps {steps} eta {eta:g}: n={len(scenes)} "
               + " ".join(f"{k}={v / len(scenes):.0%}" for k, v in totals.items()))
         print("  motion by direction: " + " ".join(f"{m}={c['ok']}/{c['n']}" for m, c in sorted(by_motion.items())),
               flush=True)
+        print("  missed motions seen as: " + "; ".join(
+            f"{m} -> " + ", ".join(f"{k} {v}" for k, v in c.most_common()) for m, c in sorted(confusion.items())),
+            flush=True)
     return 0
 
 

@@ -6,6 +6,8 @@ gloo, DeepSpeed ZeRO-2 / ZeRO-3 on the CPU accelerator. The single-process loop 
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import tempfile
@@ -20,7 +22,7 @@ ray = pytest.importorskip("ray")
 import ray.train  # noqa: E402  (TrainingFailedError, before any run has imported it)
 
 from dreamix_ray.cluster.train import (  # noqa: E402
-    TrainSettings, TrainSetupError, finetune_on_ray, load_deepspeed_config, pretrain_on_ray, read_state,
+    TrainSettings, TrainSetupError, finetune_on_ray, load_deepspeed_config, read_state,
 )
 from dreamix_ray.cluster.train_loop import ResumeError  # noqa: E402
 from dreamix_ray.cluster.train_shard import rank_losses  # noqa: E402
@@ -204,21 +206,26 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_and_matches_single_process(
                         TrainSettings(zero=2, workers=1, threads=1), name="resume", storage=storage)
 
 
-def test_pretrain_on_ray_trains_on_the_shared_world_batch(ray_local, text_encoder, tmp_path):
+def test_dreamix_pretrain_workers_trains_on_ray_on_the_shared_world_batch(ray_local, text_encoder, tmp_path,
+                                                                           capsys):
     from dreamix_ray.models.cascade import build_cascade
     from dreamix_ray.models.embedded import EMBEDDED_DENOISERS, embedded_config
     from dreamix_ray.models.stage import StageDenoiser
-    from dreamix_ray.pretrain import PretrainConfig, pretrain_batch
+    from dreamix_ray.pretrain import PretrainConfig, main, pretrain_batch
 
-    cfg = PretrainConfig(stage="base", max_steps=2, batch_size=2, minutes=30, image_fraction=1.0)  # no dropout
-    result = pretrain_on_ray(cfg, str(tmp_path / "run"), TrainSettings(zero=2, **SETTINGS))
-    state = read_state(result.checkpoint)
+    run = tmp_path / "run"
+    assert main(["--stages", "base", "--workers", "2", "--threads", "1", "--max-steps", "2", "--batch-size", "2",
+                 "--image-fraction", "1.0", "--run-dir", str(run)]) == 0
+    assert "[base] 2 steps on 2 Ray Train workers" in capsys.readouterr().out
+    checkpoints = sorted((run / "_ray" / "pretrain-base").glob("checkpoint_*"))
+    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    cfg = PretrainConfig(stage="base", max_steps=2, batch_size=2, image_fraction=1.0)
     cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder, cfg.seed)
-    with torch.no_grad():
+    with torch.no_grad():  # every rank rendered the same world batch and the loss is its mean
         first = pretrain_batch(cascade.base, cfg, 0, text_encoder).loss(cascade.base).item()
     assert len(state["losses"]["base"]) == 2
     assert state["losses"]["base"][0] == pytest.approx(first, rel=1e-4)
-    StageDenoiser.from_pretrained(tmp_path / "run" / "base" / "ema")  # where export_cascade reads it
+    StageDenoiser.from_pretrained(run / "base" / "ema")  # where export_cascade reads it
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):

@@ -46,6 +46,7 @@ class StageTask:
     checkpoint_every: int
     ema_decay: float | None = None  # pretraining exports the EMA; finetuning the weights themselves
     minutes: float | None = None  # wall-clock budget (pretraining); rank 0 decides, all ranks follow
+    lr_at: Callable[[int], float] | None = None  # learning rate per step (pretraining's warmup + cosine)
 
 
 @dataclass
@@ -238,6 +239,9 @@ def _train_task(task: StageTask, index: int, job: dict, state: RunState, resume_
         if step == first + 1:
             started = time.perf_counter()  # the first step pays for warm-up; time the rest
         batch = task.batch(step)
+        if task.lr_at is not None:
+            for group in ds_optimizer.param_groups:
+                group["lr"] = task.lr_at(step)
         optimizer.masking = batch.frames_step
         part = 0.0
         for loss, share in rank_losses(batch, stage, rank, world, job["micro_steps"], device):

@@ -3,8 +3,10 @@ finetuning (finetune_batch: the mixed objective) and shapes-world pretraining (p
 
 from __future__ import annotations
 
+import functools
+
 from ..finetune import FinetuneConfig, finetune_batch
-from ..pretrain import PretrainConfig, pretrain_batch
+from ..pretrain import PretrainConfig, learning_rate, pretrain_batch
 from .train_loop import StageTask
 
 
@@ -56,5 +58,6 @@ def _pretrain_tasks(job: dict) -> list[StageTask]:
             return pretrain_batch(stage, cfg, step, text_encoder)
 
         tasks.append(StageTask(cfg.stage, stage, cfg.max_steps, cfg.lr, cfg.grad_clip, batch,
-                               job["checkpoint_every"], ema_decay=cfg.ema_decay, minutes=cfg.minutes))
+                               job["checkpoint_every"], ema_decay=cfg.ema_decay, minutes=cfg.minutes,
+                               lr_at=functools.partial(learning_rate, cfg)))
     return tasks
