@@ -217,8 +217,8 @@ def test_dreamix_pretrain_workers_trains_on_ray_on_the_shared_world_batch(ray_lo
     assert main(["--stages", "base", "--workers", "2", "--threads", "1", "--max-steps", "2", "--batch-size", "2",
                  "--image-fraction", "1.0", "--run-dir", str(run)]) == 0
     assert "[base] 2 steps on 2 Ray Train workers" in capsys.readouterr().out
-    checkpoints = sorted((run / "_ray" / "pretrain-base").glob("checkpoint_*"))
-    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    states = sorted((run / "_ray").rglob("state.json"), key=lambda p: p.stat().st_mtime)  # the last checkpoint's
+    state = json.loads(states[-1].read_text())
     cfg = PretrainConfig(stage="base", max_steps=2, batch_size=2, image_fraction=1.0)
     cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder, cfg.seed)
     with torch.no_grad():  # every rank rendered the same world batch and the loss is its mean
