@@ -70,7 +70,9 @@ def training_scenes(rng: np.random.Generator, n: int, reversed_twins: float = 0.
         if held_out(scene):
             continue
         scenes.append(scene)
-        if len(scene.objects) == 1 and scene.objects[0].motion in OPPOSITE and rng.random() < reversed_twins:
+        # reversed_twins=0 draws nothing extra, so the batches are the ones the shipped base trained on
+        if (reversed_twins > 0 and len(scene.objects) == 1 and scene.objects[0].motion in OPPOSITE
+                and rng.random() < reversed_twins):
             twin = reversed_twin(scene)
             if len(scenes) < n and not held_out(twin):
                 scenes.append(twin)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from dreamix_ray.pretrain import (
     OPPOSITE, PretrainConfig, export_cascade, held_out, learning_rate, reversed_twin, train_stage,
@@ -68,8 +69,6 @@ def test_train_stage_resumes_from_its_checkpoint(tmp_path, text_encoder):
     train_stage(cfg, tmp_path, text_encoder, log=logs.append)
     train_stage(PretrainConfig(**{**cfg.to_dict(), "max_steps": 3}), tmp_path, text_encoder, log=logs.append)
     assert "[base] resumed at step 2" in logs
-    import torch
-
     assert torch.load(tmp_path / "base" / "checkpoint.pt", weights_only=False)["step"] == 3
     assert (tmp_path / "base" / "ema" / "config.json").is_file()
     with pytest.raises(FileNotFoundError, match="'tsr' has no trained weights"):

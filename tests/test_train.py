@@ -7,7 +7,6 @@ gloo, DeepSpeed ZeRO-2 / ZeRO-3 on the CPU accelerator. The single-process loop 
 from __future__ import annotations
 
 import json
-
 import os
 import shutil
 import tempfile
