@@ -52,6 +52,10 @@ class PretrainConfig(_Dict):
     cond_noise: float = 0.1  # max Gaussian noise on an SR stage's low-res input (robust to base errors)
     caption_dropout: float = 0.1  # captions replaced by "" so the model also learns p(x): enables guidance
     seed: int = 0
+    # A trained stage (diffusers folder) to start from instead of random weights; tensors that grew
+    # (more input channels) keep the trained slice and start the new part at zero, so the warm-started
+    # model computes exactly what the trained one did until training moves it.
+    init_from: str = ""
     checkpoint_every_s: float = 180.0
     grad_clip: float = 1.0
 
@@ -163,11 +167,13 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
     cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder, cfg.seed)
     stage = next(s for s in cascade.stages if s.config.name == cfg.stage)
     model = stage.denoiser.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    ema = EMA(model, cfg.ema_decay)
     out = Path(run_dir) / cfg.stage
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, step = out / "checkpoint.pt", 0
+    if cfg.init_from and not ckpt_path.exists():
+        log(f"[{cfg.stage}] warm start from {cfg.init_from}: " + warm_start(model, cfg.init_from))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = EMA(model, cfg.ema_decay)
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -201,6 +207,41 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
                 last_ckpt = time.time()
     _checkpoint(ckpt_path, model, ema, opt, step)
     return ckpt_path
+
+
+def warm_start(model: torch.nn.Module, weights_dir: str | Path) -> str:
+    """Load a trained stage's weights into `model` (see PretrainConfig.init_from); returns a summary."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(weights_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {weights_dir} to warm-start from")
+    trained, own = load_file(str(files[0])), model.state_dict()
+    grown, unknown = [], [k for k in trained if k not in own]
+    with torch.no_grad():
+        for name, value in trained.items():
+            if name not in own:
+                continue
+            target = own[name]
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif _more_input_channels(target.shape, value.shape):
+                target.zero_()
+                target[:, :value.shape[1]].copy_(value)
+                grown.append(name)
+            else:
+                raise ValueError(f"{weights_dir}: {name} has shape {tuple(value.shape)}, this model "
+                                 f"{tuple(target.shape)}: not the same architecture")
+    if unknown:
+        raise ValueError(f"{weights_dir} has weights this model lacks ({unknown[:3]}...): another architecture")
+    new = [k for k in own if k not in trained]
+    return f"{len(trained) - len(grown)} tensors copied, grown {grown or 'none'}, new {new or 'none'}"
+
+
+def _more_input_channels(new: torch.Size, old: torch.Size) -> bool:
+    """A conv weight [out, in, ...] that only gained input channels."""
+    return (len(new) == len(old) >= 2 and new[1] > old[1]
+            and new[0] == old[0] and tuple(new[2:]) == tuple(old[2:]))
 
 
 def _follow_thread_file(path: Path) -> None:
@@ -263,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reversed-twins", type=float, default=PretrainConfig.reversed_twins,
                    help="chance a translating scene comes with its time-reversed twin in the batch (0 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default="",
+                   help="start from this trained stage folder (e.g. dreamix_ray/default_cascade/base)")
     p.add_argument("--workers", type=int, default=None,
                    help="train on Ray Train with this many DeepSpeed workers (same batches, same result)")
     p.add_argument("--zero", type=int, choices=(2, 3), default=2, help="ZeRO stage with --workers")
@@ -270,13 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker with --workers")
     p.add_argument("--export", default=None, help="write the trained cascade to this directory when done")
     args = p.parse_args(argv)
+    if args.init_from and len(args.stages) > 1:
+        p.error("--init-from names one stage's weights: give it with a single --stages value")
     if args.threads:
         torch.set_num_threads(args.threads)
     minutes = args.minutes if len(args.minutes) == len(args.stages) else [args.minutes[0]] * len(args.stages)
     for stage, budget in zip(args.stages, minutes):
         cfg = PretrainConfig(stage=stage, minutes=budget, batch_size=args.batch_size, lr=args.lr,
                              max_steps=args.max_steps, seed=args.seed, caption_dropout=args.caption_dropout,
-                             image_fraction=args.image_fraction, reversed_twins=args.reversed_twins)
+                             image_fraction=args.image_fraction, reversed_twins=args.reversed_twins,
+                             init_from=args.init_from)
         if args.workers:
             _pretrain_on_ray(cfg, args)
         else:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.register_assert_rewrite("conftest_batch")  # it is also a plugin (below); import it rewritten once
 from conftest_batch import BIN, REPO, shapes_clip  # noqa: E402
@@ -241,13 +242,38 @@ def test_a_crashed_actor_is_restarted_and_its_rows_retried(first_run):
     assert all(r["status"] == "ok" for k, r in first_run["rows"].items() if k[0].startswith("good"))
 
 
+def _mean_abs_diff(a: bytes, b: bytes, tmp: Path) -> float:
+    from dreamix_ray.video import read_video
+
+    (tmp / "a.mp4").write_bytes(a)
+    (tmp / "b.mp4").write_bytes(b)
+    fa, fb = (read_video(tmp / n).frames.astype(float) for n in ("a.mp4", "b.mp4"))
+    assert fa.shape == fb.shape
+    return float(abs(fa - fb).mean())
+
+
 @pytest.mark.slow
 def test_batched_pipeline_equals_single_process_edits(first_run, s3_job, s3_client, tiny_dir):
-    rows = first_run["rows"]
-    for row_id, prompt, seed in [("good0", "a yellow square", 0), ("good5", "a green circle", 5)]:
-        key = rows[(row_id, prompt)]["output"][len("s3://batch/"):]
-        got = s3_client.get_object(Bucket="batch", Key=key)["Body"].read()
-        assert got == _reference_mp4(s3_job["tmp"], s3_job["tmp"] / f"clip{seed}.mp4", prompt, seed, tiny_dir)
+    """Ray actors (other processes, 1 thread each, rows batched 2 at a time) against edit() here.
+
+    In one process the outputs are byte-identical (test above). Across processes some CPUs pick other
+    BLAS / oneDNN kernels, so CI once saw P-frames differ by a few pixel levels: the cross-process
+    check is on decoded pixels. A wrong seed or a row mixed up with its batch neighbour differs by far
+    more, which the second assertion shows with a deliberately wrong seed.
+    """
+    rows, tmp = first_run["rows"], s3_job["tmp"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actors run
+    try:
+        for row_id, prompt, seed in [("good0", "a yellow square", 0), ("good5", "a green circle", 5)]:
+            key = rows[(row_id, prompt)]["output"][len("s3://batch/"):]
+            got = s3_client.get_object(Bucket="batch", Key=key)["Body"].read()
+            ref = _reference_mp4(tmp, tmp / f"clip{seed}.mp4", prompt, seed, tiny_dir)
+            assert got == ref or _mean_abs_diff(got, ref, tmp) < 1.0
+        wrong_seed = _reference_mp4(tmp, tmp / "clip5.mp4", "a green circle", 6, tiny_dir)
+        assert _mean_abs_diff(got, wrong_seed, tmp) > 3.0
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

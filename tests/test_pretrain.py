@@ -74,3 +74,44 @@ def test_train_stage_resumes_from_its_checkpoint(tmp_path, text_encoder):
     with pytest.raises(FileNotFoundError, match="'tsr' has no trained weights"):
         export_cascade(tmp_path, tmp_path / "out", text_encoder)
     assert json.loads((tmp_path / "base" / "ema" / "config.json").read_text())["position_frames"] == 8
+
+
+def test_motion_planes_carry_text_times_position_and_vanish_in_frame_mode():
+    from dreamix_ray.models.stage import StageDenoiser
+
+    net = StageDenoiser(block_out_channels=(16, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=8, motion_planes=2)
+    x, pooled = torch.zeros(2, 3, 8, 4, 4), torch.randn(2, 384)
+    planes = net._position_planes(x, pooled, frame_mode_on=False)
+    assert planes.shape == (2, 4, 8, 4, 4)
+    gain = torch.tanh(net.motion_from_text(pooled))
+    assert torch.allclose(planes[:, 2:, -1], gain.view(2, 2, 1, 1) * planes[0, 0, -1])  # ramp x text gain
+    assert torch.allclose(planes[:, 2:, 0], -planes[:, 2:, -1])  # the ramp runs -1 .. 1 over the clip
+    assert not net._position_planes(x, pooled, frame_mode_on=True).any()
+    with pytest.raises(ValueError, match="motion_planes need frame_position"):
+        StageDenoiser(frame_position=False, motion_planes=2)
+
+
+def test_warm_start_keeps_the_trained_model_exactly_and_grows_its_input(tmp_path):
+    from dreamix_ray.models.stage import StageDenoiser
+    from dreamix_ray.pretrain import warm_start
+
+    small = dict(block_out_channels=(16, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                 up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=8)
+    torch.manual_seed(0)
+    trained = StageDenoiser(**small).eval()
+    trained.save_pretrained(tmp_path / "trained")
+    grown = StageDenoiser(**small, motion_planes=2).eval()
+    summary = warm_start(grown, tmp_path / "trained")
+    assert "grown ['unet.conv_in.weight']" in summary and "motion_from_text.weight" in summary
+    x, t, tokens, pooled = torch.randn(2, 3, 8, 8, 8), torch.tensor([700.0, 90.0]), torch.randn(2, 5, 384), torch.randn(2, 384)
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, tokens, pooled), trained(x, t, tokens, pooled))
+    # the new input channels train: one step moves them off zero
+    grown.train()
+    grown(x, t, tokens, pooled).square().mean().backward()
+    assert grown.unet.conv_in.weight.grad[:, -2:].abs().sum() > 0
+    with pytest.raises(ValueError, match="not the same architecture"):
+        warm_start(StageDenoiser(**{**small, "block_out_channels": (16, 32)}), tmp_path / "trained")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        warm_start(grown, tmp_path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 from ..finetune import FinetuneConfig, finetune_batch
-from ..pretrain import PretrainConfig, learning_rate, pretrain_batch
+from ..pretrain import PretrainConfig, learning_rate, pretrain_batch, warm_start
 from .train_loop import StageTask
 
 
@@ -53,6 +53,8 @@ def _pretrain_tasks(job: dict) -> list[StageTask]:
         cfg = PretrainConfig.from_dict(cfg_dict)
         cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder, cfg.seed)
         stage = next(s for s in cascade.stages if s.config.name == cfg.stage)
+        if cfg.init_from:  # a resumed run then loads its checkpoint over these weights
+            warm_start(stage.denoiser, cfg.init_from)
 
         def batch(step, stage=stage, cfg=cfg):
             return pretrain_batch(stage, cfg, step, text_encoder)
