@@ -268,7 +268,8 @@ def run_eval(cascade, quick: bool = False, settings: EvalSettings = EvalSettings
                 results[method].append((case, score(case, source_video.frames, out, target)))
                 if sheets_dir is not None and len(results[method]) <= len(EDIT_TYPES):
                     sheets_dir.mkdir(parents=True, exist_ok=True)
-                    contact_sheet(source_video, Video(out, source_video.fps), sheets_dir / f"{method}-{case.edit_type}.png")
+                    sheet = sheets_dir / f"{method}-{case.edit_type}.png"
+                    contact_sheet(source_video, Video(out, source_video.fps), sheet)
             bar.update(len(group))
     bar.close()
     return dict(results)
@@ -319,7 +320,8 @@ def run_eval_cli(args) -> int:
                             for m in METHODS)
     strengths = ", ".join(f"{et} {settings.strength_for('dreamix', et, cascade):g} / "
                           f"{settings.strength_for('dreamix+mixed-ft', et, cascade):g}" for et in EDIT_TYPES)
-    out.write_text(EVAL_TEMPLATE.format(command=command, strengths=strengths, minutes=minutes, cascade=cascade.config.name, t1=t1,
+    out.write_text(EVAL_TEMPLATE.format(command=command, strengths=strengths, minutes=minutes,
+                                        cascade=cascade.config.name, t1=t1,
                                         t2=t2, best=best, sheets=sheet_lines, n=len(results[METHODS[0]])))
     print(t1, t2, f"Dreamix, best variant per edit type: {best:.0%} success", f"wrote {out}", sep="\n\n")
     return 0

@@ -27,7 +27,8 @@ class S3Settings:
 
     def resolved(self) -> "S3Settings":
         return S3Settings(
-            endpoint_url=self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+            endpoint_url=(self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                          or os.environ.get("AWS_ENDPOINT_URL")),
             region=self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
             access_key=self.access_key or os.environ.get("AWS_ACCESS_KEY_ID"),
             secret_key=self.secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY"),

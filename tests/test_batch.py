@@ -103,7 +103,8 @@ def test_finetune_rows_finetune_once_then_edit_with_the_artifact(tmp_path, tiny_
     assert "unknown finetune preset 'nope'" in done[("nopreset", "x")]["error"]
     tuned, ft_cfg = load_finetuned(Cascade.from_pretrained(tiny_dir), red["artifact"], ArtifactStore(store))
     cfg = EditConfig(strength=0.95, seed=4, ssr_chunk_frames=CHUNK)
-    ref = write_video(tmp_path / "ref.mp4", edit(read_video(clip), finetuned_prompt("a red square", ft_cfg), cfg, tuned))
+    edited = edit(read_video(clip), finetuned_prompt("a red square", ft_cfg), cfg, tuned)
+    ref = write_video(tmp_path / "ref.mp4", edited)
     assert Path(red["output"]).read_bytes() == ref.read_bytes()
 
 

@@ -80,7 +80,7 @@ def test_user_errors_exit_2_with_one_line(capsys, tiny_dir, tmp_path, make_input
         argv += ["--model", str(tiny_dir)]
     code, _, err = run_cli(capsys, *argv, *extra)
     assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("dreamix: error:"), err
     assert re.search(message, lines[0], re.I), lines[0]
     assert not (tmp_path / "o.mp4").exists()

@@ -104,7 +104,8 @@ def test_warm_start_keeps_the_trained_model_exactly_and_grows_its_input(tmp_path
     grown = StageDenoiser(**small, motion_planes=2).eval()
     summary = warm_start(grown, tmp_path / "trained")
     assert "grown ['unet.conv_in.weight']" in summary and "motion_from_text.weight" in summary
-    x, t, tokens, pooled = torch.randn(2, 3, 8, 8, 8), torch.tensor([700.0, 90.0]), torch.randn(2, 5, 384), torch.randn(2, 384)
+    x, t = torch.randn(2, 3, 8, 8, 8), torch.tensor([700.0, 90.0])
+    tokens, pooled = torch.randn(2, 5, 384), torch.randn(2, 384)
     with torch.no_grad():
         assert torch.equal(grown(x, t, tokens, pooled), trained(x, t, tokens, pooled))
     # the new input channels train: one step moves them off zero

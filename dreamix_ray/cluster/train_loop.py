@@ -95,7 +95,9 @@ class _EngineDenoiser:
         return torch.device(self.engine.device)
 
     def __call__(self, x, t, tokens, pooled, cond=None, frame_mode_on: bool = False):
-        cast = (lambda v: None if v is None else v.to(self.dtype))
+        def cast(v):
+            return None if v is None else v.to(self.dtype)
+
         return self.engine(cast(x), t, cast(tokens), cast(pooled), cast(cond), frame_mode_on=frame_mode_on).float()
 
 
