@@ -104,6 +104,9 @@ def test_warm_start_keeps_the_trained_model_exactly_and_grows_its_input(tmp_path
     grown = StageDenoiser(**small, motion_planes=2).eval()
     summary = warm_start(grown, tmp_path / "trained")
     assert "grown ['unet.conv_in.weight']" in summary and "motion_from_text.weight" in summary
+    assert grown.unet.conv_in.weight[:, -2:].abs().sum() > 0  # the new input slice keeps its random init
+    with torch.no_grad():
+        grown.unet.conv_in.weight[:, -2:] = 0  # without it, the grown model is the trained one exactly
     x, t = torch.randn(2, 3, 8, 8, 8), torch.tensor([700.0, 90.0])
     tokens, pooled = torch.randn(2, 5, 384), torch.randn(2, 384)
     with torch.no_grad():
