@@ -58,6 +58,9 @@ class PretrainConfig(_Dict):
     # weights both start near zero and each one's gradient is proportional to the other. Measured:
     # after 700 steps the left / right gains differed by 0.02.)
     init_from: str = ""
+    # Weight of an auxiliary loss that teaches a base's motion planes the caption's direction from the
+    # world's labels (motion_targets); 0 = the plain diffusion loss. Single-process training only.
+    motion_supervision: float = 0.0
     checkpoint_every_s: float = 180.0
     grad_clip: float = 1.0
 
@@ -83,6 +86,59 @@ def training_scenes(rng: np.random.Generator, n: int, reversed_twins: float = 0.
             if len(scenes) < n and not held_out(twin):
                 scenes.append(twin)
     return scenes
+
+
+def motion_targets(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s direction per caption as (dx, dy) [B, 2] and which rows count [B]: single-object
+    scenes with their caption kept; non-translations are (0, 0). Same draws as world_batch."""
+    rng = np.random.default_rng([cfg.seed, step])
+    scenes = training_scenes(rng, cfg.batch_size, cfg.reversed_twins)
+    drop = np.random.default_rng([cfg.seed, step, 1]).random(len(scenes)) < cfg.caption_dropout
+    target = torch.tensor([DIRECTIONS.get(s.objects[0].motion, (0.0, 0.0)) for s in scenes])
+    counts = torch.tensor([len(s.objects) == 1 and not d for s, d in zip(scenes, drop)])
+    return 0.8 * target, counts
+
+
+def motion_supervision_loss(stage: Stage, pooled_bd: torch.Tensor, cfg: PretrainConfig, step: int) -> torch.Tensor:
+    target, counts = motion_targets(cfg, step)
+    gain = torch.tanh(stage.denoiser.motion_from_text(pooled_bd))[:, :2]
+    return ((gain - target) ** 2).sum(1)[counts].mean() if counts.any() else gain.sum() * 0
+
+
+@torch.no_grad()
+def fit_motion_projection(denoiser, text_encoder: TextEncoder, cfg: PretrainConfig, steps: int = 200) -> float:
+    """Set the motion planes' text projection by ridge regression onto the directions of `steps` batches
+    of training captions (what motion_supervision_loss would converge to, at once: by gradient descent
+    at the UNet's learning rate, the gains had separated by only about 0.1 after 250 steps). Returns
+    the fitted gains' mean squared error against the targets."""
+    pooled, targets = [], []
+    for step in range(steps):
+        target, counts = motion_targets(cfg, step)
+        captions = world_batch_captions(cfg, step)
+        pooled.append(text_encoder([c for c, k in zip(captions, counts) if k])[1])
+        targets.append(target[counts])
+    x, y = torch.cat(pooled).double(), torch.cat(targets).double()
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    logits = torch.atanh(y.clamp(-0.8, 0.8))  # tanh(W p + b) = target
+    gram = x1.T @ x1
+    # ridge at 1% of the mean feature energy: best on held-out captions from 60 batches to 200
+    ridge = 0.01 * gram.diagonal().mean() * torch.eye(x1.shape[1], dtype=x.dtype)
+    solution = torch.linalg.solve(gram + ridge, x1.T @ logits)  # [D+1, 2]
+    proj = denoiser.motion_from_text
+    proj.weight.zero_()
+    proj.bias.zero_()
+    proj.weight[:2] = solution[:-1].T.float()
+    proj.bias[:2] = solution[-1].float()
+    return float(((torch.tanh(x1 @ solution) - y) ** 2).sum(1).mean())
+
+
+def world_batch_captions(cfg: PretrainConfig, step: int) -> list[str]:
+    """The captions world_batch gives step `step` (after caption dropout), without rendering."""
+    rng = np.random.default_rng([cfg.seed, step])
+    scenes = training_scenes(rng, cfg.batch_size, cfg.reversed_twins)
+    captions = [caption(s, rng) for s in scenes]
+    drop = np.random.default_rng([cfg.seed, step, 1]).random(len(captions)) < cfg.caption_dropout
+    return ["" if d else c for c, d in zip(captions, drop)]
 
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -174,6 +230,12 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
     ckpt_path, step = out / "checkpoint.pt", 0
     if cfg.init_from and not ckpt_path.exists():
         log(f"[{cfg.stage}] warm start from {cfg.init_from}: " + warm_start(model, cfg.init_from))
+    if cfg.motion_supervision:
+        if getattr(model, "motion_from_text", None) is None:
+            raise ValueError(f"motion_supervision needs a stage with motion planes; {cfg.stage!r} has none")
+        if not ckpt_path.exists():
+            mse = fit_motion_projection(model, text_encoder, cfg)
+            log(f"[{cfg.stage}] motion planes fitted to the captions' directions (mse {mse:.3f})")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = EMA(model, cfg.ema_decay)
     if ckpt_path.exists():
@@ -189,7 +251,10 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
         while step < cfg.max_steps and time.time() < deadline:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            loss = pretrain_batch(stage, cfg, step, text_encoder).loss(stage)
+            batch = pretrain_batch(stage, cfg, step, text_encoder)
+            loss = batch.loss(stage)
+            if cfg.motion_supervision:
+                loss = loss + cfg.motion_supervision * motion_supervision_loss(stage, batch.pooled, cfg, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -305,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reversed-twins", type=float, default=PretrainConfig.reversed_twins,
                    help="chance a translating scene comes with its time-reversed twin in the batch (0 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--motion-supervision", type=float, default=0.0,
+                   help="weight of the auxiliary direction loss on a base's motion planes (single process)")
     p.add_argument("--init-from", default="",
                    help="start from this trained stage folder (e.g. dreamix_ray/default_cascade/base)")
     p.add_argument("--workers", type=int, default=None,
@@ -316,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.init_from and len(args.stages) > 1:
         p.error("--init-from names one stage's weights: give it with a single --stages value")
+    if args.motion_supervision and args.workers:
+        p.error("--motion-supervision runs in one process only: drop --workers")
     if args.threads:
         torch.set_num_threads(args.threads)
     minutes = args.minutes if len(args.minutes) == len(args.stages) else [args.minutes[0]] * len(args.stages)
@@ -323,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PretrainConfig(stage=stage, minutes=budget, batch_size=args.batch_size, lr=args.lr,
                              max_steps=args.max_steps, seed=args.seed, caption_dropout=args.caption_dropout,
                              image_fraction=args.image_fraction, reversed_twins=args.reversed_twins,
-                             init_from=args.init_from)
+                             init_from=args.init_from, motion_supervision=args.motion_supervision)
         if args.workers:
             _pretrain_on_ray(cfg, args)
         else:

@@ -119,3 +119,50 @@ def test_warm_start_keeps_the_trained_model_exactly_and_grows_its_input(tmp_path
         warm_start(StageDenoiser(**{**small, "block_out_channels": (16, 32)}), tmp_path / "trained")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         warm_start(grown, tmp_path)
+
+
+def test_motion_targets_follow_the_captions_of_the_step():
+    from dreamix_ray.models.embedded import EMBEDDED_STAGES
+    from dreamix_ray.pretrain import motion_targets, world_batch
+
+    cfg = PretrainConfig(caption_dropout=0.3)
+    words = {"left": (-0.8, 0.0), "right": (0.8, 0.0), "up": (0.0, -0.8), "down": (0.0, 0.8)}
+    seen = 0
+    for step in range(20):
+        target, counts = motion_targets(cfg, step)
+        _, _, captions = world_batch(EMBEDDED_STAGES[0], cfg, step)
+        for cap, (dx, dy), counted in zip(captions, target.tolist(), counts.tolist()):
+            if cap == "":
+                assert not counted  # a dropped caption says nothing about direction
+            if not counted:
+                continue
+            named = [w for w in words if f" {w}" in cap or f"{w}wards" in cap]
+            if named:  # paraphrases ("slides to the left", "drifting upwards") name the direction word
+                assert words[named[0]] == pytest.approx((dx, dy)), cap
+                seen += 1
+    assert seen > 40
+
+
+def test_motion_supervision_is_single_process_only():
+    from dreamix_ray.pretrain import main
+
+    with pytest.raises(SystemExit):
+        main(["--stages", "base", "--motion-supervision", "1", "--workers", "2"])
+
+
+def test_fitted_motion_projection_reads_the_direction_off_new_captions(text_encoder):
+    from dreamix_ray.models.stage import StageDenoiser
+    from dreamix_ray.pretrain import fit_motion_projection
+
+    net = StageDenoiser(block_out_channels=(16, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=8, motion_planes=2)
+    assert fit_motion_projection(net, text_encoder, PretrainConfig(), steps=60) < 0.1
+    captions = {"a blue square moving left on a white background": (-1, 0),
+                "on black, a small green disc slides to the right": (1, 0),
+                "a red triangle drifting upwards over a gray backdrop": (0, -1),
+                "a purple circle moving down on a blue background": (0, 1)}
+    with torch.no_grad():
+        gains = torch.tanh(net.motion_from_text(text_encoder(list(captions))[1]))
+    for (dx, dy), (gx, gy) in zip(captions.values(), gains.tolist()):
+        assert (gx > 0.4 if dx > 0 else gx < -0.4 if dx < 0 else abs(gx) < 0.4), (dx, dy, gx, gy)
+        assert (gy > 0.4 if dy > 0 else gy < -0.4 if dy < 0 else abs(gy) < 0.4), (dx, dy, gx, gy)
