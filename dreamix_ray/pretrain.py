@@ -61,8 +61,18 @@ class PretrainConfig(_Dict):
     # Weight of an auxiliary loss that teaches a base's motion planes the caption's direction from the
     # world's labels (motion_targets); 0 = the plain diffusion loss. Single-process training only.
     motion_supervision: float = 0.0
+    motion_planes: int = 0  # text-driven motion planes for the base (StageDenoiser); 0 = the shipped design
     checkpoint_every_s: float = 180.0
     grad_clip: float = 1.0
+
+
+def stage_denoisers(cfg: PretrainConfig) -> dict:
+    """The embedded architecture, with the base's motion planes if this run asks for them."""
+    if not cfg.motion_planes:
+        return EMBEDDED_DENOISERS
+    if cfg.stage != "base":
+        raise ValueError(f"motion planes are a base-stage option; {cfg.stage!r} has none")
+    return {**EMBEDDED_DENOISERS, "base": {**EMBEDDED_DENOISERS["base"], "motion_planes": cfg.motion_planes}}
 
 
 def held_out(scene) -> bool:
@@ -222,7 +232,7 @@ def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEnco
                 log=print) -> Path:
     """Train one stage until `minutes` or `max_steps`, checkpointing; a rerun resumes."""
     text_encoder = text_encoder or TextEncoder("minilm")
-    cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder, cfg.seed)
+    cascade = build_cascade(embedded_config(text_encoder.spec()), stage_denoisers(cfg), text_encoder, cfg.seed)
     stage = next(s for s in cascade.stages if s.config.name == cfg.stage)
     model = stage.denoiser.train()
     out = Path(run_dir) / cfg.stage
@@ -370,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reversed-twins", type=float, default=PretrainConfig.reversed_twins,
                    help="chance a translating scene comes with its time-reversed twin in the batch (0 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--motion-planes", type=int, default=0,
+                   help="give the base this many text-driven motion planes (an experiment: BENCHMARKS.md)")
     p.add_argument("--motion-supervision", type=float, default=0.0,
                    help="weight of the auxiliary direction loss on a base's motion planes (single process)")
     p.add_argument("--init-from", default="",
@@ -385,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--init-from names one stage's weights: give it with a single --stages value")
     if args.motion_supervision and args.workers:
         p.error("--motion-supervision runs in one process only: drop --workers")
+    if (args.motion_supervision or args.motion_planes) and args.stages != ["base"]:
+        p.error("--motion-planes / --motion-supervision are base-stage options: use --stages base")
+    if args.motion_supervision and not args.motion_planes:
+        p.error("--motion-supervision trains the base's motion planes: add --motion-planes 2")
     if args.threads:
         torch.set_num_threads(args.threads)
     minutes = args.minutes if len(args.minutes) == len(args.stages) else [args.minutes[0]] * len(args.stages)
@@ -392,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PretrainConfig(stage=stage, minutes=budget, batch_size=args.batch_size, lr=args.lr,
                              max_steps=args.max_steps, seed=args.seed, caption_dropout=args.caption_dropout,
                              image_fraction=args.image_fraction, reversed_twins=args.reversed_twins,
-                             init_from=args.init_from, motion_supervision=args.motion_supervision)
+                             init_from=args.init_from, motion_supervision=args.motion_supervision,
+                             motion_planes=args.motion_planes)
         if args.workers:
             _pretrain_on_ray(cfg, args)
         else:

@@ -143,11 +143,28 @@ def test_motion_targets_follow_the_captions_of_the_step():
     assert seen > 40
 
 
-def test_motion_supervision_is_single_process_only():
+@pytest.mark.parametrize("argv, message", [
+    (["--stages", "base", "--motion-planes", "2", "--motion-supervision", "1", "--workers", "2"],
+     "runs in one process only"),
+    (["--stages", "base", "--motion-supervision", "1"], "add --motion-planes 2"),
+    (["--stages", "base", "tsr", "--motion-planes", "2"], "base-stage options"),
+    (["--stages", "base", "tsr", "--init-from", "x"], "a single --stages value"),
+])
+def test_pretrain_cli_refuses_inconsistent_motion_options(argv, message, capsys):
     from dreamix_ray.pretrain import main
 
     with pytest.raises(SystemExit):
-        main(["--stages", "base", "--motion-supervision", "1", "--workers", "2"])
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_motion_planes_enter_the_pretrained_base_only():
+    from dreamix_ray.pretrain import stage_denoisers
+
+    assert stage_denoisers(PretrainConfig(stage="base", motion_planes=2))["base"]["motion_planes"] == 2
+    assert "motion_planes" not in stage_denoisers(PretrainConfig(stage="base"))["base"]
+    with pytest.raises(ValueError, match="base-stage option"):
+        stage_denoisers(PretrainConfig(stage="ssr", motion_planes=2))
 
 
 def test_fitted_motion_projection_reads_the_direction_off_new_captions(text_encoder):

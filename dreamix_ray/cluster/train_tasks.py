@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 from ..finetune import FinetuneConfig, finetune_batch
-from ..pretrain import PretrainConfig, learning_rate, pretrain_batch, warm_start
+from ..pretrain import PretrainConfig, learning_rate, pretrain_batch, stage_denoisers, warm_start
 from .train_loop import StageTask
 
 
@@ -44,14 +44,14 @@ def _finetune_tasks(job: dict) -> list[StageTask]:
 def _pretrain_tasks(job: dict) -> list[StageTask]:
     """One task per pretrained stage, built exactly as pretrain.train_stage builds it."""
     from ..models.cascade import build_cascade
-    from ..models.embedded import EMBEDDED_DENOISERS, embedded_config
+    from ..models.embedded import embedded_config
     from ..models.text import TextEncoder
 
     text_encoder = TextEncoder("minilm")
     tasks = []
     for cfg_dict in job["cfgs"]:
         cfg = PretrainConfig.from_dict(cfg_dict)
-        cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder, cfg.seed)
+        cascade = build_cascade(embedded_config(text_encoder.spec()), stage_denoisers(cfg), text_encoder, cfg.seed)
         stage = next(s for s in cascade.stages if s.config.name == cfg.stage)
         if cfg.init_from:  # a resumed run then loads its checkpoint over these weights
             warm_start(stage.denoiser, cfg.init_from)

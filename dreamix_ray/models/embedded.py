@@ -20,7 +20,7 @@ EMBEDDED_STAGES = (
 )
 
 EMBEDDED_DENOISERS = {
-    "base": dict(block_out_channels=(32, 64, 64), position_frames=8, motion_planes=2,
+    "base": dict(block_out_channels=(32, 64, 64), position_frames=8,
                  down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
                  up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D")),
     # Temporal SR at 16x16: cross-attention only at 8x8 and below keeps it cheap.
