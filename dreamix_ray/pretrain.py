@@ -98,20 +98,28 @@ def training_scenes(rng: np.random.Generator, n: int, reversed_twins: float = 0.
     return scenes
 
 
-def motion_targets(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step `step`'s direction per caption as (dx, dy) [B, 2] and which rows count [B]: single-object
-    scenes with their caption kept; non-translations are (0, 0). Same draws as world_batch."""
+def step_scenes(cfg: PretrainConfig, step: int) -> tuple[list[Scene], list[str], np.random.Generator]:
+    """Step `step`'s scenes, their captions ("" where dropped) and the generator world_batch goes on
+    drawing from (SSR crops, condition noise); a pure function of (seed, step)."""
     rng = np.random.default_rng([cfg.seed, step])
     scenes = training_scenes(rng, cfg.batch_size, cfg.reversed_twins)
-    drop = np.random.default_rng([cfg.seed, step, 1]).random(len(scenes)) < cfg.caption_dropout
+    captions = [caption(s, rng) for s in scenes]
+    # A separate stream, so the scenes, crops and noise of a step do not depend on the dropout rate.
+    drop = np.random.default_rng([cfg.seed, step, 1]).random(len(captions)) < cfg.caption_dropout
+    return scenes, ["" if d else c for c, d in zip(captions, drop)], rng
+
+
+def motion_targets(scenes: list[Scene], captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each caption's direction as (dx, dy) * 0.8 [B, 2] (non-translations (0, 0)) and which rows count
+    [B]: single-object scenes whose caption was kept."""
     target = torch.tensor([DIRECTIONS.get(s.objects[0].motion, (0.0, 0.0)) for s in scenes])
-    counts = torch.tensor([len(s.objects) == 1 and not d for s, d in zip(scenes, drop)])
+    counts = torch.tensor([len(s.objects) == 1 and c != "" for s, c in zip(scenes, captions)])
     return 0.8 * target, counts
 
 
 def motion_supervision_loss(stage: Stage, pooled_bd: torch.Tensor, cfg: PretrainConfig, step: int) -> torch.Tensor:
-    target, counts = motion_targets(cfg, step)
-    gain = torch.tanh(stage.denoiser.motion_from_text(pooled_bd))[:, :2]
+    target, counts = motion_targets(*step_scenes(cfg, step)[:2])
+    gain = stage.denoiser.motion_gain(pooled_bd)[:, :2]
     return ((gain - target) ** 2).sum(1)[counts].mean() if counts.any() else gain.sum() * 0
 
 
@@ -123,8 +131,8 @@ def fit_motion_projection(denoiser, text_encoder: TextEncoder, cfg: PretrainConf
     the fitted gains' mean squared error against the targets."""
     pooled, targets = [], []
     for step in range(steps):
-        target, counts = motion_targets(cfg, step)
-        captions = world_batch_captions(cfg, step)
+        scenes, captions, _ = step_scenes(cfg, step)
+        target, counts = motion_targets(scenes, captions)
         pooled.append(text_encoder([c for c, k in zip(captions, counts) if k])[1])
         targets.append(target[counts])
     x, y = torch.cat(pooled).double(), torch.cat(targets).double()
@@ -140,15 +148,6 @@ def fit_motion_projection(denoiser, text_encoder: TextEncoder, cfg: PretrainConf
     proj.weight[:2] = solution[:-1].T.float()
     proj.bias[:2] = solution[-1].float()
     return float(((torch.tanh(x1 @ solution) - y) ** 2).sum(1).mean())
-
-
-def world_batch_captions(cfg: PretrainConfig, step: int) -> list[str]:
-    """The captions world_batch gives step `step` (after caption dropout), without rendering."""
-    rng = np.random.default_rng([cfg.seed, step])
-    scenes = training_scenes(rng, cfg.batch_size, cfg.reversed_twins)
-    captions = [caption(s, rng) for s in scenes]
-    drop = np.random.default_rng([cfg.seed, step, 1]).random(len(captions)) < cfg.caption_dropout
-    return ["" if d else c for c, d in zip(captions, drop)]
 
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -175,12 +174,7 @@ def learning_rate(cfg: PretrainConfig, step: int) -> float:
 
 def world_batch(stage: StageConfig, cfg: PretrainConfig, step: int):
     """(target [B,3,F,H,W], low-res condition or None, captions) for `step`; a pure function of (seed, step)."""
-    rng = np.random.default_rng([cfg.seed, step])
-    scenes = training_scenes(rng, cfg.batch_size, cfg.reversed_twins)
-    captions = [caption(s, rng) for s in scenes]
-    # A separate stream, so the scenes, crops and noise of a step do not depend on the dropout rate.
-    drop = np.random.default_rng([cfg.seed, step, 1]).random(len(captions)) < cfg.caption_dropout
-    captions = ["" if d else c for c, d in zip(captions, drop)]
+    scenes, captions, rng = step_scenes(cfg, step)
     if stage.kind == "ssr":
         hi = torch.cat([frames_to_tensor(render(s, stage.frames, stage.height, stage.fps)) for s in scenes])
         c, f = cfg.ssr_crop, cfg.ssr_crop_frames

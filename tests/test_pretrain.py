@@ -84,7 +84,7 @@ def test_motion_planes_carry_text_times_position_and_vanish_in_frame_mode():
     x, pooled = torch.zeros(2, 3, 8, 4, 4), torch.randn(2, 384)
     planes = net._position_planes(x, pooled, frame_mode_on=False)
     assert planes.shape == (2, 4, 8, 4, 4)
-    gain = torch.tanh(net.motion_from_text(pooled))
+    gain = net.motion_gain(pooled)
     assert torch.allclose(planes[:, 2:, -1], gain.view(2, 2, 1, 1) * planes[0, 0, -1])  # ramp x text gain
     assert torch.allclose(planes[:, 2:, 0], -planes[:, 2:, -1])  # the ramp runs -1 .. 1 over the clip
     assert not net._position_planes(x, pooled, frame_mode_on=True).any()
@@ -123,14 +123,15 @@ def test_warm_start_keeps_the_trained_model_exactly_and_grows_its_input(tmp_path
 
 def test_motion_targets_follow_the_captions_of_the_step():
     from dreamix_ray.models.embedded import EMBEDDED_STAGES
-    from dreamix_ray.pretrain import motion_targets, world_batch
+    from dreamix_ray.pretrain import motion_targets, step_scenes, world_batch
 
     cfg = PretrainConfig(caption_dropout=0.3)
     words = {"left": (-0.8, 0.0), "right": (0.8, 0.0), "up": (0.0, -0.8), "down": (0.0, 0.8)}
     seen = 0
     for step in range(20):
-        target, counts = motion_targets(cfg, step)
-        _, _, captions = world_batch(EMBEDDED_STAGES[0], cfg, step)
+        scenes, captions, _ = step_scenes(cfg, step)
+        target, counts = motion_targets(scenes, captions)
+        assert world_batch(EMBEDDED_STAGES[0], cfg, step)[2] == captions
         for cap, (dx, dy), counted in zip(captions, target.tolist(), counts.tolist()):
             if cap == "":
                 assert not counted  # a dropped caption says nothing about direction
@@ -179,7 +180,7 @@ def test_fitted_motion_projection_reads_the_direction_off_new_captions(text_enco
                 "a red triangle drifting upwards over a gray backdrop": (0, -1),
                 "a purple circle moving down on a blue background": (0, 1)}
     with torch.no_grad():
-        gains = torch.tanh(net.motion_from_text(text_encoder(list(captions))[1]))
+        gains = net.motion_gain(text_encoder(list(captions))[1])
     for (dx, dy), (gx, gy) in zip(captions.values(), gains.tolist()):
         assert (gx > 0.4 if dx > 0 else gx < -0.4 if dx < 0 else abs(gx) < 0.4), (dx, dy, gx, gy)
         assert (gy > 0.4 if dy > 0 else gy < -0.4 if dy < 0 else abs(gy) < 0.4), (dx, dy, gx, gy)

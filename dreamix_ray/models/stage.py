@@ -81,6 +81,10 @@ class StageDenoiser(ModelMixin, ConfigMixin):
         with frame_mode(frame_mode_on):
             return self.unet(x, timestep, text_tokens_bld, timestep_cond=text_pooled_bd).sample
 
+    def motion_gain(self, text_pooled_bd: torch.Tensor) -> torch.Tensor:
+        """[B, motion_planes] in (-1, 1): how strongly each motion plane's ramp runs, from the text."""
+        return torch.tanh(self.motion_from_text(text_pooled_bd))
+
     def _position_planes(self, sample_bcfhw: torch.Tensor, text_pooled_bd: torch.Tensor,
                          frame_mode_on: bool) -> torch.Tensor:
         b, _, f, h, w = sample_bcfhw.shape
@@ -92,6 +96,6 @@ class StageDenoiser(ModelMixin, ConfigMixin):
             planes[:, 0] = pos_f.view(1, f, 1, 1)
             planes[:, 1] = 1.0
             if k:
-                gain_bk = torch.tanh(self.motion_from_text(text_pooled_bd.to(sample_bcfhw.dtype)))
+                gain_bk = self.motion_gain(text_pooled_bd.to(sample_bcfhw.dtype))
                 planes[:, 2:] = gain_bk.view(b, k, 1, 1, 1) * pos_f.view(1, 1, f, 1, 1)
         return planes
