@@ -53,7 +53,7 @@ def test_light_chunk_bounds_match_the_editor():
 
 
 def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, tiny_dir):
-    """The plain stage classes, no Ray: outputs are byte-identical to edit() and to each other across batch sizes."""
+    """The plain stage classes, no Ray: outputs equal edit()'s and each other's across batch sizes."""
     from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
     from dreamix_ray.cluster.stages import cascade_config
     from dreamix_ray.manifest import read_manifest, work_items
@@ -70,8 +70,9 @@ def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, ti
         assert [r["status"] for r in done] == ["ok"] * 3
         outputs[batch_size] = [Path(r["output"]).read_bytes() for r in sorted(done, key=lambda r: r["id"])]
         assert all(Path(r["preview"]).is_file() and Path(r["preview"][:-4] + ".png").is_file() for r in done)
-    assert outputs[1] == outputs[3]
-    assert outputs[1][2] == _reference_mp4(tmp_path, clips[2], "a green circle", 12, tiny_dir)
+    for one, three in zip(outputs[1], outputs[3]):
+        assert_same_edit(one, three, tmp_path)
+    assert_same_edit(outputs[1][2], _reference_mp4(tmp_path, clips[2], "a green circle", 12, tiny_dir), tmp_path)
 
 
 def test_finetune_rows_finetune_once_then_edit_with_the_artifact(tmp_path, tiny_dir):
@@ -105,7 +106,7 @@ def test_finetune_rows_finetune_once_then_edit_with_the_artifact(tmp_path, tiny_
     cfg = EditConfig(strength=0.95, seed=4, ssr_chunk_frames=CHUNK)
     edited = edit(read_video(clip), finetuned_prompt("a red square", ft_cfg), cfg, tuned)
     ref = write_video(tmp_path / "ref.mp4", edited)
-    assert Path(red["output"]).read_bytes() == ref.read_bytes()
+    assert_same_edit(Path(red["output"]).read_bytes(), ref.read_bytes(), tmp_path)
 
 
 def test_flag_and_manifest_errors_are_one_line(tmp_path, capsys):
@@ -253,15 +254,24 @@ def _mean_abs_diff(a: bytes, b: bytes, tmp: Path) -> float:
     return float(abs(fa - fb).mean())
 
 
+def assert_same_edit(a: bytes, b: bytes, tmp: Path) -> None:
+    """Byte-identical MP4s, or decoded frames within one pixel level on average.
+
+    Byte identity is what we usually get, in one process or across Ray actors. But on some CPUs (CI's,
+    and this machine on 2026-11-30) a repeated edit occasionally differed by a level or two in a few
+    pixels, which changes the H.264 bytes: float kernels are not bit-reproducible there (MKL, for one,
+    documents results that depend on memory alignment). A wrong seed, or a row mixed up with its batch
+    neighbour, differs by far more (test_batched_pipeline_equals_single_process_edits checks that
+    bound can fail).
+    """
+    assert a == b or _mean_abs_diff(a, b, tmp) < 1.0
+
+
 @pytest.mark.slow
 def test_batched_pipeline_equals_single_process_edits(first_run, s3_job, s3_client, tiny_dir):
-    """Ray actors (other processes, 1 thread each, rows batched 2 at a time) against edit() here.
-
-    In one process the outputs are byte-identical (test above). Across processes some CPUs pick other
-    BLAS / oneDNN kernels, so CI once saw P-frames differ by a few pixel levels: the cross-process
-    check is on decoded pixels. A wrong seed or a row mixed up with its batch neighbour differs by far
-    more, which the second assertion shows with a deliberately wrong seed.
-    """
+    """Ray actors (other processes, 1 thread each, rows batched 2 at a time) against edit() here (CI once
+    saw P-frames differ by a few pixel levels: assert_same_edit). A deliberately wrong seed must fail
+    that bound."""
     rows, tmp = first_run["rows"], s3_job["tmp"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the actors run
@@ -270,7 +280,7 @@ def test_batched_pipeline_equals_single_process_edits(first_run, s3_job, s3_clie
             key = rows[(row_id, prompt)]["output"][len("s3://batch/"):]
             got = s3_client.get_object(Bucket="batch", Key=key)["Body"].read()
             ref = _reference_mp4(tmp, tmp / f"clip{seed}.mp4", prompt, seed, tiny_dir)
-            assert got == ref or _mean_abs_diff(got, ref, tmp) < 1.0
+            assert_same_edit(got, ref, tmp)
         wrong_seed = _reference_mp4(tmp, tmp / "clip5.mp4", "a green circle", 6, tiny_dir)
         assert _mean_abs_diff(got, wrong_seed, tmp) > 3.0
     finally:
