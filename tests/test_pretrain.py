@@ -184,3 +184,12 @@ def test_fitted_motion_projection_reads_the_direction_off_new_captions(text_enco
     for (dx, dy), (gx, gy) in zip(captions.values(), gains.tolist()):
         assert (gx > 0.4 if dx > 0 else gx < -0.4 if dx < 0 else abs(gx) < 0.4), (dx, dy, gx, gy)
         assert (gy > 0.4 if dy > 0 else gy < -0.4 if dy < 0 else abs(gy) < 0.4), (dx, dy, gx, gy)
+
+
+def test_ray_pretraining_refuses_motion_supervision_it_would_ignore():
+    from dreamix_ray.cluster.train_tasks import build_tasks
+
+    job = {"kind": "pretrain", "cfgs": [PretrainConfig(motion_planes=2, motion_supervision=1.0).to_dict()],
+           "checkpoint_every": 10}
+    with pytest.raises(ValueError, match="one process only"):
+        build_tasks(job)

@@ -51,6 +51,8 @@ def _pretrain_tasks(job: dict) -> list[StageTask]:
     tasks = []
     for cfg_dict in job["cfgs"]:
         cfg = PretrainConfig.from_dict(cfg_dict)
+        if cfg.motion_supervision:  # the auxiliary loss lives in train_stage's loop only
+            raise ValueError("motion_supervision runs in one process only (pretrain.train_stage), not on Ray Train")
         cascade = build_cascade(embedded_config(text_encoder.spec()), stage_denoisers(cfg), text_encoder, cfg.seed)
         stage = next(s for s in cascade.stages if s.config.name == cfg.stage)
         if cfg.init_from:  # a resumed run then loads its checkpoint over these weights
