@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="cascade directory (default: the embedded cascade)")
     p.add_argument("--batch-size", type=int, default=2, help="rows per model call (both runs)")
     p.add_argument("--ssr-chunk-frames", type=int, default=8, help="last-SSR chunk (default 8: 2 chunks per video)")
-    p.add_argument("--num-cpus", type=int, default=None, help="local Ray cluster CPUs (default: enough for 1 actor/stage)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="local Ray cluster CPUs (default: enough for 1 actor/stage)")
     p.add_argument("--stage-cpus", default="decode=0.5,base=1,tsr=1,ssr=1,reassemble=0.1,encode=0.5")
     # The last SSR is ~80% of the embedded cascade's work: two SSR actors share its chunks.
     p.add_argument("--stage-actors", default="base=1,tsr=1,ssr=2")

@@ -5,7 +5,8 @@ combinations of the shapes world, never the held-out evaluation ones), by the su
     python jobs/tune_strengths.py [--model DIR] --sources 8 --strengths 0.6 0.8 0.9 0.95 1.0 --base-only [--write]
 
 --base-only judges the base stage's output (every attribute is decided there; the SR stages only
-add resolution) and runs ~10x faster than the full cascade. Prints success per (preset, edit type, strength) and the chosen table; --write stores it as the
+add resolution) and runs ~10x faster than the full cascade. Prints success per (preset, edit type,
+strength) and the chosen table; --write stores it as the
 cascade's `edit_strengths` in DIR/cascade.json (the embedded cascade by default), which
 `dreamix eval` and `dreamix edit --edit-type` then use.
 """

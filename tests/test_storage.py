@@ -32,7 +32,10 @@ def _csv(rows) -> bytes:
     import pyarrow.csv as pacsv
 
     cols = ["id", "video", "prompts", "prompt", "strength", "seed", "steps", "finetune", "output", "team"]
-    cell = lambda r, c: json.dumps(r[c]) if c == "prompts" and c in r else (str(r[c]) if c in r else None)
+
+    def cell(r, c):
+        return json.dumps(r[c]) if c == "prompts" and c in r else (str(r[c]) if c in r else None)
+
     sink = io.BytesIO()
     pacsv.write_csv(pa.table({c: pa.array([cell(r, c) for r in rows], pa.string()) for c in cols}), sink)
     return sink.getvalue()

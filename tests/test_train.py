@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 ray = pytest.importorskip("ray")
-import ray.train  # noqa: E402  (TrainingFailedError, before any run has imported it)
+import ray.train  # noqa: E402,F811  (TrainingFailedError, before any run has imported it)
 
 from dreamix_ray.cluster.train import (  # noqa: E402
     TrainSettings, TrainSetupError, finetune_on_ray, load_deepspeed_config, read_state,
