@@ -62,17 +62,19 @@ class PretrainConfig(_Dict):
     # world's labels (motion_targets); 0 = the plain diffusion loss. Single-process training only.
     motion_supervision: float = 0.0
     motion_planes: int = 0  # text-driven motion planes for the base (StageDenoiser); 0 = the shipped design
+    coord_planes: bool = False  # x / y coordinate planes for the base (StageDenoiser); off = the shipped design
     checkpoint_every_s: float = 180.0
     grad_clip: float = 1.0
 
 
 def stage_denoisers(cfg: PretrainConfig) -> dict:
-    """The embedded architecture, with the base's motion planes if this run asks for them."""
-    if not cfg.motion_planes:
+    """The embedded architecture, with the base's motion / coordinate planes if this run asks for them."""
+    if not (cfg.motion_planes or cfg.coord_planes):
         return EMBEDDED_DENOISERS
     if cfg.stage != "base":
-        raise ValueError(f"motion planes are a base-stage option; {cfg.stage!r} has none")
-    return {**EMBEDDED_DENOISERS, "base": {**EMBEDDED_DENOISERS["base"], "motion_planes": cfg.motion_planes}}
+        raise ValueError(f"motion and coordinate planes are base-stage options; {cfg.stage!r} has none")
+    base = {**EMBEDDED_DENOISERS["base"], "motion_planes": cfg.motion_planes, "coord_planes": cfg.coord_planes}
+    return {**EMBEDDED_DENOISERS, "base": base}
 
 
 def held_out(scene) -> bool:
@@ -378,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="give the base this many text-driven motion planes (an experiment: BENCHMARKS.md)")
     p.add_argument("--motion-supervision", type=float, default=0.0,
                    help="weight of the auxiliary direction loss on a base's motion planes (single process)")
+    p.add_argument("--coord-planes", action="store_true",
+                   help="give the base x / y coordinate planes (an experiment: BENCHMARKS.md)")
     p.add_argument("--init-from", default="",
                    help="start from this trained stage folder (e.g. dreamix_ray/default_cascade/base)")
     p.add_argument("--workers", type=int, default=None,
@@ -391,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--init-from names one stage's weights: give it with a single --stages value")
     if args.motion_supervision and args.workers:
         p.error("--motion-supervision runs in one process only: drop --workers")
-    if (args.motion_supervision or args.motion_planes) and args.stages != ["base"]:
-        p.error("--motion-planes / --motion-supervision are base-stage options: use --stages base")
+    if (args.motion_supervision or args.motion_planes or args.coord_planes) and args.stages != ["base"]:
+        p.error("--motion-planes / --motion-supervision / --coord-planes are base-stage options: use --stages base")
     if args.motion_supervision and not args.motion_planes:
         p.error("--motion-supervision trains the base's motion planes: add --motion-planes 2")
     if args.threads:
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                              max_steps=args.max_steps, seed=args.seed, caption_dropout=args.caption_dropout,
                              image_fraction=args.image_fraction, reversed_twins=args.reversed_twins,
                              init_from=args.init_from, motion_supervision=args.motion_supervision,
-                             motion_planes=args.motion_planes)
+                             motion_planes=args.motion_planes, coord_planes=args.coord_planes)
         if args.workers:
             _pretrain_on_ray(cfg, args)
         else:

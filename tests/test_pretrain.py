@@ -150,6 +150,7 @@ def test_motion_targets_follow_the_captions_of_the_step():
     (["--stages", "base", "--motion-supervision", "1"], "add --motion-planes 2"),
     (["--stages", "base", "tsr", "--motion-planes", "2"], "base-stage options"),
     (["--stages", "base", "tsr", "--init-from", "x"], "a single --stages value"),
+    (["--stages", "tsr", "--coord-planes"], "base-stage options"),
 ])
 def test_pretrain_cli_refuses_inconsistent_motion_options(argv, message, capsys):
     from dreamix_ray.pretrain import main
@@ -166,6 +167,34 @@ def test_motion_planes_enter_the_pretrained_base_only():
     assert "motion_planes" not in stage_denoisers(PretrainConfig(stage="base"))["base"]
     with pytest.raises(ValueError, match="base-stage option"):
         stage_denoisers(PretrainConfig(stage="ssr", motion_planes=2))
+    assert stage_denoisers(PretrainConfig(stage="base", coord_planes=True))["base"]["coord_planes"] is True
+    with pytest.raises(ValueError, match="base-stage option"):
+        stage_denoisers(PretrainConfig(stage="ssr", coord_planes=True))
+
+
+def test_coord_planes_give_every_pixel_its_position_in_video_and_frame_mode(tmp_path):
+    from dreamix_ray.models.stage import StageDenoiser
+
+    small = dict(block_out_channels=(16, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                 up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=8)
+    torch.manual_seed(0)
+    net = StageDenoiser(**small, coord_planes=True).eval()
+    assert net.unet.conv_in.in_channels == StageDenoiser(**small).unet.conv_in.in_channels + 2
+    x = torch.zeros(1, 3, 2, 4, 5)
+    xy = net._coord_planes(x)
+    assert torch.allclose(xy[0, 0, 1, 2], torch.linspace(-1, 1, 5))  # x runs along a row
+    assert torch.allclose(xy[0, 1, 0, :, 3], torch.linspace(-1, 1, 4))  # y runs down a column
+    # The planes reach the network: zeroing their conv_in slice changes the output, in both modes.
+    args = (torch.randn(1, 3, 8, 8, 8), torch.tensor([500]), torch.randn(1, 4, 384), torch.randn(1, 384))
+    with torch.no_grad():
+        video, frames = net(*args), net(*args, frame_mode_on=True)
+        net.unet.conv_in.weight[:, -2:] = 0
+        assert not torch.allclose(net(*args), video) and not torch.allclose(net(*args, frame_mode_on=True), frames)
+    net.save_pretrained(tmp_path)
+    loaded = StageDenoiser.from_pretrained(tmp_path).eval()
+    assert loaded.config.coord_planes
+    with torch.no_grad():
+        assert torch.equal(loaded(*args), net(*args))
 
 
 def test_fitted_motion_projection_reads_the_direction_off_new_captions(text_encoder):

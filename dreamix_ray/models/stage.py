@@ -40,11 +40,12 @@ class StageDenoiser(ModelMixin, ConfigMixin):
         attention_head_dim: int = 8,
         norm_num_groups: int = 16,
         motion_planes: int = 0,
+        coord_planes: bool = False,
     ):
         super().__init__()
         if motion_planes and not frame_position:
             raise ValueError("motion_planes need frame_position (they are the position ramp times text)")
-        extra = (2 + motion_planes) if frame_position else 0
+        extra = ((2 + motion_planes) if frame_position else 0) + (2 if coord_planes else 0)
         self.motion_from_text = torch.nn.Linear(text_dim, motion_planes) if motion_planes else None
         self.unet = UNet3DConditionModel(
             in_channels=video_channels + cond_channels + extra,
@@ -77,6 +78,8 @@ class StageDenoiser(ModelMixin, ConfigMixin):
             parts.append(cond_bcfhw.to(sample_bcfhw.dtype))
         if self.config.frame_position:
             parts.append(self._position_planes(sample_bcfhw, text_pooled_bd, frame_mode_on or in_frame_mode()))
+        if self.config.coord_planes:
+            parts.append(self._coord_planes(sample_bcfhw))
         x = torch.cat(parts, dim=1)
         with frame_mode(frame_mode_on):
             return self.unet(x, timestep, text_tokens_bld, timestep_cond=text_pooled_bd).sample
@@ -99,3 +102,12 @@ class StageDenoiser(ModelMixin, ConfigMixin):
                 gain_bk = self.motion_gain(text_pooled_bd.to(sample_bcfhw.dtype))
                 planes[:, 2:] = gain_bk.view(b, k, 1, 1, 1) * pos_f.view(1, 1, f, 1, 1)
         return planes
+
+    @staticmethod
+    def _coord_planes(sample_bcfhw: torch.Tensor) -> torch.Tensor:
+        """x and y of every pixel in [-1, 1]; the same in frame mode (an image has positions too)."""
+        b, _, f, h, w = sample_bcfhw.shape
+        kw = dict(dtype=sample_bcfhw.dtype, device=sample_bcfhw.device)
+        x = torch.linspace(-1, 1, w, **kw).view(1, 1, 1, 1, w).expand(b, 1, f, h, w)
+        y = torch.linspace(-1, 1, h, **kw).view(1, 1, 1, h, 1).expand(b, 1, f, h, w)
+        return torch.cat([x, y], dim=1)
