@@ -64,6 +64,31 @@ def direction_probe(cascade: Cascade, n: int, seed: int, cfg: EditConfig) -> str
             f"both follow their word {both_follow}, both move the same way {same_way}")
 
 
+@torch.no_grad()
+def caption_loss_probe(denoiser: StageDenoiser, text_encoder: TextEncoder, n: int, seed: int) -> list[str]:
+    """The base's v-loss on rendered translating clips at several noise levels, with the true caption,
+    the caption with the opposite direction word, and the empty caption. A base that uses the word has a
+    lower loss with the true caption wherever the noise hides the direction."""
+    from dreamix_ray.degrade import frames_to_tensor
+    from dreamix_ray.world.render import render
+
+    sc = EMBEDDED_STAGES[0]
+    scenes = [s for s in held_out_scenes(4 * n, seed) if s.objects[0].motion in OPPOSITE][:n]
+    x0 = torch.cat([frames_to_tensor(render(s, sc.frames, sc.height, sc.fps)) for s in scenes])
+    captions = {"true": [canonical_caption(s) for s in scenes],
+                "opposite": [canonical_caption(s.replace_object(0, motion=OPPOSITE[s.objects[0].motion]))
+                             for s in scenes],
+                "empty": [""] * len(scenes)}
+    scheduler, gen, lines = make_scheduler(), torch.Generator().manual_seed(seed), []
+    for t in (999, 950, 900, 800, 700, 500, 300):
+        noise = torch.randn(x0.shape, generator=gen)
+        t_b = torch.full((len(scenes),), t)
+        x_t, target = scheduler.add_noise(x0, noise, t_b), scheduler.get_velocity(x0, noise, t_b)
+        losses = {k: float(((denoiser(x_t, t_b, *text_encoder(c)) - target) ** 2).mean()) for k, c in captions.items()}
+        lines.append(f"t={t}: v-loss " + ", ".join(f"{k} caption {v:.4f}" for k, v in losses.items()))
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--weights", default="runs/pretrain/base/ema")
@@ -76,6 +101,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1234, help="which held-out scenes")
     p.add_argument("--direction-probe", action="store_true",
                    help="only test whether the direction word decides the direction (same noise, opposite words)")
+    p.add_argument("--caption-loss", action="store_true",
+                   help="only print the v-loss per noise level with the true / opposite-direction / empty caption")
     p.add_argument("--trained-combos", action="store_true",
                    help="captions of combinations seen in pretraining instead of held-out ones (a diagnostic)")
     args = p.parse_args()
@@ -83,6 +110,10 @@ def main() -> int:
     te = TextEncoder("minilm")
     base = Stage(EMBEDDED_STAGES[0], StageDenoiser.from_pretrained(args.weights).eval(), make_scheduler())
     cascade = Cascade(embedded_config(te.spec()), te, [base])
+    if args.caption_loss:
+        print(f"{args.weights}, {args.n} held-out translating clips:")
+        print("\n".join(caption_loss_probe(base.denoiser, te, args.n, args.seed)), flush=True)
+        return 0
     if args.direction_probe:
         cfg = EditConfig(strength=1.0, steps=(args.steps[0],), guidance_scale=args.guidance[0], eta=args.eta[0])
         print(args.weights, direction_probe(cascade, args.n, args.seed, cfg), flush=True)
