@@ -32,6 +32,8 @@ def main() -> int:
     p.add_argument("--out", required=True, help="where the trained base is saved")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--t-min", type=int, default=990, help="lowest training timestep (of 0..999)")
+    p.add_argument("--high-share", type=float, default=1.0,
+                   help="share of each batch's rows on [--t-min, 999]; the rest uniform on 0..999")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--coord-planes", action="store_true")
     p.add_argument("--motion-planes", type=int, default=0, help="fitted to the captions' directions, then frozen")
@@ -52,6 +54,9 @@ def main() -> int:
     for step in range(args.steps):
         batch = pretrain_batch(stage, cfg, step, text_encoder)
         t_b = torch.randint(args.t_min, 1000, batch.t_b.shape, generator=gen)
+        if args.high_share < 1.0:  # (only then: the default run draws what it drew before the option)
+            high = torch.rand(batch.t_b.shape, generator=gen) < args.high_share
+            t_b = torch.where(high, t_b, torch.randint(0, 1000, batch.t_b.shape, generator=gen))
         loss = dataclasses.replace(batch, frames_step=False, t_b=t_b).loss(stage)
         opt.zero_grad()
         loss.backward()
