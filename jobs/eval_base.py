@@ -40,6 +40,13 @@ def held_out_scenes(n: int, seed: int = 1234, held: bool = True):
     return scenes
 
 
+def translating_pairs(n: int, seed: int):
+    """n held-out translating scenes, their captions, and the same captions with the opposite direction word."""
+    scenes = [s for s in held_out_scenes(4 * n, seed) if s.objects[0].motion in OPPOSITE][:n]
+    opposite = [canonical_caption(s.replace_object(0, motion=OPPOSITE[s.objects[0].motion])) for s in scenes]
+    return scenes, [canonical_caption(s) for s in scenes], opposite
+
+
 def seen_motions(cascade: Cascade, prompts: list[str], cfg: EditConfig) -> list[str]:
     """What the analyzer sees in the base's text-to-video for each prompt; row i uses seed i."""
     sc = cascade.stages[0].config
@@ -53,9 +60,7 @@ def direction_probe(cascade: Cascade, n: int, seed: int, cfg: EditConfig) -> str
     """Does the direction word decide the direction? Each held-out translating caption and its twin
     with the opposite direction word are sampled from the same noise (same seed). A base that ignores
     the word moves both the same way; one that follows it moves each the way its caption says."""
-    scenes = [s for s in held_out_scenes(4 * n, seed) if s.objects[0].motion in OPPOSITE][:n]
-    prompts = [canonical_caption(s) for s in scenes]
-    twins = [canonical_caption(s.replace_object(0, motion=OPPOSITE[s.objects[0].motion])) for s in scenes]
+    scenes, prompts, twins = translating_pairs(n, seed)
     said = [s.objects[0].motion for s in scenes]
     seen, seen_twin = seen_motions(cascade, prompts, cfg), seen_motions(cascade, twins, cfg)
     both_follow = sum(a == m and b == OPPOSITE[m] for m, a, b in zip(said, seen, seen_twin))
@@ -73,12 +78,9 @@ def caption_loss_probe(denoiser: StageDenoiser, text_encoder: TextEncoder, n: in
     from dreamix_ray.world.render import render
 
     sc = EMBEDDED_STAGES[0]
-    scenes = [s for s in held_out_scenes(4 * n, seed) if s.objects[0].motion in OPPOSITE][:n]
+    scenes, true, opposite = translating_pairs(n, seed)
     x0 = torch.cat([frames_to_tensor(render(s, sc.frames, sc.height, sc.fps)) for s in scenes])
-    captions = {"true": [canonical_caption(s) for s in scenes],
-                "opposite": [canonical_caption(s.replace_object(0, motion=OPPOSITE[s.objects[0].motion]))
-                             for s in scenes],
-                "empty": [""] * len(scenes)}
+    captions = {"true": true, "opposite": opposite, "empty": [""] * len(scenes)}
     scheduler, gen, lines = make_scheduler(), torch.Generator().manual_seed(seed), []
     for t in (999, 950, 900, 800, 700, 500, 300):
         noise = torch.randn(x0.shape, generator=gen)

@@ -20,10 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dreamix_ray.models.cascade import Stage  # noqa: E402
-from dreamix_ray.models.embedded import EMBEDDED_DENOISERS, EMBEDDED_STAGES  # noqa: E402
+from dreamix_ray.models.embedded import EMBEDDED_STAGES  # noqa: E402
 from dreamix_ray.models.stage import StageDenoiser  # noqa: E402
 from dreamix_ray.models.text import TextEncoder  # noqa: E402
-from dreamix_ray.pretrain import PretrainConfig, fit_motion_projection, pretrain_batch  # noqa: E402
+from dreamix_ray.pretrain import (  # noqa: E402
+    PretrainConfig,
+    fit_motion_projection,
+    pretrain_batch,
+    stage_denoisers,
+)
 from dreamix_ray.sampling import make_scheduler  # noqa: E402
 
 
@@ -41,10 +46,9 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     text_encoder = TextEncoder("minilm")
+    cfg = PretrainConfig(stage="base", seed=3, coord_planes=args.coord_planes, motion_planes=args.motion_planes)
     torch.manual_seed(0)
-    model = StageDenoiser(**{**EMBEDDED_DENOISERS["base"], "coord_planes": args.coord_planes,
-                             "motion_planes": args.motion_planes}).train()
-    cfg = PretrainConfig(stage="base", seed=3)
+    model = StageDenoiser(**stage_denoisers(cfg)["base"]).train()
     if args.motion_planes:
         print(f"motion planes fitted (mse {fit_motion_projection(model, text_encoder, cfg, steps=100):.3f})")
         model.motion_from_text.requires_grad_(False)
