@@ -46,6 +46,9 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
                    help="sampling steps per stage, in cascade order (default: each stage's own)")
     p.add_argument("--eta", type=float, default=None, help="DDIM stochasticity in [0, 1] (default: per stage)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1 = off, as the paper)")
+    p.add_argument("--motion-guidance", type=float, default=1.0, metavar="W",
+                   help="weight in [0, 1] of the cascade's motion guidance, which imposes the prompt's direction "
+                        "of travel at high noise (0 = off; cascades without a fitted motion prior ignore it)")
     p.add_argument("--frames", type=int, default=None, help="base-stage frames (default: the base's length)")
     p.add_argument("--fit", choices=("crop", "pad"), default="crop", help=FIT_HELP)
     _common(p)

@@ -91,8 +91,14 @@ class CascadeConfig(_Dict):
     # Strength per edit type, found on tuning videos: {"none" | "video" | "mixed": {edit type: s}}
     # ("none" = no finetuning). Motion edits need more noise than style edits (paper Sec. 6).
     edit_strengths: dict | None = None
+    # Direction of travel per prompt, imposed at high noise (motion_guidance.py); None = no guidance.
+    motion_prior: dict | None = None
 
     def __post_init__(self):
+        if self.motion_prior is not None:
+            from .motion_guidance import MotionPrior
+
+            MotionPrior.from_dict(self.motion_prior)  # a malformed entry fails at load, naming the fix
         for preset, by_type in (self.edit_strengths or {}).items():
             if preset not in STRENGTH_PRESETS or not isinstance(by_type, dict):
                 raise ConfigError(f"edit_strengths: keys must be among {STRENGTH_PRESETS}, each mapping edit types "
@@ -113,6 +119,8 @@ class CascadeConfig(_Dict):
         }
         if self.edit_strengths:  # cascades without presets keep their cascade.json (and ids) unchanged
             data["edit_strengths"] = {k: dict(v) for k, v in self.edit_strengths.items()}
+        if self.motion_prior:
+            data["motion_prior"] = dict(self.motion_prior)
         return data
 
     def strength_for(self, edit_type: str, preset: str = "none") -> float | None:
@@ -126,7 +134,8 @@ class CascadeConfig(_Dict):
         stages = tuple(StageConfig.from_dict(s) for s in data["stages"])
         return cls(stages=stages, text_encoder=dict(data.get("text_encoder", {})),
                    name=data.get("name", "cascade"), description=data.get("description", ""),
-                   finetune_lr=data.get("finetune_lr"), edit_strengths=data.get("edit_strengths"))
+                   finetune_lr=data.get("finetune_lr"), edit_strengths=data.get("edit_strengths"),
+                   motion_prior=data.get("motion_prior"))
 
 
 def validate_strength(strength: float) -> float:
@@ -155,6 +164,9 @@ class EditConfig(_Dict):
     num_frames: int | None = None  # base-stage frames; None = the base stage's trained length
     ssr_chunk_frames: int = PAPER_SSR_CHUNK_FRAMES
     fit: str = "crop"  # how the input is fitted to the stage size: crop | pad
+    # Weight of the cascade's motion guidance at high noise (motion_guidance.py); 0 = off. A cascade
+    # without a fitted motion prior ignores it.
+    motion_guidance: float = 1.0
 
     def __post_init__(self):
         validate_strength(self.strength)
@@ -168,6 +180,8 @@ class EditConfig(_Dict):
             raise ConfigError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.ssr_chunk_frames < 1:
             raise ConfigError(f"the SSR chunk must hold >= 1 frame, got {self.ssr_chunk_frames}")
+        if not 0.0 <= self.motion_guidance <= 1.0:
+            raise ConfigError(f"motion guidance must be in [0, 1] (0 = off), got {self.motion_guidance}")
         if self.fit not in ("crop", "pad"):
             raise ConfigError(f"fit must be 'crop' or 'pad', got {self.fit!r}")
 

@@ -15,6 +15,7 @@ from .config import EditConfig
 from .degrade import downsample_to_stage, noise_at_strength, tensor_to_frames, upsample_condition
 from .models.cascade import Cascade
 from .models.latent import refine_strength
+from .motion_guidance import MotionPrior, motion_guided
 from .sampling import ddim_sample, draw_noise, fresh_scheduler, guided, seed_generators, strength_timesteps
 from .video import Video
 
@@ -57,7 +58,11 @@ def _denoiser(cascade, index, text: _Text, cond, cfg: EditConfig, timings: Timin
         return fn
 
     uncond = call(*text.uncond) if text.uncond is not None else None
-    return guided(call(text.tokens, text.pooled), uncond, cfg.guidance_scale)
+    denoise = guided(call(text.tokens, text.pooled), uncond, cfg.guidance_scale)
+    if index == 0 and cascade.config.motion_prior and cfg.motion_guidance > 0:
+        prior = MotionPrior.from_dict(cascade.config.motion_prior)
+        denoise = motion_guided(denoise, cascade.stages[0].scheduler, prior, text.pooled, cfg.motion_guidance)
+    return denoise
 
 
 def _sample(cascade, index, x, timesteps, scheduler, text, cond, cfg, gens, timings, progress, on_step):

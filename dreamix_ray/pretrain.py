@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -150,6 +151,24 @@ def fit_motion_projection(denoiser, text_encoder: TextEncoder, cfg: PretrainConf
     proj.weight[:2] = solution[:-1].T.float()
     proj.bias[:2] = solution[-1].float()
     return float(((torch.tanh(x1 @ solution) - y) ** 2).sum(1).mean())
+
+
+@torch.no_grad()
+def fit_world_motion_prior(text_encoder: TextEncoder, cfg: PretrainConfig, steps: int = 200):
+    """The motion prior for motion guidance (motion_guidance.py), fitted on the single-object captions of
+    `steps` training batches: each caption's class is its translation, or "none" for any other motion."""
+    from .motion_guidance import fit_motion_prior
+
+    classes = ["none", *DIRECTIONS]
+    pooled, labels = [], []
+    for step in range(steps):
+        scenes, captions, _ = step_scenes(cfg, step)
+        keep = [(s, c) for s, c in zip(scenes, captions) if len(s.objects) == 1 and c]
+        if keep:
+            pooled.append(text_encoder([c for _, c in keep])[1])
+            labels += [classes.index(s.objects[0].motion) if s.objects[0].motion in DIRECTIONS else 0 for s, _ in keep]
+    vectors = [(0.0, 0.0)] + [DIRECTIONS[m] for m in classes[1:]]
+    return fit_motion_prior(torch.cat(pooled), torch.tensor(labels), vectors, travel=TRAVEL)
 
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -342,6 +361,8 @@ def export_cascade(run_dir: str | Path, out_dir: str | Path, text_encoder: TextE
             raise FileNotFoundError(f"stage {stage.config.name!r} has no trained weights in {ema_dir}")
         stage.denoiser = type(stage.denoiser).from_pretrained(ema_dir).eval()
         stage.scheduler = make_scheduler()
+    prior = fit_world_motion_prior(text_encoder, PretrainConfig(stage="base"))
+    cascade.config = dataclasses.replace(cascade.config, motion_prior=prior.to_dict())
     cascade.save_pretrained(out_dir)
     return cascade
 

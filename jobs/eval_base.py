@@ -7,6 +7,8 @@ by the shapes-world analyzer, with motion accuracy per direction.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -100,6 +102,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
                    help="classifier-free guidance scales to compare (the unconditional model is the '' prompt)")
+    p.add_argument("--motion-guidance", type=float, nargs="+", default=[1.0],
+                   help="motion guidance weights to compare (0 = off; motion_guidance.py)")
+    p.add_argument("--motion-prior-from", default="dreamix_ray/default_cascade",
+                   help="cascade directory whose cascade.json holds the fitted motion prior")
     p.add_argument("--seed", type=int, default=1234, help="which held-out scenes")
     p.add_argument("--direction-probe", action="store_true",
                    help="only test whether the direction word decides the direction (same noise, opposite words)")
@@ -111,22 +117,25 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     te = TextEncoder("minilm")
     base = Stage(EMBEDDED_STAGES[0], StageDenoiser.from_pretrained(args.weights).eval(), make_scheduler())
-    cascade = Cascade(embedded_config(te.spec()), te, [base])
+    prior = json.loads((Path(args.motion_prior_from) / "cascade.json").read_text()).get("motion_prior")
+    config = dataclasses.replace(embedded_config(te.spec()), motion_prior=prior)
+    cascade = Cascade(config, te, [base])
     if args.caption_loss:
         print(f"{args.weights}, {args.n} held-out translating clips:")
         print("\n".join(caption_loss_probe(base.denoiser, te, args.n, args.seed)), flush=True)
         return 0
     if args.direction_probe:
-        cfg = EditConfig(strength=1.0, steps=(args.steps[0],), guidance_scale=args.guidance[0], eta=args.eta[0])
+        cfg = EditConfig(strength=1.0, steps=(args.steps[0],), guidance_scale=args.guidance[0], eta=args.eta[0],
+                         motion_guidance=args.motion_guidance[0])
         print(args.weights, direction_probe(cascade, args.n, args.seed, cfg), flush=True)
         return 0
     scenes = held_out_scenes(args.n, args.seed, held=not args.trained_combos)
     prompts = [canonical_caption(s) for s in scenes]
     sc = base.config
     x0 = torch.zeros(len(scenes), 3, sc.frames, sc.height, sc.width)
-    settings = [(g, n, e) for g in args.guidance for n in args.steps for e in args.eta]
-    for scale, steps, eta in settings:
-        cfg = EditConfig(strength=1.0, steps=(steps,), guidance_scale=scale, eta=eta)
+    settings = [(g, n, e, m) for g in args.guidance for n in args.steps for e in args.eta for m in args.motion_guidance]
+    for scale, steps, eta, motion in settings:
+        cfg = EditConfig(strength=1.0, steps=(steps,), guidance_scale=scale, eta=eta, motion_guidance=motion)
         out = tensor_to_frames(run_base(cascade, x0, prompts, list(range(len(scenes))), cfg))
         totals, by_motion, confusion = Counter(), defaultdict(Counter), defaultdict(Counter)
         for scene, frames in zip(scenes, out):
@@ -136,7 +145,8 @@ def main() -> int:
             by_motion[scene.objects[0].motion].update(ok=int(res["motion"]), n=1)
             if not res["motion"]:  # what the analyzer saw instead (no object found counts as "none")
                 confusion[scene.objects[0].motion][est.objects[0].motion if est.objects else "none"] += 1
-        print(f"{args.weights} guidance {scale:g} steps {steps} eta {eta:g}: n={len(scenes)} "
+        print(f"{args.weights} guidance {scale:g} steps {steps} eta {eta:g} motion guidance {motion:g}: "
+              f"n={len(scenes)} "
               + " ".join(f"{k}={v / len(scenes):.0%}" for k, v in totals.items()))
         print("  motion by direction: " + " ".join(f"{m}={c['ok']}/{c['n']}" for m, c in sorted(by_motion.items())),
               flush=True)

@@ -1,0 +1,102 @@
+"""Motion guidance: the fitted prior reads directions from text, the layout moves the right way, and the
+embedded base follows the direction word with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreamix_ray.config import CascadeConfig, ConfigError, EditConfig
+from dreamix_ray.motion_guidance import MotionPrior, MotionPriorError, moving_layout, translate
+
+
+def _blob(size: int = 16) -> torch.Tensor:
+    img = torch.zeros(1, 1, size, size)
+    img[..., 6:10, 6:10] = 1.0
+    return img
+
+
+def _centroid_x(img_hw: torch.Tensor) -> float:
+    xs = torch.arange(img_hw.shape[-1], dtype=img_hw.dtype)
+    return float((img_hw.sum(0) * xs).sum() / img_hw.sum())
+
+
+def test_translate_moves_content_by_the_fraction_of_the_frame_and_replicates_edges():
+    img = _blob() + 0.5  # a grey frame: the replicated edge keeps its value
+    right = translate(img, torch.tensor([[0.25, 0.0]]))
+    assert _centroid_x(right[0, 0] - 0.5) == pytest.approx(_centroid_x(img[0, 0] - 0.5) + 4, abs=0.05)
+    down = translate(img, torch.tensor([[0.0, -0.125]]))  # up by 2 rows
+    assert down[0, 0, 4:8, 6:10].mean() == pytest.approx(1.5)
+    assert float(right.min()) == pytest.approx(0.5)
+
+
+def test_moving_layout_runs_the_clip_mean_along_the_direction_centred_in_time():
+    clip = _blob().unsqueeze(2).repeat(1, 1, 5, 1, 1)  # [1, 1, F=5, 16, 16], static
+    layout = moving_layout(clip, torch.tensor([[-1.0, 0.0]]), travel=0.5)  # left, 8 pixels over the clip
+    xs = [_centroid_x(layout[0, 0, f]) for f in range(5)]
+    assert xs == pytest.approx([11.5, 9.5, 7.5, 5.5, 3.5], abs=0.05)
+
+
+def test_prior_round_trips_and_malformed_entries_name_the_fix():
+    # classes: none, left, up; the text's first feature votes "left", the second "up"
+    prior = MotionPrior(weight=((0.0, 0.0), (4.0, 0.0), (0.0, 4.0)), bias=(0.0, 0.0, 0.0),
+                        vectors=((0.0, 0.0), (-1.0, 0.0), (0.0, -1.0)), travel=0.5)
+    assert MotionPrior.from_dict(prior.to_dict()) == prior
+    with pytest.raises(MotionPriorError, match="fit_motion_prior"):
+        MotionPrior.from_dict({"weight": [[1.0]]})
+    config = CascadeConfig(stages=())
+    with pytest.raises(MotionPriorError, match="refit"):
+        CascadeConfig.from_dict(dict(config.to_dict(), motion_prior={"weight": [[1.0]], "bias": [0.0],
+                                                                     "travel": 0.5}))
+    with pytest.raises(ConfigError, match="motion guidance"):
+        EditConfig(motion_guidance=1.5)
+    directions = prior.directions(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 0.15], [-1.0, -1.0]]))
+    # a weak vote (probability < gate) and a vote for "none" both leave the prompt unguided
+    assert directions.tolist() == [[-1.0, 0.0], [0.0, -1.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_fitted_prior_reads_direction_words_of_held_out_captions(text_encoder):
+    from dreamix_ray.pretrain import PretrainConfig, fit_world_motion_prior
+
+    prior = fit_world_motion_prior(text_encoder, PretrainConfig(stage="base"), steps=60)
+    prompts = ["a purple triangle moving left on a green background", "a big orange square slides to the right over grey",
+               "a small yellow circle moving up on a blue background", "a red triangle moving down on white",
+               "a green square staying still on a red background", "a blue circle growing over grey",
+               "a car driving to the left"]
+    got = prior.directions(text_encoder(prompts)[1]).tolist()
+    assert got == [[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0], [0, 0], [-1, 0]]
+
+
+@pytest.fixture(scope="module")
+def embedded_base():
+    from dreamix_ray.models.cascade import Cascade, load_cascade
+
+    cascade = load_cascade()
+    if not cascade.config.motion_prior:
+        pytest.fail("the embedded cascade.json has no motion prior: run jobs/fit_motion_prior.py")
+    return Cascade(cascade.config, cascade.text_encoder, cascade.stages[:1])
+
+
+def _seen_motions(cascade, prompts, seeds, motion_guidance):
+    from dreamix_ray.degrade import tensor_to_frames
+    from dreamix_ray.edit import run_base
+    from dreamix_ray.world.analyze import analyze
+
+    sc = cascade.stages[0].config
+    cfg = EditConfig(strength=1.0, motion_guidance=motion_guidance)
+    out = run_base(cascade, torch.zeros(len(prompts), 3, sc.frames, sc.height, sc.width), prompts, seeds, cfg)
+    return out, [est.objects[0].motion if est.objects else "none" for est in map(analyze, tensor_to_frames(out))]
+
+
+def test_embedded_base_follows_the_direction_word_with_guidance(embedded_base):
+    words = ["left", "right", "up", "down"]
+    prompts = [f"a red circle moving {w} on a blue background" for w in words]
+    _, seen = _seen_motions(embedded_base, prompts * 2, [0] * 4 + [1] * 4, 1.0)
+    assert seen == words * 2
+
+
+def test_guidance_leaves_prompts_without_a_translation_untouched(embedded_base):
+    prompts = ["a red circle staying still on a blue background", "a green square growing on grey"]
+    on, _ = _seen_motions(embedded_base, prompts, [3, 4], 1.0)
+    off, _ = _seen_motions(embedded_base, prompts, [3, 4], 0.0)
+    assert torch.equal(on, off)
