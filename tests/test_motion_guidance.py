@@ -37,6 +37,30 @@ def test_moving_layout_runs_the_clip_mean_along_the_direction_centred_in_time():
     assert xs == pytest.approx([11.5, 9.5, 7.5, 5.5, 3.5], abs=0.05)
 
 
+def test_motion_guided_replaces_the_clean_estimate_of_guided_rows_at_high_noise_only():
+    from dreamix_ray.motion_guidance import motion_guided
+    from dreamix_ray.sampling import make_scheduler
+
+    scheduler = make_scheduler()
+    prior = MotionPrior(weight=((0.0, 0.0), (4.0, 0.0)), bias=(0.0, 0.0), vectors=((0.0, 0.0), (1.0, 0.0)),
+                        travel=0.5)
+    pooled = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # row 0 moves right, row 1 names no translation
+    x, v = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 3, 4, 8, 8)
+    guided = motion_guided(lambda x_, t_: v, scheduler, prior, pooled, weight=1.0)
+    for t, guided_now in ((900, True), (500, False)):
+        a2 = scheduler.alphas_cumprod[t]
+        a, s = a2.sqrt(), (1 - a2).sqrt()
+        out = guided(x, torch.full((2,), t))
+        x0_before, x0_after = a * x - s * v, a * x - s * out  # the clean estimate the DDIM step will use
+        torch.testing.assert_close(out[1], v[1])
+        if guided_now:  # v = a * eps - s * layout: the step's estimate is a^2 x0 + s^2 layout, ~all layout here
+            layout = moving_layout(x0_before[:1], torch.tensor([[1.0, 0.0]]), 0.5)[0]
+            torch.testing.assert_close(x0_after[0], a2 * x0_before[0] + (1 - a2) * layout)
+            assert float(1 - a2) > 0.9
+        else:
+            torch.testing.assert_close(out, v)
+
+
 def test_prior_round_trips_and_malformed_entries_name_the_fix():
     # classes: none, left, up; the text's first feature votes "left", the second "up"
     prior = MotionPrior(weight=((0.0, 0.0), (4.0, 0.0), (0.0, 4.0)), bias=(0.0, 0.0, 0.0),
@@ -59,7 +83,8 @@ def test_fitted_prior_reads_direction_words_of_held_out_captions(text_encoder):
     from dreamix_ray.pretrain import PretrainConfig, fit_world_motion_prior
 
     prior = fit_world_motion_prior(text_encoder, PretrainConfig(stage="base"), steps=60)
-    prompts = ["a purple triangle moving left on a green background", "a big orange square slides to the right over grey",
+    prompts = ["a purple triangle moving left on a green background",
+               "a big orange square slides to the right over grey",
                "a small yellow circle moving up on a blue background", "a red triangle moving down on white",
                "a green square staying still on a red background", "a blue circle growing over grey",
                "a car driving to the left"]
