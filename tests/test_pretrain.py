@@ -76,6 +76,20 @@ def test_train_stage_resumes_from_its_checkpoint(tmp_path, text_encoder):
     assert json.loads((tmp_path / "base" / "ema" / "config.json").read_text())["position_frames"] == 8
 
 
+def test_export_writes_a_cascade_with_its_fitted_motion_prior(tmp_path, text_encoder):
+    from dreamix_ray.models.cascade import Cascade
+    from dreamix_ray.motion_guidance import MotionPrior
+
+    for stage in ("base", "tsr", "ssr"):
+        train_stage(PretrainConfig(stage=stage, max_steps=1, batch_size=1, warmup_steps=1), tmp_path, text_encoder,
+                    log=lambda _: None)
+    export_cascade(tmp_path, tmp_path / "out", text_encoder)
+    cascade = Cascade.from_pretrained(tmp_path / "out", text_encoder)
+    prior = MotionPrior.from_dict(cascade.config.motion_prior)
+    pooled = text_encoder(["a red circle moving left on a blue background", "a red circle bouncing on blue"])[1]
+    assert prior.directions(pooled).tolist() == [[-1.0, 0.0], [0.0, 0.0]]
+
+
 def test_motion_planes_carry_text_times_position_and_vanish_in_frame_mode():
     from dreamix_ray.models.stage import StageDenoiser
 
