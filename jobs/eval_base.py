@@ -111,6 +111,8 @@ def main() -> int:
                    help="only test whether the direction word decides the direction (same noise, opposite words)")
     p.add_argument("--caption-loss", action="store_true",
                    help="only print the v-loss per noise level with the true / opposite-direction / empty caption")
+    p.add_argument("--checkered-translations", action="store_true",
+                   help="only scenes with a checkered background and a translating object")
     p.add_argument("--trained-combos", action="store_true",
                    help="captions of combinations seen in pretraining instead of held-out ones (a diagnostic)")
     args = p.parse_args()
@@ -129,7 +131,10 @@ def main() -> int:
                          motion_guidance=args.motion_guidance[0])
         print(args.weights, direction_probe(cascade, args.n, args.seed, cfg), flush=True)
         return 0
-    scenes = held_out_scenes(args.n, args.seed, held=not args.trained_combos)
+    scenes = held_out_scenes(args.n * (8 if args.checkered_translations else 1), args.seed,
+                             held=not args.trained_combos)
+    if args.checkered_translations:  # where motion guidance could drag the texture along with the object
+        scenes = [s for s in scenes if s.texture == "checkered" and s.objects[0].motion in OPPOSITE][:args.n]
     prompts = [canonical_caption(s) for s in scenes]
     sc = base.config
     x0 = torch.zeros(len(scenes), 3, sc.frames, sc.height, sc.width)
@@ -142,6 +147,7 @@ def main() -> int:
             est = analyze(frames)
             res = compare(scene, est)
             totals.update({k: int(v) for k, v in res.items()})
+            totals["texture"] += int(est.texture == scene.texture)
             by_motion[scene.objects[0].motion].update(ok=int(res["motion"]), n=1)
             if not res["motion"]:  # what the analyzer saw instead (no object found counts as "none")
                 confusion[scene.objects[0].motion][est.objects[0].motion if est.objects else "none"] += 1
