@@ -7,7 +7,8 @@ model towards it, we split the job: a *motion prior* (a linear classifier from t
 to the clip's direction of travel, fitted on training captions) plans the motion, and while the noise
 is high (t >= from_t) the base's estimate of the clean clip is replaced, with weight w, by its own
 temporal mean translated along that direction. The later steps refine that coarse moving layout
-into the clip. Prompts without a clear translation (|direction| < gate) are left alone.
+into the clip. Prompts without a clear translation (the classifier's most likely class is "none", or
+a translation below `gate` probability) are left alone.
 """
 
 from __future__ import annotations
