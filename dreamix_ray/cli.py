@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "else 0.7, or 0.95 after finetuning)")
     p.add_argument("--edit-type", default=None, choices=EDIT_TYPES,
                    help="what the prompt changes; picks the cascade's tuned strength for it (motion edits need "
-                        "more noise than style edits)")
+                        "more noise than style edits); motion also implies --motion-from-input")
+    p.add_argument("--motion-from-input", action="store_true",
+                   help="a motion edit: motion guidance moves the input's middle frame the prompt's way, so the "
+                        "object keeps its look and place (default: the model's own estimate)")
     p.add_argument("--preview", default=None, metavar="PREVIEW.mp4",
                    help="also write original | edit side by side (mp4 and a contact-sheet PNG)")
     p.add_argument("--keep-audio", action="store_true", help="copy the input's audio into the output")

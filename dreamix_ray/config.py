@@ -167,6 +167,9 @@ class EditConfig(_Dict):
     # Weight of the cascade's motion guidance at high noise (motion_guidance.py); 0 = off. A cascade
     # without a fitted motion prior ignores it.
     motion_guidance: float = 1.0
+    # A motion edit: the guided layout is the input's middle frame moving the prompt's way, so the
+    # object keeps its look and place (motion_guidance.py); False = the base's own estimate.
+    motion_from_input: bool = False
 
     def __post_init__(self):
         validate_strength(self.strength)

@@ -43,7 +43,8 @@ def _encode(cascade: Cascade, prompts: list[str], guidance_scale: float) -> _Tex
     return _Text(tokens, pooled, uncond)
 
 
-def _denoiser(cascade, index, text: _Text, cond, cfg: EditConfig, timings: Timings | None):
+def _denoiser(cascade, index, text: _Text, cond, cfg: EditConfig, timings: Timings | None,
+              anchor: torch.Tensor | None = None):
     net = cascade.stages[index].denoiser
     name = cascade.stages[index].config.name
 
@@ -61,13 +62,14 @@ def _denoiser(cascade, index, text: _Text, cond, cfg: EditConfig, timings: Timin
     denoise = guided(call(text.tokens, text.pooled), uncond, cfg.guidance_scale)
     if index == 0 and cascade.config.motion_prior and cfg.motion_guidance > 0:
         prior = MotionPrior.from_dict(cascade.config.motion_prior)
-        denoise = motion_guided(denoise, cascade.stages[0].scheduler, prior, text.pooled, cfg.motion_guidance)
+        denoise = motion_guided(denoise, cascade.stages[0].scheduler, prior, text.pooled, cfg.motion_guidance,
+                                anchor)
     return denoise
 
 
-def _sample(cascade, index, x, timesteps, scheduler, text, cond, cfg, gens, timings, progress, on_step):
+def _sample(cascade, index, x, timesteps, scheduler, text, cond, cfg, gens, timings, progress, on_step, anchor=None):
     stage = cascade.stages[index]
-    denoise = _denoiser(cascade, index, text, cond, cfg, timings)
+    denoise = _denoiser(cascade, index, text, cond, cfg, timings, anchor)
     if on_step is not None:
         total, inner = len(timesteps), denoise
         counter = iter(range(1, total + 1))
@@ -90,7 +92,8 @@ def run_base(cascade: Cascade, x0_bcfhw: torch.Tensor, prompts: list[str], seeds
     x0 = stage.encode(x0_bcfhw.to(cascade.device))  # a latent stage degrades its VAE latents (models/latent.py)
     x_s, timesteps = noise_at_strength(x0, cfg.strength, scheduler, cfg.stage_steps(0, stage.config), gens)
     text = _encode(cascade, prompts, cfg.guidance_scale)
-    out = _sample(cascade, 0, x_s, timesteps, scheduler, text, None, cfg, gens, timings, progress, on_step)
+    anchor = x0 if cfg.motion_from_input else None  # a motion edit re-animates the input (motion_guidance.py)
+    out = _sample(cascade, 0, x_s, timesteps, scheduler, text, None, cfg, gens, timings, progress, on_step, anchor)
     out = stage.decode(out)
     if timings is not None:
         timings.stage_s[stage.config.name] += time.perf_counter() - start
@@ -167,7 +170,7 @@ def generate(prompt: str, cfg: EditConfig, cascade: Cascade, progress: bool = Fa
     base = cascade.base.config
     frames = cfg.num_frames or base.frames
     x0 = torch.zeros(1, 3, frames, base.height, base.width)
-    gen_cfg = EditConfig(**{**cfg.to_dict(), "strength": 1.0})
+    gen_cfg = EditConfig(**{**cfg.to_dict(), "strength": 1.0, "motion_from_input": False})
     out = run_cascade(cascade, x0, [prompt], [cfg.seed], gen_cfg, progress, timings, on_step)[0]
     return Video(out, output_fps(cascade))
 

@@ -53,6 +53,8 @@ class EvalSettings:
     finetune_lr: float | None = None  # None: the cascade's finetune_lr
     finetune_stages: tuple[str, ...] = ("base",)
     steps: tuple[int, ...] = ()  # per-stage sampling steps; empty = the cascade's
+    # motion edits move the source's middle frame at high noise (EditConfig.motion_from_input)
+    motion_from_input: bool = True
 
     def strength_for(self, method: str, edit_type: str, cascade) -> float:
         """Per-frame editing uses Dreamix's no-finetuning strengths, so it differs only in frame mode."""
@@ -203,33 +205,37 @@ def _render(scene, cascade) -> Video:
 
 
 def _run_rows(model, sources: list[Video] | None, prompts: list[str], seeds: list[int], strength: float,
-              s: EvalSettings) -> list[np.ndarray]:
+              s: EvalSettings, from_input: bool = False) -> list[np.ndarray]:
     """One batch through the cascade (no sources = text-to-video); rows are independent (per-row seeds)."""
     base = model.base.config
     if sources is None:
         x0, strength = torch.zeros(len(prompts), 3, base.frames, base.height, base.width), 1.0
     else:
         x0 = torch.cat([downsample_to_stage(v, base) for v in sources])
-    return list(run_cascade(model, x0, prompts, seeds, EditConfig(strength=strength, steps=s.steps)))
+    cfg = EditConfig(strength=strength, steps=s.steps, motion_from_input=from_input and sources is not None)
+    return list(run_cascade(model, x0, prompts, seeds, cfg))
 
 
 def run_method(method: str, cases: list[Case], source: Video, cascade, tuned: dict,
                s: EvalSettings) -> list[np.ndarray]:
     """One method's outputs for cases of one source (`source`, rendered once by the caller), batched by
-    strength; `tuned` maps variant -> (finetuned cascade, FinetuneConfig) for that source."""
+    strength and by whether the edit is a motion edit; `tuned` maps variant -> (finetuned cascade,
+    FinetuneConfig) for that source."""
     model, prompts = cascade, [c.prompt for c in cases]
     if method in tuned:
         model, ft_cfg = tuned[method]
         prompts = [finetuned_prompt(p, ft_cfg) for p in prompts]
     outputs: list = [None] * len(cases)
-    by_strength = defaultdict(list)
+    batches = defaultdict(list)
     for i, case in enumerate(cases):
-        by_strength[s.strength_for(method, case.edit_type, cascade)].append(i)
-    for strength, rows in by_strength.items():
+        from_input = s.motion_from_input and case.edit_type == "motion"
+        batches[(s.strength_for(method, case.edit_type, cascade), from_input)].append(i)
+    for (strength, from_input), rows in batches.items():
         sources = None if method == "text-to-video" else [source] * len(rows)
         # per-frame: an image editor run frame by frame, every stage in frame mode
         with frame_mode() if method == "per-frame" else contextlib.nullcontext():
-            outs = _run_rows(model, sources, [prompts[i] for i in rows], [cases[i].seed for i in rows], strength, s)
+            outs = _run_rows(model, sources, [prompts[i] for i in rows], [cases[i].seed for i in rows], strength, s,
+                             from_input)
         for i, out in zip(rows, outs):
             outputs[i] = out
     return outputs
@@ -321,11 +327,15 @@ def run_eval_cli(args) -> int:
     strengths = ", ".join(f"{et} {settings.strength_for('dreamix', et, cascade):g} / "
                           f"{settings.strength_for('dreamix+mixed-ft', et, cascade):g}" for et in EDIT_TYPES)
     out.write_text(EVAL_TEMPLATE.format(command=command, strengths=strengths, minutes=minutes,
-                                        cascade=cascade.config.name, t1=t1,
+                                        cascade=cascade.config.name, t1=t1, motion_note=MOTION_NOTE
+                                        if settings.motion_from_input and cascade.config.motion_prior else "",
                                         t2=t2, best=best, sheets=sheet_lines, n=len(results[METHODS[0]])))
     print(t1, t2, f"Dreamix, best variant per edit type: {best:.0%} success", f"wrote {out}", sep="\n\n")
     return 0
 
+
+MOTION_NOTE = """ Motion edits (Dreamix and
+per-frame) move the source's middle frame the prompt's way at high noise (EditConfig.motion_from_input)."""
 
 EVAL_TEMPLATE = """# Evaluation on the shapes world (paper Tables 1 and 2, scored automatically)
 
@@ -344,7 +354,7 @@ Scores come from the pixel analyzer (dreamix_ray/world/analyze.py), in [0, 1]:
   does not flicker between frames (temporal consistency);
 - success: all three pass (the paper: mean score > 2 on all three).
 
-Strengths (no finetuning / after finetuning) per edit type: {strengths}.
+Strengths (no finetuning / after finetuning) per edit type: {strengths}.{motion_note}
 
 ## Table 1: success by edit type and variant
 

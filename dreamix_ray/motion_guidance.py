@@ -7,8 +7,10 @@ model towards it, we split the job: a *motion prior* (a linear classifier from t
 to the clip's direction of travel, fitted on training captions) plans the motion, and while the noise
 is high (t >= from_t) the base's estimate of the clean clip is replaced, with weight w, by its own
 temporal mean translated along that direction. The later steps refine that coarse moving layout
-into the clip. Prompts without a clear translation (the classifier's most likely class is "none", or
-a translation below `gate` probability) are left alone.
+into the clip. A motion edit (EditConfig.motion_from_input) moves the input's middle frame instead,
+so the object keeps its look and place and only its motion changes: the paper's image animation (a
+coarse video of one frame moving, then edited) done at high noise. Prompts without a clear translation
+(the classifier's most likely class is "none", or a translation below `gate` probability) are left alone.
 """
 
 from __future__ import annotations
@@ -104,22 +106,27 @@ def translate(images_bchw: torch.Tensor, shift_b2: torch.Tensor) -> torch.Tensor
     return F.grid_sample(images_bchw, grid, padding_mode="border", align_corners=False)
 
 
-def moving_layout(x0_bcfhw: torch.Tensor, directions_b2: torch.Tensor, travel: float) -> torch.Tensor:
-    """The clip's temporal mean, translated frame by frame along each row's direction (centred in time)."""
-    mean_bchw, frames = x0_bcfhw.mean(2), x0_bcfhw.shape[2]
+def moving_layout(x0_bcfhw: torch.Tensor, directions_b2: torch.Tensor, travel: float,
+                  still_bchw: torch.Tensor | None = None) -> torch.Tensor:
+    """A still image (default: the clip's temporal mean) translated frame by frame along each row's
+    direction, centred in time (the image is where the clip is half way through)."""
+    still_bchw = x0_bcfhw.mean(2) if still_bchw is None else still_bchw
+    frames = x0_bcfhw.shape[2]
     span = max(frames - 1, 1)
-    return torch.stack([translate(mean_bchw, directions_b2 * travel * (f / span - 0.5)) for f in range(frames)], 2)
+    return torch.stack([translate(still_bchw, directions_b2 * travel * (f / span - 0.5)) for f in range(frames)], 2)
 
 
 def motion_guided(denoise: Denoise, scheduler, prior: MotionPrior, pooled_bd: torch.Tensor,
-                  weight: float) -> Denoise:
-    """`denoise` with its clean-clip estimate pulled towards the moving layout at t >= prior.from_t."""
+                  weight: float, input_bcfhw: torch.Tensor | None = None) -> Denoise:
+    """`denoise` with its clean-clip estimate pulled towards the moving layout at t >= prior.from_t.
+    With `input_bcfhw` (a motion edit) the layout moves the input's middle frame, not the base's estimate."""
     directions = prior.directions(pooled_bd)
     rows = directions.abs().sum(1) > 0
     # (our stages predict v; an epsilon stage from elsewhere has no fitted prior to guide it)
     if weight == 0 or not rows.any() or scheduler.config.prediction_type != "v_prediction":
         return denoise
     alphas = scheduler.alphas_cumprod
+    still = None if input_bcfhw is None else input_bcfhw[:, :, input_bcfhw.shape[2] // 2]
 
     def fn(x, t):
         out = denoise(x, t)
@@ -128,7 +135,8 @@ def motion_guided(denoise: Denoise, scheduler, prior: MotionPrior, pooled_bd: to
         alpha_bar = alphas[t.cpu()].view(-1, 1, 1, 1, 1)  # the scheduler's table stays on the CPU
         a, s = alpha_bar.sqrt().to(x.device, x.dtype), (1 - alpha_bar).sqrt().to(x.device, x.dtype)
         x0, eps = a * x - s * out, s * x + a * out  # from v = a * eps - s * x0 and x = a * x0 + s * eps
-        layout = moving_layout(x0, directions.to(x.device, x.dtype), prior.travel)
+        layout = moving_layout(x0, directions.to(x.device, x.dtype), prior.travel,
+                               None if still is None else still.to(x.device, x.dtype))
         keep = rows.to(x.device).view(-1, 1, 1, 1, 1)
         x0 = torch.where(keep, (1 - weight) * x0 + weight * layout, x0)
         # v from the base's noise estimate and the guided x0: DDIM then steps from a^2 * x0_base + s^2 * x0,

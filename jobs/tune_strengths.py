@@ -62,6 +62,9 @@ def main() -> int:
     p.add_argument("--ft-steps", type=int, default=EvalSettings.finetune_steps, help="base finetuning steps")
     p.add_argument("--ft-lr", type=float, default=None, help="finetuning lr (default: the cascade's)")
     p.add_argument("--types", nargs="+", default=list(EDIT_TYPES), choices=list(EDIT_TYPES))
+    p.add_argument("--motion-from-model", action="store_true",
+                   help="motion edits guide with the base's own estimate, not the source's middle frame "
+                        "(EditConfig.motion_from_input, on in `dreamix eval`)")
     p.add_argument("--base-only", action="store_true", help="judge the base stage's output (10x faster)")
     p.add_argument("--write", action="store_true", help="store the chosen table in the cascade's cascade.json")
     args = p.parse_args()
@@ -86,7 +89,8 @@ def main() -> int:
                 tuned = {v: (base_only(model), cfg) for v, (model, cfg) in tuned.items()}
         for preset in args.presets:
             for strength in args.strengths:
-                settings = EvalSettings(edit_strengths={preset: {c.edit_type: strength for c in group}})
+                settings = EvalSettings(edit_strengths={preset: {c.edit_type: strength for c in group}},
+                                        motion_from_input=not args.motion_from_model)
                 outs = run_method(PRESET_VARIANT[preset], group, source, cascade, tuned, settings)
                 for case, out, target in zip(group, outs, targets):
                     scores[(preset, case.edit_type)][strength].append(score(case, source.frames, out, target))

@@ -143,6 +143,18 @@ def test_edit_type_picks_the_cascade_strength(capsys, tiny_dir, tmp_path):
     assert "invalid choice: 'colour'" in capsys.readouterr().err
 
 
+def test_motion_edits_move_the_input_and_generate_never_does():
+    from dreamix_ray.cli import build_parser
+    from dreamix_ray.cli_commands import _edit_config
+
+    parser = build_parser()
+    for argv, want in ((["edit", "in.mp4", "-p", "x", "-o", "o.mp4", "--edit-type", "motion"], True),
+                       (["edit", "in.mp4", "-p", "x", "-o", "o.mp4", "--motion-from-input"], True),
+                       (["edit", "in.mp4", "-p", "x", "-o", "o.mp4", "--edit-type", "style"], False),
+                       (["generate", "-p", "x", "-o", "o.mp4"], False)):
+        assert _edit_config(parser.parse_args(argv), 1.0).motion_from_input is want, argv
+
+
 def test_demo_writes_side_by_side_and_a_verdict(capsys, tiny_dir, tmp_path):
     """The README's main command, on the tiny cascade: both videos, the preview and one verdict line per
     attribute the prompt names."""
