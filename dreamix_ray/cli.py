@@ -49,6 +49,9 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--motion-guidance", type=float, default=1.0, metavar="W",
                    help="weight in [0, 1] of the cascade's motion guidance, which imposes the prompt's direction "
                         "of travel at high noise (0 = off; cascades without a fitted motion prior ignore it)")
+    p.add_argument("--sr-strength", type=float, default=None, metavar="S",
+                   help="noise the pixel SR stages start from, in (0, 1]: 1 = pure noise (the paper), lower keeps "
+                        "the base's look (default: the cascade's tuned value, else 1)")
     p.add_argument("--frames", type=int, default=None, help="base-stage frames (default: the base's length)")
     p.add_argument("--fit", choices=("crop", "pad"), default="crop", help=FIT_HELP)
     _common(p)

@@ -93,8 +93,12 @@ class CascadeConfig(_Dict):
     edit_strengths: dict | None = None
     # Direction of travel per prompt, imposed at high noise (motion_guidance.py); None = no guidance.
     motion_prior: dict | None = None
+    # Noise the pixel SR stages start from when an edit does not say (EditConfig.sr_strength); None = 1.
+    sr_strength: float | None = None
 
     def __post_init__(self):
+        if self.sr_strength is not None and not 0.0 < self.sr_strength <= 1.0:
+            raise ConfigError(f"sr_strength must be in (0, 1] (1 = from pure noise), got {self.sr_strength!r}")
         if self.motion_prior is not None:
             from .motion_guidance import MotionPrior
 
@@ -121,6 +125,8 @@ class CascadeConfig(_Dict):
             data["edit_strengths"] = {k: dict(v) for k, v in self.edit_strengths.items()}
         if self.motion_prior:
             data["motion_prior"] = dict(self.motion_prior)
+        if self.sr_strength is not None:
+            data["sr_strength"] = self.sr_strength
         return data
 
     def strength_for(self, edit_type: str, preset: str = "none") -> float | None:
@@ -135,7 +141,7 @@ class CascadeConfig(_Dict):
         return cls(stages=stages, text_encoder=dict(data.get("text_encoder", {})),
                    name=data.get("name", "cascade"), description=data.get("description", ""),
                    finetune_lr=data.get("finetune_lr"), edit_strengths=data.get("edit_strengths"),
-                   motion_prior=data.get("motion_prior"))
+                   motion_prior=data.get("motion_prior"), sr_strength=data.get("sr_strength"))
 
 
 def validate_strength(strength: float) -> float:
@@ -170,9 +176,15 @@ class EditConfig(_Dict):
     # A motion edit: the guided layout is the input's middle frame moving the prompt's way, so the
     # object keeps its look and place (motion_guidance.py); False = the base's own estimate.
     motion_from_input: bool = False
+    # Noise the pixel SR stages start from: 1 = pure noise (the paper); lower starts from the upsampled
+    # previous output (SDEdit), so the SR stage keeps the base's look instead of re-inventing textures.
+    # None = the cascade's tuned value (CascadeConfig.sr_strength), else 1.
+    sr_strength: float | None = None
 
     def __post_init__(self):
         validate_strength(self.strength)
+        if self.sr_strength is not None and not 0.0 < self.sr_strength <= 1.0:
+            raise ConfigError(f"SR strength must be in (0, 1] (1 = from pure noise), got {self.sr_strength}")
         if any(int(n) < 1 for n in self.steps):
             raise ConfigError(f"steps must all be >= 1, got {list(self.steps)}")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:
@@ -190,6 +202,11 @@ class EditConfig(_Dict):
 
     def stage_steps(self, index: int, stage: StageConfig) -> int:
         return int(self.steps[index]) if index < len(self.steps) else stage.steps
+
+    def stage_sr_strength(self, cascade: CascadeConfig) -> float:
+        if self.sr_strength is not None:
+            return self.sr_strength
+        return 1.0 if cascade.sr_strength is None else cascade.sr_strength
 
     def stage_eta(self, stage: StageConfig) -> float:
         return stage.eta if self.eta is None else self.eta

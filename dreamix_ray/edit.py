@@ -103,15 +103,19 @@ def run_base(cascade: Cascade, x0_bcfhw: torch.Tensor, prompts: list[str], seeds
 def run_sr_stage(cascade: Cascade, index: int, prev_bcfhw: torch.Tensor, prompts: list[str], seeds: list[int],
                  cfg: EditConfig, chunk: int = 0, progress: bool = False, timings: Timings | None = None,
                  on_step: StepCallback | None = None) -> torch.Tensor:
-    """One SR stage from pure noise, conditioned on text and the upsampled previous output."""
+    """One SR stage, conditioned on text and the upsampled previous output, from pure noise or (sr_strength
+    < 1) from that output noised to the strength."""
     stage = cascade.stages[index]
     start = time.perf_counter()
     cond = upsample_condition(prev_bcfhw, stage.config)
     scheduler = fresh_scheduler(stage.scheduler)
     timesteps = strength_timesteps(scheduler, cfg.stage_steps(index, stage.config), 1.0)
     gens = seed_generators(seeds, index, chunk)
-    if stage.vae is None:
+    start_strength = cfg.stage_sr_strength(cascade.config)
+    if stage.vae is None and start_strength >= 1.0:
         x = draw_noise(tuple(cond.shape), gens, cond.dtype, cond.device)
+    elif stage.vae is None:  # SDEdit from the upsampled output: the SR stage sharpens what the base drew
+        x, timesteps = noise_at_strength(cond, start_strength, scheduler, cfg.stage_steps(index, stage.config), gens)
     else:  # a latent SSR (zeroscope_v2_XL) refines by SDEdit from the upscaled output, with no concat
         x, timesteps = noise_at_strength(stage.encode(cond), refine_strength(stage.config), scheduler,
                                          cfg.stage_steps(index, stage.config), gens)
@@ -134,6 +138,13 @@ def run_cascade(cascade: Cascade, x0_bcfhw: torch.Tensor, prompts: list[str], se
                 on_step: StepCallback | None = None) -> np.ndarray:
     """Base then every SR stage; the last SSR runs in chunks written straight into the uint8 output."""
     x = run_base(cascade, x0_bcfhw, prompts, seeds, cfg, progress, timings, on_step)
+    return run_sr_stages(cascade, x, prompts, seeds, cfg, progress, timings, on_step)
+
+
+def run_sr_stages(cascade: Cascade, x: torch.Tensor, prompts: list[str], seeds: list[int], cfg: EditConfig,
+                  progress: bool = False, timings: Timings | None = None,
+                  on_step: StepCallback | None = None) -> np.ndarray:
+    """Every SR stage after the base, from the base's output `x`; returns uint8 frames (B, F, H, W, C)."""
     last_ssr = cascade.last_ssr_index()
     for index in range(1, len(cascade.stages)):
         if index != last_ssr:

@@ -18,11 +18,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from .config import PAPER_STRENGTH_FINETUNED, ConfigError, EditConfig, validate_strength
+from .config import (EDIT_TYPES, PAPER_STRENGTH_FINETUNED, STRENGTH_PRESETS, CascadeConfig, ConfigError,
+                     EditConfig, validate_strength)
 from .errors import UserError
 from .storage import S3Settings, StorageError, filesystem, join, read_bytes, write_bytes
 
-KNOWN_COLUMNS = ("id", "video", "prompts", "prompt", "strength", "seed", "finetune", "steps", "output")
+KNOWN_COLUMNS = ("id", "video", "prompts", "prompt", "strength", "seed", "finetune", "steps", "output", "edit_type")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet",
            ".pq": "parquet"}
 STATUSES = ("ok", "error", "skipped")
@@ -53,6 +54,7 @@ class ManifestRow:
     output: str | None = None
     extra: dict = field(default_factory=dict)
     error: str | None = None
+    edit_type: str | None = None  # motion | style | object | background: the tuned strength, motion from the input
 
 
 def manifest_format(uri: str) -> str:
@@ -182,9 +184,12 @@ def _validate(index: int, raw: dict) -> ManifestRow:
     output = _text(raw.get("output"), "output")
     if output is not None and not output.lower().endswith(".mp4"):
         raise _RowError("output", f"must be an .mp4 URI, got {output!r:.80}")
+    edit_type = _text(raw.get("edit_type"), "edit_type")
+    if edit_type is not None and edit_type not in EDIT_TYPES:
+        raise _RowError("edit_type", f"must be one of {', '.join(EDIT_TYPES)} (or empty), got {edit_type!r:.40}")
     extra = {k: v for k, v in raw.items() if k not in KNOWN_COLUMNS}
     return ManifestRow(index, row_id, video, prompts, strength, seed, _finetune(raw.get("finetune")),
-                       _steps(raw.get("steps")), output, extra)
+                       _steps(raw.get("steps")), output, extra, edit_type=edit_type)
 
 
 def read_manifest(uri: str, s3: S3Settings | None = None, on_error: str = "raise") -> list[ManifestRow]:
@@ -239,12 +244,28 @@ def output_uris(prefix: str, row: ManifestRow, index: int, prompt: str, cfg: Edi
     return f"{stem}.mp4", f"{stem}.preview.mp4"
 
 
-def row_config(row: ManifestRow, defaults: EditConfig,
-               finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0]) -> EditConfig:
-    """The job's EditConfig with the row's strength, seed and steps; finetuned rows default to their own s."""
-    changes: dict[str, Any] = {"seed": row.seed}
+def _tuned_strength(row: ManifestRow, cascade: CascadeConfig | None) -> float | None:
+    """The cascade's tuned strength for the row's edit type and finetuning (none, or its preset; a
+    finetune given as JSON fields or an unknown preset uses the "mixed" table, the paper's recipe)."""
+    if row.edit_type is None or cascade is None:
+        return None
+    preset = "none"
+    if row.finetune:
+        name = json.loads(row.finetune).get("preset") if row.finetune.startswith("{") else row.finetune
+        preset = name if name in STRENGTH_PRESETS else "mixed"
+    return cascade.strength_for(row.edit_type, preset)
+
+
+def row_config(row: ManifestRow, defaults: EditConfig, finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0],
+               cascade: CascadeConfig | None = None) -> EditConfig:
+    """The job's EditConfig with the row's strength, seed and steps. A row without a strength takes the
+    cascade's tuned one for its edit type, if any; finetuned rows default to their own s."""
+    changes: dict[str, Any] = {"seed": row.seed, "motion_from_input": row.edit_type == "motion"}
+    tuned = _tuned_strength(row, cascade)
     if row.strength is not None:
         changes["strength"] = row.strength
+    elif tuned is not None:
+        changes["strength"] = tuned
     elif row.finetune:  # paper Sec. 4.1: after finetuning, strengths near 1 work best
         changes["strength"] = finetuned_strength
     if row.steps:
@@ -253,17 +274,19 @@ def row_config(row: ManifestRow, defaults: EditConfig,
 
 
 def work_items(rows: Iterable[ManifestRow], prefix: str, defaults: EditConfig, model_tag: str,
-               finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0]) -> list[dict]:
+               finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0], cascade: CascadeConfig | None = None
+               ) -> list[dict]:
     """One item per (row, prompt): what the pipeline carries, all plain columns (no tensors yet)."""
     items = []
     for row in rows:
         common = dict(row=row.row, id=row.id, video=row.video, finetune=row.finetune or "",
-                      extra=json.dumps(row.extra, default=str, sort_keys=True), artifact="")
+                      edit_type=row.edit_type or "", extra=json.dumps(row.extra, default=str, sort_keys=True),
+                      artifact="")
         if row.error:
             items.append(dict(common, key=f"{row.row}:0", prompt="", prompt_index=0, cfg="{}", output="",
                               preview="", status="error", error=row.error))
             continue
-        cfg = row_config(row, defaults, finetuned_strength)
+        cfg = row_config(row, defaults, finetuned_strength, cascade)
         for index, prompt in enumerate(row.prompts):
             video_uri, preview_uri = output_uris(prefix, row, index, prompt, cfg, model_tag)
             items.append(dict(common, key=f"{row.row}:{index}", prompt=prompt, prompt_index=index,
@@ -291,7 +314,7 @@ def results_table(records: list[dict]) -> pa.Table:
         cfg = json.loads(rec.get("cfg") or "{}")
         extra = json.loads(rec.get("extra") or "{}")
         base = {k: rec.get(k) for k in ("run", "row", "id", "prompt", "prompt_index", "video", "output", "preview",
-                                        "status", "error", "finetune", "artifact", "model")}
+                                        "status", "error", "finetune", "edit_type", "artifact", "model")}
         base.update(strength=cfg.get("strength"), seed=cfg.get("seed"), steps=list(cfg.get("steps") or []),
                     decoded_at=_when(rec.get("decoded_at")), finished_at=_when(rec.get("finished_at")))
         base.update({k: float(v) for k, v in sorted(rec.items()) if k.startswith("t_")})

@@ -112,6 +112,30 @@ def run_cascade_from_ssr_seed(cascade, prev, cfg, seed):
         for c, (lo, hi) in enumerate(chunk_bounds(prev.shape[2], cfg.ssr_chunk_frames))])
 
 
+def test_sr_strength_starts_the_sr_stages_from_the_upsampled_output(tiny):
+    """1 = from pure noise (bit for bit the paper's path); lower = SDEdit from the upsampled previous
+    output, so a low SR strength keeps what the base drew; the cascade's value is the default."""
+    import dataclasses
+
+    from dreamix_ray.config import CascadeConfig
+    from dreamix_ray.degrade import upsample_condition
+
+    prev = torch.rand(1, 3, 8, 8, 8) * 2 - 1
+    ssr = tiny.last_ssr_index()
+    cond = upsample_condition(prev, tiny.stages[ssr].config)
+    runs = {sr: run_sr_stage(tiny, ssr, prev, ["p"], [5], EditConfig(sr_strength=sr, steps=(10, 10, 10)))
+            for sr in (None, 1.0, 0.3)}
+    assert torch.equal(runs[None], runs[1.0])
+    err = {sr: (runs[sr] - cond).abs().mean().item() for sr in (1.0, 0.3)}
+    # (random weights: what is kept comes from the start, not the net; 3 of 10 steps still run)
+    assert 0 < err[0.3] < 0.6 * err[1.0], err
+    tuned = dataclasses.replace(tiny.config, sr_strength=0.3)
+    assert CascadeConfig.from_dict(tuned.to_dict()).sr_strength == 0.3 and "sr_strength" not in tiny.config.to_dict()
+    assert EditConfig().stage_sr_strength(tuned) == 0.3 and EditConfig(sr_strength=1.0).stage_sr_strength(tuned) == 1
+    with pytest.raises(ConfigError, match="SR strength must be in"):
+        EditConfig(sr_strength=0.0)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "abc", 5])
 def test_bad_strength_is_a_clear_error(bad):
     with pytest.raises(ConfigError, match="strength"):

@@ -208,7 +208,8 @@ def test_coord_planes_give_every_pixel_its_position_in_video_and_frame_mode(tmp_
     loaded = StageDenoiser.from_pretrained(tmp_path).eval()
     assert loaded.config.coord_planes
     with torch.no_grad():
-        assert torch.equal(loaded(*args), net(*args))
+        # (equal up to float rounding: the loaded copy may pick a different conv kernel)
+        torch.testing.assert_close(loaded(*args), net(*args), rtol=0, atol=1e-4)
 
 
 def test_fitted_motion_projection_reads_the_direction_off_new_captions(text_encoder):

@@ -4,6 +4,7 @@ called over HTTP: round trips, every bad input's 4xx, replicas killed mid-job, t
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -145,13 +146,17 @@ def served(s3, tiny_dir):
         pytest.fail(f"the Serve app did not start for an earlier test: {_FAILED[0]}")
     temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths have a length limit
     http_port, metrics_port = free_port(), free_port()
+    model = Path(temp, "model")  # the tiny cascade with a tuned strength table, as the embedded one has
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "cascade.json").read_text())
+    (model / "cascade.json").write_text(json.dumps({**config, "edit_strengths": {"none": {"motion": 0.9}}}))
     try:
         start_ray(temp, metrics_port)
     except Exception as exc:
         _FAILED.append(str(exc).splitlines()[0])  # one slow start is enough; later tests fail at once
         raise
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    args = dict(model=str(tiny_dir), store="s3://dreamix-jobs/serve", allowed_buckets=["inputs"], max_replicas=1,
+    args = dict(model=str(model), store="s3://dreamix-jobs/serve", allowed_buckets=["inputs"], max_replicas=1,
                 torch_threads=1, heartbeat_s=1.0, lease_s=4.0, recover_every_s=1.0, concurrency_per_key=3, **LIMITS)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     yield Served(f"http://127.0.0.1:{http_port}", metrics_port)
@@ -201,6 +206,20 @@ def test_edit_from_an_allowed_bucket(served):
     assert served.wait("/v1/edits", r.json()["id"])["status"] == "done"
 
 
+def test_edit_type_picks_the_tuned_strength_and_motion_moves_the_input(served):
+    from dreamix_ray.cluster.serving.runner import edit_config
+
+    body = {"prompt": "a red circle moving up", "video_uri": S3_CLIP, "edit_type": "motion"}
+    jobs = [served.http.post("/v1/edits", headers=auth(), json=b) for b in
+            (body, {**body, "strength": 0.6}, {**body, "edit_type": "style"})]
+    assert all(r.status_code == 202 for r in jobs), [r.text for r in jobs]
+    done = [served.wait("/v1/edits", r.json()["id"]) for r in jobs]
+    assert all(j["status"] == "done" for j in done), done
+    # the cascade's table for motion; an explicit strength wins; no table entry: the preset's 0.7
+    assert [j["params"]["strength"] for j in done] == [0.9, 0.6, 0.7]
+    assert [edit_config(j["params"], 3).motion_from_input for j in done] == [True, True, False]
+
+
 MP4_HEAD = b"\0\0\0\x18ftypmp42"  # what an mp4 starts with: the cap, not the sniffer, must refuse these
 
 
@@ -235,6 +254,8 @@ BAD = [
     ("strength 5", auth(), lambda: dict(json={"prompt": "x", "strength": 5, "video_uri": S3_CLIP}), 422,
      "strength must be in [0, 1]"),
     ("unknown field", auth(), lambda: dict(json={"prompt": "x", "strenght": 0.5}), 422, "unknown field"),
+    ("unknown edit type", auth(), lambda: dict(json={"prompt": "x", "edit_type": "colour", "video_uri": S3_CLIP}), 422,
+     "edit_type must be one of motion"),
     ("over the resolution limit", auth(), lambda: dict(files={"video": ("big.mp4", clip_bytes(size=96))},
                                                        data={"prompt": "x"}), 422, "resolution limit"),
     ("over the duration limit", auth(), lambda: dict(files={"video": ("long.mp4", clip_bytes(24, 16, 2.0))},

@@ -77,6 +77,7 @@ def test_manifest_formats_local_and_s3(tmp_path, s3_server, bucket, fmt, encode)
     ({"id": "a", "video": "v.mp4", "prompt": "p", "prompts": ["q"]}, "prompts", "not both"),
     ({"id": "a", "video": "v.mp4", "prompt": "p", "steps": 0}, "steps", ">= 1"),
     ({"id": "a", "video": "v.mp4", "prompt": "p", "output": "s3://b/x.gif"}, "output", ".mp4"),
+    ({"id": "a", "video": "v.mp4", "prompt": "p", "edit_type": "colour"}, "edit_type", "one of motion, style"),
 ])
 def test_row_errors_name_row_and_column(tmp_path, row, column, words):
     path = tmp_path / "m.jsonl"
@@ -116,6 +117,23 @@ def test_output_keys_are_idempotent_and_follow_the_edit():
     assert json.loads(one[3]["cfg"])["strength"] == 0.95  # finetuned rows default to the paper's s
     flag = work_items(rows, "s3://out/run", EditConfig(strength=0.6), "tiny-1", finetuned_strength=0.6)
     assert [json.loads(i["cfg"])["strength"] for i in flag] == [0.6, 0.6, 0.5, 0.6]  # a row's own s wins
+
+
+def test_edit_type_rows_take_the_cascades_tuned_strength_and_motion_moves_the_input(tiny):
+    import dataclasses
+
+    tuned = dataclasses.replace(tiny.config, edit_strengths={"none": {"motion": 1.0, "style": 0.8},
+                                                             "mixed": {"motion": 0.9}})
+    rows = read_manifest_from([
+        {"id": "m", "video": "v.mp4", "prompt": "p", "edit_type": "motion"},
+        {"id": "s", "video": "v.mp4", "prompt": "p", "edit_type": "style"},
+        {"id": "own", "video": "v.mp4", "prompt": "p", "edit_type": "motion", "strength": 0.3},
+        {"id": "ft", "video": "v.mp4", "prompt": "p", "edit_type": "motion", "finetune": "mixed"},
+        {"id": "untuned", "video": "v.mp4", "prompt": "p", "edit_type": "object"},
+        {"id": "plain", "video": "v.mp4", "prompt": "p"}])
+    cfgs = [json.loads(i["cfg"]) for i in work_items(rows, "s3://out/run", EditConfig(strength=0.7), "t", 0.95, tuned)]
+    assert [c["strength"] for c in cfgs] == [1.0, 0.8, 0.3, 0.9, 0.7, 0.7]
+    assert [c["motion_from_input"] for c in cfgs] == [True, False, True, True, False, False]
 
 
 def read_manifest_from(rows):

@@ -227,7 +227,7 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     worker_s3 = {k: v for k, v in (("endpoint_url", s3.endpoint_url), ("region", s3.region)) if v}
     rows = read_manifest(opts.manifest, s3, on_error="keep")
     config, tag = cascade_config(opts.model, s3), model_tag(opts.model, s3)
-    items = work_items(rows, opts.output_prefix, opts.edit, tag, opts.finetuned_strength)
+    items = work_items(rows, opts.output_prefix, opts.edit, tag, opts.finetuned_strength, config)
     store = opts.store or join(opts.output_prefix, "artifacts")
     specs = pipeline_stages(config, opts.model, worker_s3 or None, store, any(r.finetune for r in rows), opts.limits)
     run_id = opts.run_id or new_run_id()

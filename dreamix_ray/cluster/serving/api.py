@@ -106,7 +106,7 @@ def _routes(app: FastAPI, ctx, kind: str, owner) -> None:
         await ctx.admit(who)
         try:
             fields, sources = await read_request(request, kind, ctx.settings)
-            params = await resolve(kind, fields, who, ctx.settings, ctx.jobs, ctx.finetune_stages)
+            params = await resolve(kind, fields, who, ctx.settings, ctx.jobs, ctx.cascade)
             job = await store_job(kind, who, params, sources, media, ctx.settings, ctx.jobs)
         finally:
             ctx.release(who)

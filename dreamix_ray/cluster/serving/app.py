@@ -18,7 +18,7 @@ from ...storage import ArtifactStore
 from .api import create_api
 from .jobs import JobStore
 from .runner import JobRunner
-from .settings import KeyRing, ServeSettings, stage_configs
+from .settings import KeyRing, ServeSettings, cascade_config
 from .uploads import ApiError
 from .workers import FinetuneWorker, StageWorker
 
@@ -33,8 +33,8 @@ class Ingress:
     async def __init__(self, settings: dict, stages: list[DeploymentHandle], finetuner: DeploymentHandle):
         self.settings = ServeSettings.from_args(settings)
         self.keys = KeyRing.load(self.settings)  # fails the replica at start if auth is on and no key is set
-        self.stages = stage_configs(self.settings.model_dir)
-        self.finetune_stages = sum(s.finetune for s in self.stages)
+        self.cascade = cascade_config(self.settings.model_dir)  # cascade.json alone: the ingress loads no weights
+        self.stages = list(self.cascade.stages)
         self.jobs = JobStore(ArtifactStore(self.settings.store_root))
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.runner = JobRunner(self.jobs, self.settings, self.stages, stages, finetuner, self.replica)
@@ -74,7 +74,7 @@ def build_app(args: dict | None = None):
     settings = ServeSettings.from_args(args)
     # Pin model and store now: replicas on other nodes must not fall back to their own defaults.
     settings = dataclasses.replace(settings, model=settings.model_dir, store=settings.store_root)
-    stages = stage_configs(settings.model_dir)
+    stages = list(cascade_config(settings.model_dir).stages)
     plain = settings.to_dict()
     actor = {"num_cpus": settings.stage_num_cpus, "num_gpus": settings.stage_num_gpus}
     workers = [

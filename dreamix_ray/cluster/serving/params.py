@@ -7,7 +7,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ...config import PAPER_STRENGTH_FINETUNED, PAPER_STRENGTH_NO_FINETUNE, validate_strength
+from ...config import EDIT_TYPES, PAPER_STRENGTH_FINETUNED, PAPER_STRENGTH_NO_FINETUNE, validate_strength
 
 # Paper Sec. 4.1 / App. A.3: 0.4-0.85 without finetuning, 0.95-1.0 after it.
 EDIT_PRESETS = {
@@ -36,6 +36,18 @@ class _EditCommon(_Fields):
     steps: Optional[int] = STEPS
     finetune: Optional[str] = Field(None, description="false, true, a finetune preset (video, mixed, frames) or "
                                                       "the id of a finished /v1/finetunes job")
+    edit_type: Optional[str] = Field(None, description=f"what the prompt changes, one of {list(EDIT_TYPES)}: picks the "
+                                                       "model's tuned strength for it (unless strength is given); "
+                                                       "motion also moves the input's own frame the prompt's way")
+
+    @field_validator("edit_type")
+    @classmethod
+    def _edit_type(cls, v):
+        if v in (None, ""):
+            return None
+        if v not in EDIT_TYPES:
+            raise ValueError(f"edit_type must be one of {', '.join(EDIT_TYPES)}")
+        return v
 
     @field_validator("strength")
     @classmethod

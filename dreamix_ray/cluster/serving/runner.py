@@ -31,7 +31,8 @@ class JobFailed(Exception):
 def edit_config(params: dict, num_stages: int) -> EditConfig:
     """The EditConfig of a job's params; one `steps` value applies to every stage."""
     steps = (int(params["steps"]),) * num_stages if params.get("steps") else ()
-    return EditConfig(strength=float(params.get("strength", 1.0)), seed=int(params.get("seed", 0)), steps=steps)
+    return EditConfig(strength=float(params.get("strength", 1.0)), seed=int(params.get("seed", 0)), steps=steps,
+                      motion_from_input=params.get("edit_type") == "motion")
 
 
 def plan_units(job: dict, stages: list[StageConfig]) -> list[dict]:

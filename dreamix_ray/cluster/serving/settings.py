@@ -101,11 +101,16 @@ class ServeSettings:
 
 def stage_configs(model_dir: str) -> list[StageConfig]:
     """The cascade's stage list from cascade.json alone (no weights: the ingress never loads them)."""
+    return list(cascade_config(model_dir).stages)
+
+
+def cascade_config(model_dir: str) -> CascadeConfig:
+    """The cascade's config (stages, tuned strengths) from cascade.json alone, without weights."""
     path = Path(model_dir, CASCADE_FILE)
     if not path.is_file():
         raise ConfigError(f"{model_dir} is not a cascade directory (no {CASCADE_FILE}): pass --model DIR "
                           "written by Cascade.save_pretrained, or train the embedded default first")
-    return list(CascadeConfig.from_dict(json.loads(path.read_text())).stages)
+    return CascadeConfig.from_dict(json.loads(path.read_text()))
 
 
 def key_id(key: str) -> str:

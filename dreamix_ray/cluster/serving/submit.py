@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from ...config import EditConfig
+from ...config import CascadeConfig, EditConfig
 from .jobs import JobStore, new_job
 from .params import EDIT_PRESETS, ROUTES, finetune_choice, uris_of
 from .settings import ServeSettings
@@ -68,8 +68,10 @@ async def read_request(request: Request, kind: str, settings: ServeSettings) -> 
 
 
 async def resolve(kind: str, fields: BaseModel, owner: str, settings: ServeSettings, jobs: JobStore,
-                  finetune_stages: int) -> dict:
-    """The job's params: presets applied, step caps checked, finetune / subject ids looked up."""
+                  cascade: CascadeConfig) -> dict:
+    """The job's params: presets and tuned strengths applied, step caps checked, finetune / subject ids
+    looked up."""
+    finetune_stages = sum(s.finetune for s in cascade.stages)
     params = fields.model_dump(exclude_none=True, exclude={"video_uri", "image_uri", "image_uris"})
     cap = settings.max_steps if kind in ("edit", "animation", "generation") else 4 * settings.max_steps
     if params.get("steps", 0) > cap:
@@ -78,12 +80,18 @@ async def resolve(kind: str, fields: BaseModel, owner: str, settings: ServeSetti
         preset = EDIT_PRESETS.get(params.get("preset") or "balanced")
         if preset is None:
             raise ApiError(422, f"preset: choose one of {', '.join(EDIT_PRESETS)}", "invalid_field")
-        params.setdefault("strength", preset.get("strength", EditConfig().strength))
         params.setdefault("finetune", preset.get("finetune", "false"))
         try:
             choice, value = finetune_choice(params["finetune"])
         except ValueError as exc:
             raise ApiError(422, f"finetune: {exc}", "invalid_field") from None
+        if params.get("edit_type"):  # the strength this cascade was tuned to for the edit type, as `dreamix edit`
+            # (a finetune job's id: its preset is not known here; "mixed" is the paper's recipe and our default)
+            table = {"none": "none", "preset": value, "job": "mixed"}[choice]
+            tuned = cascade.strength_for(params["edit_type"], table)
+            if tuned is not None:
+                params.setdefault("strength", tuned)
+        params.setdefault("strength", preset.get("strength", EditConfig().strength))
         if choice == "preset":
             from ...finetune import PRESETS
 

@@ -78,6 +78,7 @@ async function submit(event) {
   if (file) {
     form.append(image ? "image" : "video", file);
     form.append("preset", $("preset").value);
+    if ($("edit-type").value) form.append("edit_type", $("edit-type").value);
   }
   if (image) form.append("camera", $("camera").value);
   $("run").disabled = true;
