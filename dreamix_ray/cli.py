@@ -52,6 +52,8 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sr-strength", type=float, default=None, metavar="S",
                    help="noise the pixel SR stages start from, in (0, 1]: 1 = pure noise (the paper), lower keeps "
                         "the base's look (default: the cascade's tuned value, else 1)")
+    p.add_argument("--no-sr-consistency", dest="sr_consistency", action="store_false",
+                   help="let the TSR redraw the base's frames (default: it keeps them as its keyframes)")
     p.add_argument("--frames", type=int, default=None, help="base-stage frames (default: the base's length)")
     p.add_argument("--fit", choices=("crop", "pad"), default="crop", help=FIT_HELP)
     _common(p)

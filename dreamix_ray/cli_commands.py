@@ -31,6 +31,7 @@ def _edit_config(args, strength: float) -> EditConfig:
     return EditConfig(strength=strength, seed=args.seed, steps=tuple(args.steps or ()), eta=args.eta,
                       guidance_scale=args.guidance, num_frames=args.frames, fit=args.fit,
                       motion_guidance=args.motion_guidance, sr_strength=getattr(args, "sr_strength", None),
+                      sr_consistency=getattr(args, "sr_consistency", True),
                       motion_from_input=getattr(args, "motion_from_input", False)
                       or getattr(args, "edit_type", None) == "motion")
 

@@ -180,6 +180,9 @@ class EditConfig(_Dict):
     # previous output (SDEdit), so the SR stage keeps the base's look instead of re-inventing textures.
     # None = the cascade's tuned value (CascadeConfig.sr_strength), else 1.
     sr_strength: float | None = None
+    # The TSR keeps its input frames as its output's keyframes at every step (sr_consistency.py), so it
+    # adds frames but does not redraw what the base drew; False = the TSR samples freely (the paper).
+    sr_consistency: bool = True
 
     def __post_init__(self):
         validate_strength(self.strength)

@@ -17,6 +17,7 @@ from .models.cascade import Cascade
 from .models.latent import refine_strength
 from .motion_guidance import MotionPrior, motion_guided
 from .sampling import ddim_sample, draw_noise, fresh_scheduler, guided, seed_generators, strength_timesteps
+from .sr_consistency import input_kept
 from .video import Video
 
 StepCallback = Callable[[str, int, int], None]  # (stage name, steps done, steps total)
@@ -45,6 +46,7 @@ def _encode(cascade: Cascade, prompts: list[str], guidance_scale: float) -> _Tex
 
 def _denoiser(cascade, index, text: _Text, cond, cfg: EditConfig, timings: Timings | None,
               anchor: torch.Tensor | None = None):
+    """The stage's guided denoiser; `anchor` is the base's motion-edit input, or an SR stage's input."""
     net = cascade.stages[index].denoiser
     name = cascade.stages[index].config.name
 
@@ -64,6 +66,8 @@ def _denoiser(cascade, index, text: _Text, cond, cfg: EditConfig, timings: Timin
         prior = MotionPrior.from_dict(cascade.config.motion_prior)
         denoise = motion_guided(denoise, cascade.stages[0].scheduler, prior, text.pooled, cfg.motion_guidance,
                                 anchor)
+    if index > 0 and cfg.sr_consistency and anchor is not None:
+        denoise = input_kept(denoise, cascade.stages[index].scheduler, cascade.stages[index].config, anchor)
     return denoise
 
 
@@ -121,7 +125,8 @@ def run_sr_stage(cascade: Cascade, index: int, prev_bcfhw: torch.Tensor, prompts
                                          cfg.stage_steps(index, stage.config), gens)
         cond = None
     text = _encode(cascade, prompts, cfg.guidance_scale)
-    out = _sample(cascade, index, x, timesteps, scheduler, text, cond, cfg, gens, timings, progress, on_step)
+    out = _sample(cascade, index, x, timesteps, scheduler, text, cond, cfg, gens, timings, progress, on_step,
+                  prev_bcfhw)
     out = stage.decode(out)
     if timings is not None:
         timings.stage_s[stage.config.name] += time.perf_counter() - start

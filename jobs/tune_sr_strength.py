@@ -46,6 +46,8 @@ def main() -> int:
     p.add_argument("--model", default=None, help="cascade directory (default: the embedded cascade)")
     p.add_argument("--sources", type=int, default=8, help="tuning source videos (4 edits each)")
     p.add_argument("--sr-strengths", type=float, nargs="+", default=[1.0, 0.8, 0.6])
+    p.add_argument("--consistency", nargs="+", default=["on"], choices=["on", "off"],
+                   help="EditConfig.sr_consistency settings to compare (sr_consistency.py)")
     p.add_argument("--types", nargs="+", default=list(EDIT_TYPES), choices=list(EDIT_TYPES))
     p.add_argument("--write", action="store_true", help="store the best in the cascade's cascade.json")
     args = p.parse_args()
@@ -53,7 +55,8 @@ def main() -> int:
     cascade = load_cascade(args.model)
     settings = EvalSettings()
     cases = [c for c in eval_cases(args.sources, held=False) if c.edit_type in args.types]
-    scores: dict = defaultdict(lambda: defaultdict(list))  # sr strength -> edit type -> [Scores]
+    scores: dict = defaultdict(lambda: defaultdict(list))  # (sr strength, consistency) -> edit type -> [Scores]
+    grid = [(sr, c == "on") for c in args.consistency for sr in args.sr_strengths]
     start = time.perf_counter()
     for n, case in enumerate(cases, 1):
         source, target = _render(case.source, cascade), _render(case.target, cascade).frames
@@ -62,18 +65,18 @@ def main() -> int:
         x0 = downsample_to_stage(source, cascade.base.config)
         with torch.no_grad():
             base_out = run_base(cascade, x0, [case.prompt], [case.seed], cfg)
-            for sr in args.sr_strengths:
-                sr_cfg = EditConfig(**{**cfg.to_dict(), "sr_strength": sr})
+            for sr, consistency in grid:
+                sr_cfg = EditConfig(**{**cfg.to_dict(), "sr_strength": sr, "sr_consistency": consistency})
                 out = run_sr_stages(cascade, base_out, [case.prompt], [case.seed], sr_cfg)[0]
-                scores[sr][case.edit_type].append(score(case, source.frames, out, target))
+                scores[(sr, consistency)][case.edit_type].append(score(case, source.frames, out, target))
         print(f"edit {n}/{len(cases)} done after {(time.perf_counter() - start) / 60:.1f} min", flush=True)
-    for sr, by_type in scores.items():
+    for (sr, consistency), by_type in scores.items():
         every = [s for group in by_type.values() for s in group]
-        print(f"sr_strength {sr:g}: all {summarize(every)}")
+        print(f"sr_strength {sr:g}, sr_consistency {'on' if consistency else 'off'}: all {summarize(every)}")
         for edit_type, group in sorted(by_type.items()):
             print(f"    {edit_type:10s} {summarize(group)}")
     # most successes, then the higher strength (closer to the paper's SR from pure noise)
-    best = max(scores, key=lambda sr: (np.mean([s.success for g in scores[sr].values() for s in g]), sr))
+    best, _ = max(scores, key=lambda k: (np.mean([s.success for g in scores[k].values() for s in g]), k[0]))
     print(f"best sr_strength: {best:g}")
     if args.write:
         from dreamix_ray.models.cascade import CASCADE_FILE, EMBEDDED_DIR

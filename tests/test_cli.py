@@ -153,6 +153,19 @@ def test_motion_edits_move_the_input_and_generate_never_does():
                        (["edit", "in.mp4", "-p", "x", "-o", "o.mp4", "--edit-type", "style"], False),
                        (["generate", "-p", "x", "-o", "o.mp4"], False)):
         assert _edit_config(parser.parse_args(argv), 1.0).motion_from_input is want, argv
+    edit = ["edit", "in.mp4", "-p", "x", "-o", "o.mp4"]
+    default = _edit_config(parser.parse_args(edit), 1.0)
+    assert default.sr_consistency and default.sr_strength is None
+    chosen = _edit_config(parser.parse_args(edit + ["--no-sr-consistency", "--sr-strength", "0.8"]), 1.0)
+    assert not chosen.sr_consistency and chosen.sr_strength == 0.8
+
+
+def test_a_bad_sr_strength_is_one_clear_line(capsys):
+    from dreamix_ray.cli import main
+
+    assert main(["edit", "missing.mp4", "-p", "x", "-o", "o.mp4", "--sr-strength", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "SR strength must be in (0, 1]" in err and "Traceback" not in err
 
 
 def test_demo_writes_side_by_side_and_a_verdict(capsys, tiny_dir, tmp_path):
