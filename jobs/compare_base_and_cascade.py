@@ -1,0 +1,70 @@
+"""Per edit, what the base stage got wrong and what the whole cascade got wrong: which stage loses an
+edit. Dreamix without finetuning at the cascade's tuned strengths, on the evaluation's edits.
+
+    python jobs/compare_base_and_cascade.py --types motion background --split held --sources 6
+
+Prints one line per (edit, stage): success by the `dreamix eval` rules, whether the layout was kept,
+quality, and each attribute the analyzer found different from the edit's target. Then counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    import torch
+
+    from dreamix_ray.cli import _quiet_libraries
+    from dreamix_ray.config import EditConfig
+    from dreamix_ray.degrade import downsample_to_stage, tensor_to_frames
+    from dreamix_ray.edit import run_base, run_sr_stages
+    from dreamix_ray.evaluate import CHECKED, EDIT_TYPES, EvalSettings, _render, eval_cases, score
+    from dreamix_ray.models.cascade import load_cascade
+    from dreamix_ray.world.analyze import analyze
+    from tune_strengths import base_only
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="cascade directory (default: the embedded cascade)")
+    p.add_argument("--sources", type=int, default=6, help="source videos (4 edits each)")
+    p.add_argument("--split", choices=("held", "tuning"), default="held",
+                   help="held: the evaluation's held-out sources; tuning: training combinations")
+    p.add_argument("--types", nargs="+", default=list(EDIT_TYPES), choices=list(EDIT_TYPES))
+    args = p.parse_args()
+    _quiet_libraries()
+    full = load_cascade(args.model)
+    base, settings = base_only(full), EvalSettings()
+    wrong_counts: dict[str, Counter] = {"base": Counter(), "cascade": Counter()}
+    cases = [c for c in eval_cases(args.sources, held=args.split == "held") if c.edit_type in args.types]
+    for case in cases:
+        cfg = EditConfig(strength=settings.strength_for("dreamix", case.edit_type, full),
+                         motion_from_input=settings.motion_from_input and case.edit_type == "motion")
+        x0 = downsample_to_stage(_render(case.source, full), full.base.config)
+        with torch.no_grad():
+            base_out = run_base(full, x0, [case.prompt], [case.seed], cfg)
+            outputs = {"base": tensor_to_frames(base_out)[0],
+                       "cascade": run_sr_stages(full, base_out, [case.prompt], [case.seed], cfg)[0]}
+        want = {"background": case.target.background,
+                **{k: getattr(case.target.objects[0], k) for k in CHECKED[1:]}}
+        for stage, frames in outputs.items():
+            model = base if stage == "base" else full  # scored against renders at that stage's size
+            s = score(case, _render(case.source, model).frames, frames, _render(case.target, model).frames)
+            found = analyze(frames).objects
+            got = {"background": analyze(frames).background,
+                   **{k: getattr(found[0], k) if found else None for k in CHECKED[1:]}}
+            wrong = {k: got[k] for k in CHECKED if got[k] != want[k]}
+            wrong_counts[stage].update(wrong.keys())
+            print(f"{case.edit_type:10s} {stage:7s} success={s.success} layout={s.layout} quality={s.quality:.2f} "
+                  f"wrong={wrong}", flush=True)
+    for stage, counts in wrong_counts.items():
+        print(f"{stage}: attributes wrong over {len(cases)} edits: {dict(counts) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
