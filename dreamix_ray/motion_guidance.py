@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .sampling import Denoise
+from .sampling import Denoise, signal_noise_scales
 
 
 class MotionPriorError(UserError):
@@ -125,15 +125,13 @@ def motion_guided(denoise: Denoise, scheduler, prior: MotionPrior, pooled_bd: to
     # (our stages predict v; an epsilon stage from elsewhere has no fitted prior to guide it)
     if weight == 0 or not rows.any() or scheduler.config.prediction_type != "v_prediction":
         return denoise
-    alphas = scheduler.alphas_cumprod
     still = None if input_bcfhw is None else input_bcfhw[:, :, input_bcfhw.shape[2] // 2]
 
     def fn(x, t):
         out = denoise(x, t)
         if int(t.reshape(-1)[0]) < prior.from_t:
             return out
-        alpha_bar = alphas[t.cpu()].view(-1, 1, 1, 1, 1)  # the scheduler's table stays on the CPU
-        a, s = alpha_bar.sqrt().to(x.device, x.dtype), (1 - alpha_bar).sqrt().to(x.device, x.dtype)
+        a, s = signal_noise_scales(scheduler, t, x)
         x0, eps = a * x - s * out, s * x + a * out  # from v = a * eps - s * x0 and x = a * x0 + s * eps
         layout = moving_layout(x0, directions.to(x.device, x.dtype), prior.travel,
                                None if still is None else still.to(x.device, x.dtype))

@@ -52,6 +52,12 @@ def draw_noise(shape: tuple[int, ...], generators: list[torch.Generator], dtype=
     return randn_tensor(shape, generator=generators, dtype=dtype, device=torch.device(device))
 
 
+def signal_noise_scales(scheduler, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) per row, shaped and placed to multiply `like` (B, C, F, H, W)."""
+    alpha_bar = scheduler.alphas_cumprod[t.cpu()].view(-1, 1, 1, 1, 1)  # the scheduler's table stays on the CPU
+    return alpha_bar.sqrt().to(like.device, like.dtype), (1 - alpha_bar).sqrt().to(like.device, like.dtype)
+
+
 def ddim_sample(
     denoise: Denoise,
     x_bcfhw: torch.Tensor,

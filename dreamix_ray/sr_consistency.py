@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .config import StageConfig
-from .sampling import Denoise
+from .sampling import Denoise, signal_noise_scales
 
 
 def project_tsr(x0_bcfhw: torch.Tensor, prev_bcfhw: torch.Tensor, factor: int) -> torch.Tensor:
@@ -32,12 +32,10 @@ def input_kept(denoise: Denoise, scheduler, stage: StageConfig, prev_bcfhw: torc
     prediction = scheduler.config.prediction_type
     if stage.kind != "tsr" or stage.latent is not None or prediction not in ("v_prediction", "epsilon"):
         return denoise
-    alphas = scheduler.alphas_cumprod
 
     def fn(x, t):
         out = denoise(x, t)
-        alpha_bar = alphas[t.cpu()].view(-1, 1, 1, 1, 1)  # the scheduler's table stays on the CPU
-        a, s = alpha_bar.sqrt().to(x.device, x.dtype), (1 - alpha_bar).sqrt().to(x.device, x.dtype)
+        a, s = signal_noise_scales(scheduler, t, x)
         x0 = a * x - s * out if prediction == "v_prediction" else (x - s * out) / a.clamp_min(1e-4)
         x0 = project_tsr(x0, prev_bcfhw.to(x.device, x.dtype), stage.factor)
         eps = (x - a * x0) / s  # the noise that makes x_t consistent with the new x0

@@ -54,9 +54,9 @@ def main() -> int:
         for stage, frames in outputs.items():
             model = base if stage == "base" else full  # scored against renders at that stage's size
             s = score(case, _render(case.source, model).frames, frames, _render(case.target, model).frames)
-            found = analyze(frames).objects
-            got = {"background": analyze(frames).background,
-                   **{k: getattr(found[0], k) if found else None for k in CHECKED[1:]}}
+            est = analyze(frames)
+            got = {"background": est.background,
+                   **{k: getattr(est.objects[0], k) if est.objects else None for k in CHECKED[1:]}}
             wrong = {k: got[k] for k in CHECKED if got[k] != want[k]}
             wrong_counts[stage].update(wrong.keys())
             print(f"{case.edit_type:10s} {stage:7s} success={s.success} layout={s.layout} quality={s.quality:.2f} "
