@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
-from .config import PAPER_STRENGTH_FINETUNED, EditConfig
+from .animate import clip_shape, image_to_video
+from .devices import resolve_device
+from .edit import edit, generate
+from .finetune import finetune_or_load, finetune_preset, finetuned_prompt, load_finetuned
+from .models.cascade import load_cascade
+from .request import EditRequest, resolve
+from .storage import ArtifactStore
+from .subject import finetune_subject
+from .video import read_image, read_video, write_preview, write_video
 
 
 def _progress(args) -> bool:
@@ -14,31 +23,27 @@ def _progress(args) -> bool:
 
 
 def _cascade(args):
-    from .devices import resolve_device
-    from .models.cascade import load_cascade
-
     device = resolve_device(getattr(args, "device", "auto"))  # before loading: a bad device fails fast
     return load_cascade(getattr(args, "model", None)).to(device)
 
 
 def _store(args):
-    from .storage import ArtifactStore
-
     return ArtifactStore(getattr(args, "store", None))
 
 
-def _edit_config(args, strength: float) -> EditConfig:
-    return EditConfig(strength=strength, seed=args.seed, steps=tuple(args.steps or ()), eta=args.eta,
-                      guidance_scale=args.guidance, num_frames=args.frames, fit=args.fit,
-                      motion_guidance=args.motion_guidance, sr_strength=getattr(args, "sr_strength", None),
-                      sr_consistency=getattr(args, "sr_consistency", True),
-                      motion_from_input=getattr(args, "motion_from_input", False)
-                      or getattr(args, "edit_type", None) == "motion")
+def edit_request(args, task: str = "edit") -> EditRequest:
+    """The command's flags as an EditRequest: bad values fail here, before any model loads."""
+    return EditRequest(prompt=args.prompt, task=task, strength=getattr(args, "strength", None),
+                       edit_type=getattr(args, "edit_type", None), finetune=getattr(args, "finetune", None),
+                       seed=args.seed, steps=tuple(getattr(args, "steps", None) or ()), eta=getattr(args, "eta", None),
+                       guidance_scale=getattr(args, "guidance", 1.0), num_frames=getattr(args, "frames", None),
+                       fit=getattr(args, "fit", "crop"), motion_guidance=getattr(args, "motion_guidance", 1.0),
+                       motion_from_input=getattr(args, "motion_from_input", False),
+                       sr_strength=getattr(args, "sr_strength", None),
+                       sr_consistency=getattr(args, "sr_consistency", True))
 
 
 def _finetune_config(args, preset: str):
-    from .finetune import finetune_preset
-
     return finetune_preset(preset, alpha=getattr(args, "alpha", None), steps=getattr(args, "ft_steps", None),
                            lr=getattr(args, "lr", None), token=getattr(args, "token", None),
                            stages=tuple(args.stages) if getattr(args, "stages", None) else None,
@@ -47,8 +52,6 @@ def _finetune_config(args, preset: str):
 
 
 def _write(args, video, original=None, audio_from=None) -> None:
-    from .video import write_preview, write_video
-
     write_video(args.output, video, audio_from=audio_from)
     print(f"wrote {args.output} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps:g} fps)")
     if original is not None and getattr(args, "preview", None):
@@ -56,43 +59,23 @@ def _write(args, video, original=None, audio_from=None) -> None:
         print(f"wrote preview {mp4} and {png}")
 
 
-def _edit_strength(args, cascade, preset: str | None) -> float:
-    """--strength, else the cascade's tuned strength for --edit-type (and finetuning preset), else
-    0.7 without finetuning and the paper's 0.95 after it."""
-    if args.strength is not None:
-        return args.strength
-    if args.edit_type:
-        tuned = cascade.config.strength_for(args.edit_type, preset or "none")
-        if tuned is not None:
-            return tuned
-    return PAPER_STRENGTH_FINETUNED[0] if preset else 0.7
-
-
 def cmd_edit(args) -> int:
-    from .edit import edit
-    from .finetune import finetuned_prompt, load_finetuned
-    from .video import read_video
-
-    # bad settings fail before any decoding or training; a preset strength is settled once the cascade is loaded
-    _edit_config(args, args.strength if args.strength is not None else 0.7)
+    request = edit_request(args)  # before decoding, loading or training
     video = read_video(args.input)
-    cascade, prompt, preset = _cascade(args), args.prompt, None
+    cascade, prompt = _cascade(args), args.prompt
     if args.finetuned:
         cascade, ft_cfg = load_finetuned(cascade, args.finetuned, _store(args))
-        prompt, preset = finetuned_prompt(prompt, ft_cfg), ft_cfg.preset
+        prompt, request = finetuned_prompt(prompt, ft_cfg), dataclasses.replace(request, finetune=ft_cfg.preset)
     elif args.finetune:
-        from .finetune import finetune_or_load
-
         ft_cfg = _finetune_config(args, args.finetune)
         cascade, key = finetune_or_load(video, ft_cfg, cascade, _store(args), _progress(args),
                                         source_bytes=_file_bytes(args.input))
         print(f"finetuned artifact {key}", file=sys.stderr)
-        prompt, preset = finetuned_prompt(prompt, ft_cfg), ft_cfg.preset
-    strength = _edit_strength(args, cascade, preset)
-    cfg = _edit_config(args, strength)
+        prompt = finetuned_prompt(prompt, ft_cfg)
+    plan = resolve(request, cascade.config)
     start = time.perf_counter()
-    out = edit(video, prompt, cfg, cascade, progress=_progress(args))
-    print(f"edited in {time.perf_counter() - start:.1f} s with prompt {prompt!r} at strength {strength:g}")
+    out = edit(video, prompt, plan, cascade, progress=_progress(args))
+    print(f"edited in {time.perf_counter() - start:.1f} s with prompt {prompt!r} at strength {plan.config.strength:g}")
     _write(args, out, original=video, audio_from=args.input if args.keep_audio else None)
     return 0
 
@@ -106,21 +89,16 @@ def _file_bytes(path: str) -> bytes:
 
 
 def cmd_generate(args) -> int:
-    from .edit import generate
-
+    request = edit_request(args, "generate")
     cascade = _cascade(args)
     if args.finetuned:
-        from .finetune import load_finetuned
-
         cascade, _ = load_finetuned(cascade, args.finetuned, _store(args))
-    out = generate(args.prompt, _edit_config(args, 1.0), cascade, progress=_progress(args))
+    out = generate(args.prompt, resolve(request, cascade.config), cascade, progress=_progress(args))
     _write(args, out)
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from .video import read_video
-
     cfg = _finetune_config(args, args.preset)
     video = read_video(args.input)
     if args.workers:
@@ -128,8 +106,6 @@ def cmd_finetune(args) -> int:
 
         key = distributed_finetune(args, video, cfg, _file_bytes(args.input))
     else:
-        from .finetune import finetune_or_load
-
         _, key = finetune_or_load(video, cfg, _cascade(args), _store(args), _progress(args),
                                   source_bytes=_file_bytes(args.input))
     print(key)  # alone on the last line of stdout, for scripts
@@ -137,11 +113,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_animate(args) -> int:
-    from .animate import clip_shape, image_to_video
-    from .edit import edit
-    from .finetune import finetune_or_load, finetune_preset, finetuned_prompt
-    from .video import read_image
-
+    request = edit_request(args, "animate")
     cascade = _cascade(args)
     frames, fps = clip_shape(cascade)
     coarse = image_to_video(read_image(args.image), args.camera, frames, fps)
@@ -152,17 +124,12 @@ def cmd_animate(args) -> int:
                                         source_bytes=Path(args.image).read_bytes() + args.camera.encode())
         print(f"finetuned artifact {key}", file=sys.stderr)
         prompt = finetuned_prompt(prompt, cfg)
-    strength = args.strength if args.strength is not None else (0.95 if args.finetune else 0.8)
-    cfg = EditConfig(strength=strength, seed=args.seed)
-    out = edit(coarse, prompt, cfg, cascade, progress=_progress(args))
+    out = edit(coarse, prompt, resolve(request, cascade.config), cascade, progress=_progress(args))
     _write(args, out, original=coarse)
     return 0
 
 
 def cmd_subject(args) -> int:
-    from .finetune import finetune_preset
-    from .subject import finetune_subject
-
     cfg = finetune_preset("frames", token=args.token, steps=args.ft_steps, lr=args.lr)
     key = finetune_subject(args.images_dir, args.token, _cascade(args), _store(args), cfg, _progress(args))
     print(key)

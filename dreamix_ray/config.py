@@ -97,6 +97,7 @@ class CascadeConfig(_Dict):
     sr_strength: float | None = None
 
     def __post_init__(self):
+        check_structure(self.name, self.stages)
         if self.sr_strength is not None and not 0.0 < self.sr_strength <= 1.0:
             raise ConfigError(f"sr_strength must be in (0, 1] (1 = from pure noise), got {self.sr_strength!r}")
         if self.motion_prior is not None:
@@ -142,6 +143,20 @@ class CascadeConfig(_Dict):
                    name=data.get("name", "cascade"), description=data.get("description", ""),
                    finetune_lr=data.get("finetune_lr"), edit_strengths=data.get("edit_strengths"),
                    motion_prior=data.get("motion_prior"), sr_strength=data.get("sr_strength"))
+
+
+def check_structure(name: str, stages: tuple[StageConfig, ...]) -> None:
+    """The cascade's shape, checked once at load: one base first, then SR stages; nothing after the last SSR,
+    which is the stage that runs in chunks (paper App. A.1)."""
+    kinds = [s.kind for s in stages]
+    if not kinds or kinds[0] != "base" or "base" in kinds[1:]:
+        raise ConfigError(f"cascade {name!r}: the first stage, and only it, must be of kind 'base'; got {kinds}")
+    if "ssr" in kinds and kinds[-1] != "ssr":
+        raise ConfigError(f"cascade {name!r}: no stage may follow the last SSR (it runs in frame chunks); got "
+                          f"{kinds}; move the {kinds[-1]} stage before it")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"cascade {name!r}: stage names must be unique; got {names}")
 
 
 def validate_strength(strength: float) -> float:
@@ -204,6 +219,9 @@ class EditConfig(_Dict):
             raise ConfigError(f"fit must be 'crop' or 'pad', got {self.fit!r}")
 
     def stage_steps(self, index: int, stage: StageConfig) -> int:
+        """One value is every stage's; a list gives one per stage, and stages past its end keep their own."""
+        if len(self.steps) == 1:
+            return int(self.steps[0])
         return int(self.steps[index]) if index < len(self.steps) else stage.steps
 
     def stage_sr_strength(self, cascade: CascadeConfig) -> float:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EditConfig
 from .edit import edit
 from .models.cascade import load_cascade
+from .request import EditRequest, resolve
 from .video import Video, write_preview, write_video
 from .world.analyze import analyze
 from .world.captions import canonical_caption, parse_caption
@@ -17,7 +17,6 @@ from .world.render import render
 from .world.scene import sample_scene
 
 VERDICT_ATTRIBUTES = ("background", "colour", "shape", "motion")
-DEMO_STRENGTH = 0.75  # for cascades without tuned per-edit-type strengths
 
 
 def demo_scene(seed: int):
@@ -41,16 +40,15 @@ def run_demo(args) -> int:
     source = Video(render(scene, last.frames, last.height, last.fps), last.fps)
     target = scene.replace_object(0, colour="yellow", motion="left")
     prompt = args.prompt or canonical_caption(target)
-    # The default prompt changes the motion: use the cascade's tuned strength for motion edits.
-    strength = args.strength if args.strength is not None else (cascade.config.strength_for("motion")
-                                                                or DEMO_STRENGTH)
+    # The default prompt changes the colour and the motion: a motion edit, which moves the input's own object.
+    plan = resolve(EditRequest(prompt=prompt, edit_type="motion", strength=args.strength, seed=args.seed),
+                   cascade.config)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"source: {canonical_caption(scene)}")
-    print(f"prompt: {prompt}  (strength {strength:g}, seed {args.seed})")
+    print(f"prompt: {prompt}  (strength {plan.config.strength:g}, seed {args.seed})")
     start = time.perf_counter()
-    edited = edit(source, prompt, EditConfig(strength=strength, seed=args.seed), cascade,
-                  progress=not args.quiet)
+    edited = edit(source, prompt, plan, cascade, progress=not args.quiet)
     print(f"edited in {time.perf_counter() - start:.1f} s")
     write_video(out_dir / "original.mp4", source)
     write_video(out_dir / "edit.mp4", edited)

@@ -1,8 +1,11 @@
-"""Dreamix edit (paper Sec. 4.1): degrade -> base from s -> every SR stage, last SSR in chunks."""
+"""Dreamix edit (paper Sec. 4.1): degrade -> base from s -> every SR stage, the last SSR in chunks.
+
+`run_stage` is the one stage runner: `edit()` loops over it, and so do the Ray Data steps and the
+Serve deployments, each on its own slice of the plan (a stage, or one chunk of the last SSR).
+"""
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -14,8 +17,8 @@ import torch
 from .config import EditConfig
 from .degrade import downsample_to_stage, noise_at_strength, tensor_to_frames, upsample_condition
 from .models.cascade import Cascade
-from .models.latent import refine_strength
 from .motion_guidance import MotionPrior, motion_guided
+from .request import EditPlan, EditRequest, resolve
 from .sampling import ddim_sample, draw_noise, fresh_scheduler, guided, seed_generators, strength_timesteps
 from .sr_consistency import input_kept
 from .video import Video
@@ -32,164 +35,149 @@ class Timings:
 
 
 @dataclass
-class _Text:
-    tokens: torch.Tensor
-    pooled: torch.Tensor
-    uncond: tuple[torch.Tensor, torch.Tensor] | None
+class StageRun:
+    """What every stage of one edit shares (k-diffusion's extra_args + callback, as one object)."""
+
+    cascade: Cascade
+    plan: EditPlan
+    prompts: list[str]
+    seeds: list[int]  # one per row: noise comes from (seed, stage, chunk), never from the batch
+    progress: bool = False
+    timings: Timings | None = None
+    on_step: StepCallback | None = None
+    _text: tuple | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, cascade: Cascade, plan: EditPlan | EditConfig, prompts: list[str], seeds: list[int],
+           **kwargs) -> "StageRun":
+        """A run of a plan, or of an already resolved EditConfig."""
+        if isinstance(plan, EditConfig):
+            plan = EditPlan.of(plan, cascade.config)
+        return cls(cascade, plan, list(prompts), [int(s) for s in seeds], **kwargs)
+
+    def text(self):
+        """(tokens, pooled, uncond or None), encoded once per run, not once per stage or chunk."""
+        if self._text is None:
+            tokens, pooled = self.cascade.text_encoder(self.prompts)
+            uncond = (self.cascade.text_encoder([""] * len(self.prompts))
+                      if self.plan.config.guidance_scale != 1.0 else None)
+            self._text = (tokens, pooled, uncond)
+        return self._text
 
 
-def _encode(cascade: Cascade, prompts: list[str], guidance_scale: float) -> _Text:
-    tokens, pooled = cascade.text_encoder(prompts)
-    uncond = cascade.text_encoder([""] * len(prompts)) if guidance_scale != 1.0 else None
-    return _Text(tokens, pooled, uncond)
-
-
-def _denoiser(cascade, index, text: _Text, cond, cfg: EditConfig, timings: Timings | None,
-              anchor: torch.Tensor | None = None):
+def _denoiser(run: StageRun, index: int, cond, anchor, total: int):
     """The stage's guided denoiser; `anchor` is the base's motion-edit input, or an SR stage's input."""
-    net = cascade.stages[index].denoiser
-    name = cascade.stages[index].config.name
+    stage, cfg = run.cascade.stages[index], run.plan.config
+    net, name, timings = stage.denoiser, stage.config.name, run.timings
+    tokens, pooled, uncond = run.text()
 
-    def call(tokens, pooled):
+    def call(tokens_, pooled_):
         def fn(x, t):
             start = time.perf_counter()
             with torch.inference_mode():
-                out = net(x, t, tokens, pooled, cond)
+                out = net(x, t, tokens_, pooled_, cond)
             if timings is not None:
                 timings.network_s[name] += time.perf_counter() - start
             return out
         return fn
 
-    uncond = call(*text.uncond) if text.uncond is not None else None
-    denoise = guided(call(text.tokens, text.pooled), uncond, cfg.guidance_scale)
-    if index == 0 and cascade.config.motion_prior and cfg.motion_guidance > 0:
-        prior = MotionPrior.from_dict(cascade.config.motion_prior)
-        denoise = motion_guided(denoise, cascade.stages[0].scheduler, prior, text.pooled, cfg.motion_guidance,
-                                anchor)
+    denoise = guided(call(tokens, pooled), call(*uncond) if uncond is not None else None, cfg.guidance_scale)
+    if index == 0 and run.cascade.config.motion_prior and cfg.motion_guidance > 0:
+        prior = MotionPrior.from_dict(run.cascade.config.motion_prior)
+        denoise = motion_guided(denoise, stage.scheduler, prior, pooled, cfg.motion_guidance, anchor)
     if index > 0 and cfg.sr_consistency and anchor is not None:
-        denoise = input_kept(denoise, cascade.stages[index].scheduler, cascade.stages[index].config, anchor)
-    return denoise
-
-
-def _sample(cascade, index, x, timesteps, scheduler, text, cond, cfg, gens, timings, progress, on_step, anchor=None):
-    stage = cascade.stages[index]
-    denoise = _denoiser(cascade, index, text, cond, cfg, timings, anchor)
-    if on_step is not None:
-        total, inner = len(timesteps), denoise
-        counter = iter(range(1, total + 1))
+        denoise = input_kept(denoise, stage.scheduler, stage.config, anchor)
+    if run.on_step is not None:
+        inner, counter = denoise, iter(range(1, total + 1))
 
         def denoise(x_, t_):
             out = inner(x_, t_)
-            on_step(stage.config.name, next(counter), total)
+            run.on_step(name, next(counter), total)
             return out
-    label = f"{stage.config.name} ({stage.config.kind})" if progress else False
-    return ddim_sample(denoise, x, scheduler, timesteps, cfg.stage_eta(stage.config), gens, progress=label)
+    return denoise
 
 
-def run_base(cascade: Cascade, x0_bcfhw: torch.Tensor, prompts: list[str], seeds: list[int], cfg: EditConfig,
-             progress: bool = False, timings: Timings | None = None, on_step: StepCallback | None = None):
-    """Base stage from strength s (paper Sec. 4.1); rows are independent (per-row seeds)."""
-    stage = cascade.base
+def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Stage `index` of the plan on its input, in pixels: the base on the downsampled input x0 (from the
+    plan's strength), an SR stage on the previous output or one chunk of it (from pure noise, or by SDEdit
+    from the upsampled output at its start strength)."""
+    stage, plan = run.cascade.stages[index], run.plan.stages[index]
     start = time.perf_counter()
     scheduler = fresh_scheduler(stage.scheduler)
-    gens = seed_generators(seeds, 0)
-    x0 = stage.encode(x0_bcfhw.to(cascade.device))  # a latent stage degrades its VAE latents (models/latent.py)
-    x_s, timesteps = noise_at_strength(x0, cfg.strength, scheduler, cfg.stage_steps(0, stage.config), gens)
-    text = _encode(cascade, prompts, cfg.guidance_scale)
-    anchor = x0 if cfg.motion_from_input else None  # a motion edit re-animates the input (motion_guidance.py)
-    out = _sample(cascade, 0, x_s, timesteps, scheduler, text, None, cfg, gens, timings, progress, on_step, anchor)
-    out = stage.decode(out)
-    if timings is not None:
-        timings.stage_s[stage.config.name] += time.perf_counter() - start
+    # The base's salt is (0,) and an SR stage's (stage, chunk): what every earlier release drew.
+    gens = seed_generators(run.seeds, 0) if index == 0 else seed_generators(run.seeds, index, chunk)
+    x_bcfhw = x_bcfhw.to(run.cascade.device)
+    if index == 0:
+        x0 = stage.encode(x_bcfhw)  # a latent stage degrades its VAE latents (models/latent.py)
+        x, timesteps = noise_at_strength(x0, plan.start_strength, scheduler, plan.steps, gens)
+        cond, anchor = None, x0 if run.plan.config.motion_from_input else None  # motion_guidance.py
+    else:
+        cond, anchor = upsample_condition(x_bcfhw, stage.config), x_bcfhw
+        if plan.from_noise:
+            timesteps = strength_timesteps(scheduler, plan.steps, 1.0)
+            x = draw_noise(tuple(cond.shape), gens, cond.dtype, cond.device)
+        elif stage.vae is None:  # SDEdit from the upsampled output: the SR stage sharpens what the base drew
+            x, timesteps = noise_at_strength(cond, plan.start_strength, scheduler, plan.steps, gens)
+        else:  # a latent SSR (zeroscope_v2_XL) refines by SDEdit from the upscaled output, with no concat
+            x, timesteps = noise_at_strength(stage.encode(cond), plan.start_strength, scheduler, plan.steps, gens)
+            cond = None
+    denoise = _denoiser(run, index, cond, anchor, len(timesteps))
+    label = f"{stage.config.name} ({stage.config.kind})" if run.progress else False
+    out = stage.decode(ddim_sample(denoise, x, scheduler, timesteps, plan.eta, gens, progress=label))
+    if run.timings is not None:
+        run.timings.stage_s[stage.config.name] += time.perf_counter() - start
     return out
 
 
-def run_sr_stage(cascade: Cascade, index: int, prev_bcfhw: torch.Tensor, prompts: list[str], seeds: list[int],
-                 cfg: EditConfig, chunk: int = 0, progress: bool = False, timings: Timings | None = None,
-                 on_step: StepCallback | None = None) -> torch.Tensor:
-    """One SR stage, conditioned on text and the upsampled previous output, from pure noise or (sr_strength
-    < 1) from that output noised to the strength."""
-    stage = cascade.stages[index]
-    start = time.perf_counter()
-    cond = upsample_condition(prev_bcfhw, stage.config)
-    scheduler = fresh_scheduler(stage.scheduler)
-    timesteps = strength_timesteps(scheduler, cfg.stage_steps(index, stage.config), 1.0)
-    gens = seed_generators(seeds, index, chunk)
-    start_strength = cfg.stage_sr_strength(cascade.config)
-    if stage.vae is None and start_strength >= 1.0:
-        x = draw_noise(tuple(cond.shape), gens, cond.dtype, cond.device)
-    elif stage.vae is None:  # SDEdit from the upsampled output: the SR stage sharpens what the base drew
-        x, timesteps = noise_at_strength(cond, start_strength, scheduler, cfg.stage_steps(index, stage.config), gens)
-    else:  # a latent SSR (zeroscope_v2_XL) refines by SDEdit from the upscaled output, with no concat
-        x, timesteps = noise_at_strength(stage.encode(cond), refine_strength(stage.config), scheduler,
-                                         cfg.stage_steps(index, stage.config), gens)
-        cond = None
-    text = _encode(cascade, prompts, cfg.guidance_scale)
-    out = _sample(cascade, index, x, timesteps, scheduler, text, cond, cfg, gens, timings, progress, on_step,
-                  prev_bcfhw)
-    out = stage.decode(out)
-    if timings is not None:
-        timings.stage_s[stage.config.name] += time.perf_counter() - start
+def run_cascade(run: StageRun, x_bcfhw: torch.Tensor, first: int = 0) -> np.ndarray:
+    """Stages `first`.. of the plan from their input; the last stage runs chunk by chunk straight into the
+    uint8 output (B, F, H, W, C), so memory holds one chunk of it at a time (paper App. A.1)."""
+    for plan in run.plan.stages[first:-1]:
+        x_bcfhw = run_stage(run, plan.index, x_bcfhw)
+    last = run.plan.stages[-1]
+    if x_bcfhw.shape[2] != last.frames:
+        raise ValueError(f"stage {last.name!r} planned for {last.frames} input frames, got {x_bcfhw.shape[2]}")
+    out = None  # sized by the first chunk: a latent SSR resizes to its own size, not by a factor
+    for chunk, (lo, hi) in enumerate(last.chunks):
+        frames = tensor_to_frames(run_stage(run, last.index, x_bcfhw[:, :, lo:hi], chunk))
+        if out is None:
+            out = np.empty((frames.shape[0], last.frames) + frames.shape[2:], dtype=np.uint8)
+        out[:, lo:hi] = frames
     return out
-
-
-def chunk_bounds(num_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
-    """Frame ranges of the last SSR's input chunks (paper App. A.1: 32 frames each)."""
-    return [(s, min(s + chunk_frames, num_frames)) for s in range(0, num_frames, chunk_frames)]
-
-
-def run_cascade(cascade: Cascade, x0_bcfhw: torch.Tensor, prompts: list[str], seeds: list[int], cfg: EditConfig,
-                progress: bool = False, timings: Timings | None = None,
-                on_step: StepCallback | None = None) -> np.ndarray:
-    """Base then every SR stage; the last SSR runs in chunks written straight into the uint8 output."""
-    x = run_base(cascade, x0_bcfhw, prompts, seeds, cfg, progress, timings, on_step)
-    return run_sr_stages(cascade, x, prompts, seeds, cfg, progress, timings, on_step)
-
-
-def run_sr_stages(cascade: Cascade, x: torch.Tensor, prompts: list[str], seeds: list[int], cfg: EditConfig,
-                  progress: bool = False, timings: Timings | None = None,
-                  on_step: StepCallback | None = None) -> np.ndarray:
-    """Every SR stage after the base, from the base's output `x`; returns uint8 frames (B, F, H, W, C)."""
-    last_ssr = cascade.last_ssr_index()
-    for index in range(1, len(cascade.stages)):
-        if index != last_ssr:
-            x = run_sr_stage(cascade, index, x, prompts, seeds, cfg, 0, progress, timings, on_step)
-            continue
-        b, f = x.shape[0], x.shape[2]
-        out = None  # sized by the first chunk: a latent SSR resizes to its own size, not by a factor
-        for chunk, (lo, hi) in enumerate(chunk_bounds(f, cfg.ssr_chunk_frames)):
-            part = run_sr_stage(cascade, index, x[:, :, lo:hi], prompts, seeds, cfg, chunk, progress, timings,
-                                on_step)
-            frames = tensor_to_frames(part)
-            if out is None:
-                out = np.empty((b, f) + frames.shape[2:], dtype=np.uint8)
-            out[:, lo:hi] = frames
-        return out
-    return tensor_to_frames(x)
 
 
 def output_fps(cascade: Cascade) -> float:
     return cascade.stages[-1].config.fps
 
 
-def edit(video: Video, prompt: str, cfg: EditConfig, cascade: Cascade, progress: bool = False,
-         timings: Timings | None = None, on_step: StepCallback | None = None) -> Video:
+def _plan(plan: EditPlan | EditConfig | EditRequest, cascade: Cascade) -> EditPlan:
+    if isinstance(plan, EditRequest):
+        return resolve(plan, cascade.config)
+    return EditPlan.of(plan, cascade.config) if isinstance(plan, EditConfig) else plan
+
+
+def edit(video: Video, prompt: str, plan: EditPlan | EditConfig | EditRequest, cascade: Cascade,
+         progress: bool = False, timings: Timings | None = None, on_step: StepCallback | None = None) -> Video:
     """Edit `video` toward `prompt`: the paper's degrade-then-invert (Sec. 4.1)."""
-    x0 = downsample_to_stage(video, cascade.base.config, cfg.num_frames, cfg.fit)
-    frames = run_cascade(cascade, x0, [prompt], [cfg.seed], cfg, progress, timings, on_step)[0]
-    return Video(frames, output_fps(cascade))
+    plan = _plan(plan, cascade)
+    x0 = downsample_to_stage(video, cascade.base.config, plan.config.num_frames, plan.config.fit)
+    run = StageRun.of(cascade, plan, [prompt], [plan.config.seed], progress=progress, timings=timings,
+                      on_step=on_step)
+    return Video(run_cascade(run, x0)[0], output_fps(cascade))
 
 
-def generate(prompt: str, cfg: EditConfig, cascade: Cascade, progress: bool = False,
+def blank_input(plan: EditPlan, cascade: Cascade, rows: int = 1) -> torch.Tensor:
+    """Text-to-video's input: nothing survives strength 1, so zeros of the base's shape."""
+    base = cascade.base.config
+    return torch.zeros(rows, 3, plan.stages[0].frames, base.height, base.width)
+
+
+def generate(prompt: str, plan: EditPlan | EditConfig | EditRequest, cascade: Cascade, progress: bool = False,
              timings: Timings | None = None, on_step: StepCallback | None = None) -> Video:
     """Text-to-video: strength 1 with no input video (the paper's baseline)."""
-    base = cascade.base.config
-    frames = cfg.num_frames or base.frames
-    x0 = torch.zeros(1, 3, frames, base.height, base.width)
-    gen_cfg = EditConfig(**{**cfg.to_dict(), "strength": 1.0, "motion_from_input": False})
-    out = run_cascade(cascade, x0, [prompt], [cfg.seed], gen_cfg, progress, timings, on_step)[0]
-    return Video(out, output_fps(cascade))
-
-
-def num_chunks(num_frames: int, chunk_frames: int) -> int:
-    return math.ceil(num_frames / chunk_frames)
+    plan = _plan(plan, cascade)
+    if plan.config.strength != 1.0 or plan.config.motion_from_input:
+        plan = plan.replace(cascade.config, strength=1.0, motion_from_input=False)
+    run = StageRun.of(cascade, plan, [prompt], [plan.config.seed], progress=progress, timings=timings,
+                      on_step=on_step)
+    return Video(run_cascade(run, blank_input(plan, cascade))[0], output_fps(cascade))

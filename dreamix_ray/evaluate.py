@@ -7,6 +7,7 @@ People scored quality, fidelity and alignment; here the pixel analyzer does. Eac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import EDIT_TYPES, EditConfig
-from .errors import UserError
+from .config import EDIT_TYPES
 from .degrade import downsample_to_stage
-from .edit import run_cascade
+from .errors import UserError
+from .edit import StageRun, blank_input, run_cascade
 from .finetune import finetune, finetune_preset, finetuned_prompt
 from .models.frame_mode import frame_mode
+from .request import EditPlan, EditRequest, resolve
 from .video import Video, contact_sheet
 from .world.analyze import analyze, object_found_fraction, trajectory_smoothness
 from .world.captions import canonical_caption
@@ -45,9 +47,8 @@ FLICKER_BAR = 6.0  # median |frame-to-frame change| of a pixel (uint8 levels); a
 class EvalSettings:
     """Strengths and finetuning recipes used for the tables (chosen on tuning videos, not these)."""
 
-    strength: float = 0.8  # Dreamix without finetuning, for a cascade with no per-type strengths
-    strength_finetuned: float = 0.9
-    # {"none" | "video" | "mixed": {edit type: s}}; None = the cascade's `edit_strengths`
+    # {"none" | "video" | "mixed": {edit type: s}}; None = the cascade's `edit_strengths` (a tuner's candidates
+    # go here; strengths no table gives follow request.resolve's rule, as for every entry point)
     edit_strengths: dict | None = None
     finetune_steps: int = 60
     finetune_lr: float | None = None  # None: the cascade's finetune_lr
@@ -56,14 +57,21 @@ class EvalSettings:
     # motion edits move the source's middle frame at high noise (EditConfig.motion_from_input)
     motion_from_input: bool = True
 
-    def strength_for(self, method: str, edit_type: str, cascade) -> float:
-        """Per-frame editing uses Dreamix's no-finetuning strengths, so it differs only in frame mode."""
+    def plan_for(self, method: str, edit_type: str, cascade) -> EditPlan:
+        """The case's plan under the one rule (request.resolve); per-frame uses Dreamix's no-finetuning
+        strengths, so it differs only in frame mode."""
+        config = cascade.config if self.edit_strengths is None else dataclasses.replace(
+            cascade.config, edit_strengths=self.edit_strengths)
         preset = VARIANT_PRESET.get(method, "none")
-        table = self.edit_strengths if self.edit_strengths is not None else (cascade.config.edit_strengths or {})
-        tuned = table.get(preset, {}).get(edit_type)
-        if tuned is not None:
-            return float(tuned)
-        return self.strength if preset == "none" else self.strength_finetuned
+        request = EditRequest(prompt="", task="generate" if method == "text-to-video" else "edit",
+                              edit_type=edit_type, finetune=None if preset == "none" else preset, steps=self.steps)
+        plan = resolve(request, config)
+        if plan.config.motion_from_input and not self.motion_from_input:  # the ablation
+            plan = plan.replace(config, motion_from_input=False)
+        return plan
+
+    def strength_for(self, method: str, edit_type: str, cascade) -> float:
+        return self.plan_for(method, edit_type, cascade).config.strength
 
 
 @dataclass
@@ -204,23 +212,20 @@ def _render(scene, cascade) -> Video:
     return Video(render(scene, last.frames, last.height, last.fps), last.fps)
 
 
-def _run_rows(model, sources: list[Video] | None, prompts: list[str], seeds: list[int], strength: float,
-              s: EvalSettings, from_input: bool = False) -> list[np.ndarray]:
+def _run_rows(model, sources: list[Video] | None, prompts: list[str], seeds: list[int],
+              plan: EditPlan) -> list[np.ndarray]:
     """One batch through the cascade (no sources = text-to-video); rows are independent (per-row seeds)."""
-    base = model.base.config
     if sources is None:
-        x0, strength = torch.zeros(len(prompts), 3, base.frames, base.height, base.width), 1.0
+        x0 = blank_input(plan, model, len(prompts))
     else:
-        x0 = torch.cat([downsample_to_stage(v, base) for v in sources])
-    cfg = EditConfig(strength=strength, steps=s.steps, motion_from_input=from_input and sources is not None)
-    return list(run_cascade(model, x0, prompts, seeds, cfg))
+        x0 = torch.cat([downsample_to_stage(v, model.base.config) for v in sources])
+    return list(run_cascade(StageRun.of(model, plan, prompts, seeds), x0))
 
 
 def run_method(method: str, cases: list[Case], source: Video, cascade, tuned: dict,
                s: EvalSettings) -> list[np.ndarray]:
     """One method's outputs for cases of one source (`source`, rendered once by the caller), batched by
-    strength and by whether the edit is a motion edit; `tuned` maps variant -> (finetuned cascade,
-    FinetuneConfig) for that source."""
+    plan; `tuned` maps variant -> (finetuned cascade, FinetuneConfig) for that source."""
     model, prompts = cascade, [c.prompt for c in cases]
     if method in tuned:
         model, ft_cfg = tuned[method]
@@ -228,14 +233,12 @@ def run_method(method: str, cases: list[Case], source: Video, cascade, tuned: di
     outputs: list = [None] * len(cases)
     batches = defaultdict(list)
     for i, case in enumerate(cases):
-        from_input = s.motion_from_input and case.edit_type == "motion"
-        batches[(s.strength_for(method, case.edit_type, cascade), from_input)].append(i)
-    for (strength, from_input), rows in batches.items():
+        batches[s.plan_for(method, case.edit_type, cascade)].append(i)
+    for plan, rows in batches.items():
         sources = None if method == "text-to-video" else [source] * len(rows)
         # per-frame: an image editor run frame by frame, every stage in frame mode
         with frame_mode() if method == "per-frame" else contextlib.nullcontext():
-            outs = _run_rows(model, sources, [prompts[i] for i in rows], [cases[i].seed for i in rows], strength, s,
-                             from_input)
+            outs = _run_rows(model, sources, [prompts[i] for i in rows], [cases[i].seed for i in rows], plan)
         for i, out in zip(rows, outs):
             outputs[i] = out
     return outputs

@@ -18,9 +18,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from .config import (EDIT_TYPES, PAPER_STRENGTH_FINETUNED, STRENGTH_PRESETS, CascadeConfig, ConfigError,
-                     EditConfig, validate_strength)
+from .config import EDIT_TYPES, CascadeConfig, ConfigError, EditConfig, validate_strength
 from .errors import UserError
+from .request import EditRequest, resolve
 from .storage import S3Settings, StorageError, filesystem, join, read_bytes, write_bytes
 
 KNOWN_COLUMNS = ("id", "video", "prompts", "prompt", "strength", "seed", "finetune", "steps", "output", "edit_type")
@@ -50,7 +50,7 @@ class ManifestRow:
     strength: float | None = None  # None: the job's default
     seed: int = 0
     finetune: str | None = None  # a preset name, or FinetuneConfig fields as a JSON object
-    steps: tuple[int, ...] = ()  # int in the manifest = the base stage only; a list = one per stage
+    steps: tuple[int, ...] = ()  # int in the manifest = every stage; a list = one per stage
     output: str | None = None
     extra: dict = field(default_factory=dict)
     error: str | None = None
@@ -244,49 +244,37 @@ def output_uris(prefix: str, row: ManifestRow, index: int, prompt: str, cfg: Edi
     return f"{stem}.mp4", f"{stem}.preview.mp4"
 
 
-def _tuned_strength(row: ManifestRow, cascade: CascadeConfig | None) -> float | None:
-    """The cascade's tuned strength for the row's edit type and finetuning (none, or its preset; a
-    finetune given as JSON fields or an unknown preset uses the "mixed" table, the paper's recipe)."""
-    if row.edit_type is None or cascade is None:
+def finetune_name(spec: str | None) -> str | None:
+    """The finetuning preset a row's `finetune` value names (a JSON object's "preset", default mixed)."""
+    if not spec:
         return None
-    preset = "none"
-    if row.finetune:
-        name = json.loads(row.finetune).get("preset") if row.finetune.startswith("{") else row.finetune
-        preset = name if name in STRENGTH_PRESETS else "mixed"
-    return cascade.strength_for(row.edit_type, preset)
+    return str(json.loads(spec).get("preset", "mixed")) if spec.startswith("{") else spec
 
 
-def row_config(row: ManifestRow, defaults: EditConfig, finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0],
-               cascade: CascadeConfig | None = None) -> EditConfig:
-    """The job's EditConfig with the row's strength, seed and steps. A row without a strength takes the
-    cascade's tuned one for its edit type, if any; finetuned rows default to their own s."""
-    changes: dict[str, Any] = {"seed": row.seed, "motion_from_input": row.edit_type == "motion"}
-    tuned = _tuned_strength(row, cascade)
-    if row.strength is not None:
-        changes["strength"] = row.strength
-    elif tuned is not None:
-        changes["strength"] = tuned
-    elif row.finetune:  # paper Sec. 4.1: after finetuning, strengths near 1 work best
-        changes["strength"] = finetuned_strength
-    if row.steps:
-        changes["steps"] = row.steps
-    return dataclasses.replace(defaults, **changes)
+def row_request(row: ManifestRow, job: EditRequest) -> EditRequest:
+    """The row's request: the job's defaults (flags) with the row's own strength, seed, steps, edit type and
+    finetuning; the prompt is not part of the plan, so one request serves all of a row's prompts."""
+    return dataclasses.replace(job, strength=row.strength if row.strength is not None else job.strength,
+                               seed=row.seed, steps=row.steps or job.steps, edit_type=row.edit_type,
+                               finetune=finetune_name(row.finetune))
 
 
-def work_items(rows: Iterable[ManifestRow], prefix: str, defaults: EditConfig, model_tag: str,
-               finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0], cascade: CascadeConfig | None = None
-               ) -> list[dict]:
+def work_items(rows: Iterable[ManifestRow], prefix: str, job: EditRequest, model_tag: str,
+               cascade: CascadeConfig) -> list[dict]:
     """One item per (row, prompt): what the pipeline carries, all plain columns (no tensors yet)."""
     items = []
     for row in rows:
         common = dict(row=row.row, id=row.id, video=row.video, finetune=row.finetune or "",
                       edit_type=row.edit_type or "", extra=json.dumps(row.extra, default=str, sort_keys=True),
                       artifact="")
+        try:
+            cfg = None if row.error else resolve(row_request(row, job), cascade).config
+        except ConfigError as exc:  # e.g. more steps than stages: this row fails, the others run
+            row = dataclasses.replace(row, error=f"row {row.row} (id {row.id!r}): {exc}")
         if row.error:
             items.append(dict(common, key=f"{row.row}:0", prompt="", prompt_index=0, cfg="{}", output="",
                               preview="", status="error", error=row.error))
             continue
-        cfg = row_config(row, defaults, finetuned_strength, cascade)
         for index, prompt in enumerate(row.prompts):
             video_uri, preview_uri = output_uris(prefix, row, index, prompt, cfg, model_tag)
             items.append(dict(common, key=f"{row.row}:{index}", prompt=prompt, prompt_index=index,

@@ -10,6 +10,8 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from .request import kept_steps
+
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -33,7 +35,7 @@ def fresh_scheduler(scheduler: DDIMScheduler) -> DDIMScheduler:
 def strength_timesteps(scheduler: DDIMScheduler, steps: int, strength: float) -> torch.Tensor:
     """The last round(steps * s) of `steps` timesteps: SDEdit as a cut of the list (diffusers' get_timesteps)."""
     scheduler.set_timesteps(steps)
-    keep = min(int(steps * strength + 1e-6), steps)
+    keep = kept_steps(steps, strength)
     return scheduler.timesteps[steps - keep:]
 
 

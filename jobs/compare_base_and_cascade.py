@@ -23,7 +23,7 @@ def main() -> int:
     from dreamix_ray.cli import _quiet_libraries
     from dreamix_ray.config import EditConfig
     from dreamix_ray.degrade import downsample_to_stage, tensor_to_frames
-    from dreamix_ray.edit import run_base, run_sr_stages
+    from dreamix_ray.edit import StageRun, run_cascade, run_stage
     from dreamix_ray.evaluate import CHECKED, EDIT_TYPES, EvalSettings, _render, eval_cases, score
     from dreamix_ray.models.cascade import load_cascade
     from dreamix_ray.world.analyze import analyze
@@ -46,9 +46,9 @@ def main() -> int:
                          motion_from_input=settings.motion_from_input and case.edit_type == "motion")
         x0 = downsample_to_stage(_render(case.source, full), full.base.config)
         with torch.no_grad():
-            base_out = run_base(full, x0, [case.prompt], [case.seed], cfg)
+            base_out = run_stage(StageRun.of(full, cfg, [case.prompt], [case.seed]), 0, x0)
             outputs = {"base": tensor_to_frames(base_out)[0],
-                       "cascade": run_sr_stages(full, base_out, [case.prompt], [case.seed], cfg)[0]}
+                       "cascade": run_cascade(StageRun.of(full, cfg, [case.prompt], [case.seed]), base_out, first=1)[0]}
         want = {"background": case.target.background,
                 **{k: getattr(case.target.objects[0], k) for k in CHECKED[1:]}}
         for stage, frames in outputs.items():

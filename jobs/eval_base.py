@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from dreamix_ray.config import EditConfig  # noqa: E402
 from dreamix_ray.degrade import tensor_to_frames  # noqa: E402
-from dreamix_ray.edit import run_base  # noqa: E402
+from dreamix_ray.edit import StageRun, run_stage  # noqa: E402
 from dreamix_ray.models.cascade import Cascade, Stage  # noqa: E402
 from dreamix_ray.models.embedded import EMBEDDED_STAGES, embedded_config  # noqa: E402
 from dreamix_ray.models.stage import StageDenoiser  # noqa: E402
@@ -53,7 +53,7 @@ def seen_motions(cascade: Cascade, prompts: list[str], cfg: EditConfig) -> list[
     """What the analyzer sees in the base's text-to-video for each prompt; row i uses seed i."""
     sc = cascade.stages[0].config
     x0 = torch.zeros(len(prompts), 3, sc.frames, sc.height, sc.width)
-    out = tensor_to_frames(run_base(cascade, x0, prompts, list(range(len(prompts))), cfg))
+    out = tensor_to_frames(run_stage(StageRun.of(cascade, cfg, prompts, list(range(len(prompts)))), 0, x0))
     seen = [analyze(frames) for frames in out]
     return [est.objects[0].motion if est.objects else "none" for est in seen]
 
@@ -141,7 +141,7 @@ def main() -> int:
     settings = [(g, n, e, m) for g in args.guidance for n in args.steps for e in args.eta for m in args.motion_guidance]
     for scale, steps, eta, motion in settings:
         cfg = EditConfig(strength=1.0, steps=(steps,), guidance_scale=scale, eta=eta, motion_guidance=motion)
-        out = tensor_to_frames(run_base(cascade, x0, prompts, list(range(len(scenes))), cfg))
+        out = tensor_to_frames(run_stage(StageRun.of(cascade, cfg, prompts, list(range(len(scenes)))), 0, x0))
         totals, by_motion, confusion = Counter(), defaultdict(Counter), defaultdict(Counter)
         for scene, frames in zip(scenes, out):
             est = analyze(frames)

@@ -38,7 +38,7 @@ def main() -> int:
     from dreamix_ray.cli import _quiet_libraries
     from dreamix_ray.config import EditConfig
     from dreamix_ray.degrade import downsample_to_stage
-    from dreamix_ray.edit import run_base, run_sr_stages
+    from dreamix_ray.edit import StageRun, run_cascade, run_stage
     from dreamix_ray.evaluate import EDIT_TYPES, EvalSettings, _render, eval_cases, score
     from dreamix_ray.models.cascade import load_cascade
 
@@ -64,10 +64,10 @@ def main() -> int:
                          motion_from_input=case.edit_type == "motion")
         x0 = downsample_to_stage(source, cascade.base.config)
         with torch.no_grad():
-            base_out = run_base(cascade, x0, [case.prompt], [case.seed], cfg)
+            base_out = run_stage(StageRun.of(cascade, cfg, [case.prompt], [case.seed]), 0, x0)
             for sr, consistency in grid:
                 sr_cfg = EditConfig(**{**cfg.to_dict(), "sr_strength": sr, "sr_consistency": consistency})
-                out = run_sr_stages(cascade, base_out, [case.prompt], [case.seed], sr_cfg)[0]
+                out = run_cascade(StageRun.of(cascade, sr_cfg, [case.prompt], [case.seed]), base_out, first=1)[0]
                 scores[(sr, consistency)][case.edit_type].append(score(case, source.frames, out, target))
         print(f"edit {n}/{len(cases)} done after {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     for (sr, consistency), by_type in scores.items():

@@ -44,14 +44,6 @@ def test_core_and_stage_modules_do_not_import_ray():
     assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
 
 
-def test_light_chunk_bounds_match_the_editor():
-    from dreamix_ray.cluster.stages import chunk_bounds
-    from dreamix_ray.edit import chunk_bounds as edit_bounds
-
-    for frames, chunk in [(8, 3), (32, 32), (33, 32), (1, 4), (128, 32)]:
-        assert chunk_bounds(frames, chunk) == edit_bounds(frames, chunk)
-
-
 def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, tiny_dir):
     """The plain stage classes, no Ray: outputs equal edit()'s and each other's across batch sizes."""
     from dreamix_ray.cluster.plan import pipeline_stages, run_in_process

@@ -145,9 +145,15 @@ def test_edit_type_picks_the_cascade_strength(capsys, tiny_dir, tmp_path):
 
 def test_motion_edits_move_the_input_and_generate_never_does():
     from dreamix_ray.cli import build_parser
-    from dreamix_ray.cli_commands import _edit_config
+    from dreamix_ray.cli_commands import edit_request
+    from dreamix_ray.models.embedded import embedded_config
+    from dreamix_ray.request import resolve
 
-    parser = build_parser()
+    parser, config = build_parser(), embedded_config({"kind": "minilm"})
+
+    def _edit_config(args, _strength):
+        return resolve(edit_request(args, args.command), config).config
+
     for argv, want in ((["edit", "in.mp4", "-p", "x", "-o", "o.mp4", "--edit-type", "motion"], True),
                        (["edit", "in.mp4", "-p", "x", "-o", "o.mp4", "--motion-from-input"], True),
                        (["edit", "in.mp4", "-p", "x", "-o", "o.mp4", "--edit-type", "style"], False),
@@ -175,7 +181,7 @@ def test_demo_writes_side_by_side_and_a_verdict(capsys, tiny_dir, tmp_path):
     assert code == 0, err
     for name in ("original.mp4", "edit.mp4", "side_by_side.mp4", "side_by_side.png"):
         assert (tmp_path / name).is_file()
-    assert "(strength 0.75, seed 0)" in out  # no tuned strengths in the tiny cascade: the fallback
+    assert "(strength 0.7, seed 0)" in out  # no tuned strengths in the tiny cascade: the rule's default
     verdict = [line for line in out.splitlines() if line.strip().startswith(("background", "colour", "shape",
                                                                              "motion"))]
     assert len(verdict) == 4 and all(line.rstrip().endswith(("ok", "MISSED")) for line in verdict)

@@ -9,7 +9,8 @@ import torch
 from conftest import sample_clip
 from dreamix_ray.config import ConfigError, EditConfig
 from dreamix_ray.degrade import downsample_to_stage, noise_at_strength
-from dreamix_ray.edit import chunk_bounds, edit, generate, run_base, run_cascade, run_sr_stage
+from dreamix_ray.edit import StageRun, edit, generate, run_cascade, run_stage
+from dreamix_ray.request import chunk_bounds
 from dreamix_ray.sampling import seed_generators
 from dreamix_ray.video import Video, read_video
 
@@ -33,9 +34,9 @@ def test_strength_one_equals_text_to_video(tiny, moving_video):
 
 def test_strength_zero_starts_from_the_degraded_video(tiny, moving_video):
     x0 = downsample_to_stage(moving_video, tiny.base.config)
-    out = run_base(tiny, x0, ["anything"], [0], EditConfig(strength=0.0))
+    out = run_stage(StageRun.of(tiny, EditConfig(strength=0.0), ["anything"], [0]), 0, x0)
     assert torch.equal(out, x0)
-    partly = run_base(tiny, x0, ["anything"], [0], EditConfig(strength=0.5))
+    partly = run_stage(StageRun.of(tiny, EditConfig(strength=0.5), ["anything"], [0]), 0, x0)
     assert not torch.equal(partly, x0)
 
 
@@ -54,26 +55,26 @@ def test_same_seed_same_video_and_batch_equals_rows(tiny, moving_video):
     x0b = torch.cat([x0, torch.flip(x0, dims=[2])])
     cfg = EditConfig(strength=0.8, ssr_chunk_frames=4)
     prompts, seeds = ["a red circle moving left", "a yellow square"], [11, 12]
-    batch = run_cascade(tiny, x0b, prompts, seeds, cfg)
-    rows = [run_cascade(tiny, x0b[i:i + 1], [prompts[i]], [seeds[i]], cfg)[0] for i in range(2)]
-    reversed_batch = run_cascade(tiny, x0b.flip(0), prompts[::-1], seeds[::-1], cfg)
+    batch = run_cascade(StageRun.of(tiny, cfg, prompts, seeds), x0b)
+    rows = [run_cascade(StageRun.of(tiny, cfg, [prompts[i]], [seeds[i]]), x0b[i:i + 1])[0] for i in range(2)]
+    reversed_batch = run_cascade(StageRun.of(tiny, cfg, prompts[::-1], seeds[::-1]), x0b.flip(0))
     for i in range(2):
         assert np.abs(batch[i].astype(int) - rows[i].astype(int)).max() <= 1
         assert np.abs(reversed_batch[1 - i].astype(int) - rows[i].astype(int)).max() <= 1
-    again = run_cascade(tiny, x0b[:1], prompts[:1], seeds[:1], cfg)[0]
+    again = run_cascade(StageRun.of(tiny, cfg, prompts[:1], seeds[:1]), x0b[:1])[0]
     assert np.array_equal(again, rows[0])
-    assert not np.array_equal(run_cascade(tiny, x0b[:1], prompts[:1], [99], cfg)[0], rows[0])
+    assert not np.array_equal(run_cascade(StageRun.of(tiny, cfg, prompts[:1], [99]), x0b[:1])[0], rows[0])
 
 
 def test_chunked_last_ssr_frames_and_chunk_independence(tiny):
     cfg = EditConfig(strength=1.0, num_frames=5, ssr_chunk_frames=4)
-    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_bounds(10, 4) == ((0, 4), (4, 8), (8, 10))
     prev = torch.rand(1, 3, 10, 8, 8) * 2 - 1
     ssr = tiny.last_ssr_index()
     whole = run_cascade_from_ssr(tiny, prev, cfg)
     assert whole.shape == (10, 16, 16, 3)
     # Chunk 1 alone, computed directly, is exactly frames 4..8 of the whole output.
-    part = run_sr_stage(tiny, ssr, prev[:, :, 4:8], ["p"], [5], cfg, chunk=1)
+    part = run_stage(StageRun.of(tiny, cfg, ["p"], [5]), ssr, prev[:, :, 4:8], 1)
     from dreamix_ray.degrade import tensor_to_frames
     assert np.array_equal(tensor_to_frames(part)[0], whole[4:8])
     # Changing chunk 0's input frames leaves the other chunks untouched.
@@ -89,7 +90,7 @@ def run_cascade_from_ssr(cascade, prev, cfg):
     from dreamix_ray.degrade import tensor_to_frames
 
     ssr = cascade.last_ssr_index()
-    parts = [tensor_to_frames(run_sr_stage(cascade, ssr, prev[:, :, lo:hi], ["p"], [5], cfg, chunk=c))[0]
+    parts = [tensor_to_frames(run_stage(StageRun.of(cascade, cfg, ["p"], [5]), ssr, prev[:, :, lo:hi], c))[0]
              for c, (lo, hi) in enumerate(chunk_bounds(prev.shape[2], cfg.ssr_chunk_frames))]
     return np.concatenate(parts)
 
@@ -97,9 +98,9 @@ def run_cascade_from_ssr(cascade, prev, cfg):
 def test_chunking_matches_run_cascade(tiny, moving_video):
     x0 = downsample_to_stage(moving_video, tiny.base.config, num_frames=6)
     cfg = EditConfig(strength=0.7, num_frames=6, ssr_chunk_frames=5, seed=1)
-    full = run_cascade(tiny, x0, ["p"], [1], cfg)[0]
+    full = run_cascade(StageRun.of(tiny, cfg, ["p"], [1]), x0)[0]
     assert full.shape[0] == 12
-    prev = run_sr_stage(tiny, 1, run_base(tiny, x0, ["p"], [1], cfg), ["p"], [1], cfg)
+    prev = run_stage(StageRun.of(tiny, cfg, ["p"], [1]), 1, run_stage(StageRun.of(tiny, cfg, ["p"], [1]), 0, x0))
     assert np.array_equal(full, run_cascade_from_ssr_seed(tiny, prev, cfg, 1))
 
 
@@ -108,7 +109,7 @@ def run_cascade_from_ssr_seed(cascade, prev, cfg, seed):
 
     ssr = cascade.last_ssr_index()
     return np.concatenate([
-        tensor_to_frames(run_sr_stage(cascade, ssr, prev[:, :, lo:hi], ["p"], [seed], cfg, chunk=c))[0]
+        tensor_to_frames(run_stage(StageRun.of(cascade, cfg, ["p"], [seed]), ssr, prev[:, :, lo:hi], c))[0]
         for c, (lo, hi) in enumerate(chunk_bounds(prev.shape[2], cfg.ssr_chunk_frames))])
 
 
@@ -123,7 +124,7 @@ def test_sr_strength_starts_the_sr_stages_from_the_upsampled_output(tiny):
     prev = torch.rand(1, 3, 8, 8, 8) * 2 - 1
     ssr = tiny.last_ssr_index()
     cond = upsample_condition(prev, tiny.stages[ssr].config)
-    runs = {sr: run_sr_stage(tiny, ssr, prev, ["p"], [5], EditConfig(sr_strength=sr, steps=(10, 10, 10)))
+    runs = {sr: run_stage(StageRun.of(tiny, EditConfig(sr_strength=sr, steps=(10, 10, 10)), ["p"], [5]), ssr, prev)
             for sr in (None, 1.0, 0.3)}
     assert torch.equal(runs[None], runs[1.0])
     err = {sr: (runs[sr] - cond).abs().mean().item() for sr in (1.0, 0.3)}

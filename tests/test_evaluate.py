@@ -76,7 +76,7 @@ def test_edit_strengths_validated_and_looked_up(tiny):
     settings = EvalSettings(edit_strengths=table)
     assert settings.strength_for("dreamix", "style", tiny) == 0.6
     assert settings.strength_for("per-frame", "motion", tiny) == 1.0  # per-frame uses Dreamix's strengths
-    assert settings.strength_for("dreamix+video-ft", "motion", tiny) == settings.strength_finetuned
+    assert settings.strength_for("dreamix+video-ft", "motion", tiny) == 0.95  # the rule's finetuned default
 
 
 def test_run_method_batches_by_strength_without_changing_any_row(tiny):
@@ -89,8 +89,8 @@ def test_run_method_batches_by_strength_without_changing_any_row(tiny):
     source = _render(cases[0].source, tiny)
     batched = run_method("dreamix", cases, source, tiny, {}, settings)
     for case, out in zip(cases, batched):
-        strength = settings.strength_for("dreamix", case.edit_type, tiny)
-        alone = _run_rows(tiny, [source], [case.prompt], [case.seed], strength, settings)[0]
+        plan = settings.plan_for("dreamix", case.edit_type, tiny)
+        alone = _run_rows(tiny, [source], [case.prompt], [case.seed], plan)[0]
         assert out.shape == alone.shape
         assert np.abs(out.astype(int) - alone.astype(int)).max() <= 1  # float reduction order only
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreamix_ray.config import CascadeConfig, ConfigError, EditConfig
+from dreamix_ray.config import CascadeConfig, ConfigError, EditConfig, StageConfig
 from dreamix_ray.motion_guidance import MotionPrior, MotionPriorError, moving_layout, translate
 
 
@@ -91,7 +91,7 @@ def test_prior_round_trips_and_malformed_entries_name_the_fix():
     assert MotionPrior.from_dict(prior.to_dict()) == prior
     with pytest.raises(MotionPriorError, match="fit_motion_prior"):
         MotionPrior.from_dict({"weight": [[1.0]]})
-    config = CascadeConfig(stages=())
+    config = CascadeConfig(stages=(StageConfig("base", "base", 4, 8, 8, 4.0),))
     with pytest.raises(MotionPriorError, match="refit"):
         CascadeConfig.from_dict(dict(config.to_dict(), motion_prior={"weight": [[1.0]], "bias": [0.0],
                                                                      "travel": 0.5}))
@@ -127,12 +127,12 @@ def embedded_base():
 
 def _seen_motions(cascade, prompts, seeds, motion_guidance):
     from dreamix_ray.degrade import tensor_to_frames
-    from dreamix_ray.edit import run_base
+    from dreamix_ray.edit import StageRun, run_stage
     from dreamix_ray.world.analyze import analyze
 
     sc = cascade.stages[0].config
     cfg = EditConfig(strength=1.0, motion_guidance=motion_guidance)
-    out = run_base(cascade, torch.zeros(len(prompts), 3, sc.frames, sc.height, sc.width), prompts, seeds, cfg)
+    out = run_stage(StageRun.of(cascade, cfg, prompts, seeds), 0, torch.zeros(len(prompts), 3, sc.frames, sc.height, sc.width))
     return out, [est.objects[0].motion if est.objects else "none" for est in map(analyze, tensor_to_frames(out))]
 
 
@@ -157,7 +157,7 @@ def test_embedded_motion_edit_changes_the_direction_and_keeps_the_object(embedde
     import numpy as np
 
     from dreamix_ray.degrade import downsample_to_stage, tensor_to_frames
-    from dreamix_ray.edit import run_base
+    from dreamix_ray.edit import StageRun, run_stage
     from dreamix_ray.video import Video
     from dreamix_ray.world.analyze import analyze
     from dreamix_ray.world.captions import canonical_caption
@@ -176,7 +176,7 @@ def test_embedded_motion_edit_changes_the_direction_and_keeps_the_object(embedde
     errors = {}
     for from_input in (True, False):
         cfg = EditConfig(strength=1.0, motion_from_input=from_input)
-        got = [analyze(out).objects[0] for out in tensor_to_frames(run_base(embedded_base, x0, prompts, [0] * 4, cfg))]
+        got = [analyze(out).objects[0] for out in tensor_to_frames(run_stage(StageRun.of(embedded_base, cfg, prompts, [0] * 4), 0, x0))]
         errors[from_input] = [float(np.linalg.norm(np.nanmean(g.centroids, 0) - w.centroids[len(w.centroids) // 2]))
                               for g, w in zip(got, wants)]
         if from_input:

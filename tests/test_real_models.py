@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dreamix_ray.cli import main
 from dreamix_ray.config import EditConfig
-from dreamix_ray.edit import edit, run_base
+from dreamix_ray.edit import StageRun, edit, run_stage
 from dreamix_ray.finetune import finetune, finetune_or_load, finetune_preset
 from dreamix_ray.models.cascade import Cascade
 from dreamix_ray.models.frame_mode import temporal_parameter_names
@@ -155,11 +155,11 @@ def test_edit_degrades_in_latent_space_and_decodes_after_each_stage(cascade, mov
     assert not np.array_equal(out.frames, edit(moving_video, "a blue cat", other_seed, cascade).frames)
     # At strength 0 the base stage only round-trips its input through the VAE.
     x0 = torch.rand(2, 3, 4, 32, 32) * 2 - 1
-    kept = run_base(cascade, x0, ["a", "b"], [0, 1], EditConfig(strength=0.0))
+    kept = run_stage(StageRun.of(cascade, EditConfig(strength=0.0), ["a", "b"], [0, 1]), 0, x0)
     torch.testing.assert_close(kept, cascade.base.decode(cascade.base.encode(x0)))
-    rows = [run_base(cascade, x0[i:i + 1], [p], [s], EditConfig(strength=0.6)) for i, (p, s) in
+    rows = [run_stage(StageRun.of(cascade, EditConfig(strength=0.6), [p], [s]), 0, x0[i:i + 1]) for i, (p, s) in
             enumerate([("a", 0), ("b", 1)])]
-    torch.testing.assert_close(run_base(cascade, x0, ["a", "b"], [0, 1], EditConfig(strength=0.6)),
+    torch.testing.assert_close(run_stage(StageRun.of(cascade, EditConfig(strength=0.6), ["a", "b"], [0, 1]), 0, x0),
                                torch.cat(rows), atol=1e-5, rtol=1e-5)
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from dreamix_ray.config import EditConfig
 from dreamix_ray.errors import UserError
-from dreamix_ray.manifest import (ManifestError, read_manifest, read_results, work_items, write_results)
+from dreamix_ray.manifest import ManifestError, read_manifest, read_results, work_items, write_results
+from dreamix_ray.request import EditRequest
 from dreamix_ray.storage import S3Settings, StorageError, exists, filesystem, read_bytes, write_bytes
 
 pytest_plugins = ["conftest_batch"]
@@ -105,17 +106,17 @@ def test_manifest_level_errors(tmp_path):
         read_manifest(str(tmp_path / "missing.csv"))
 
 
-def test_output_keys_are_idempotent_and_follow_the_edit():
-    rows = read_manifest_from(ROWS)
-    one = work_items(rows, "s3://out/run", EditConfig(), "tiny-1")
-    again = work_items(rows, "s3://out/run", EditConfig(), "tiny-1")
+def test_output_keys_are_idempotent_and_follow_the_edit(tiny):
+    rows, job, config = read_manifest_from(ROWS), EditRequest(prompt=""), tiny.config
+    one = work_items(rows, "s3://out/run", job, "tiny-1", config)
+    again = work_items(rows, "s3://out/run", job, "tiny-1", config)
     assert [i["output"] for i in one] == [i["output"] for i in again]
     assert len({i["output"] for i in one}) == 4 and one[3]["output"] == "s3://out/c.mp4"
-    other_model = work_items(rows, "s3://out/run", EditConfig(), "tiny-2")
-    other_strength = work_items(rows, "s3://out/run", EditConfig(strength=0.4), "tiny-1")
+    other_model = work_items(rows, "s3://out/run", job, "tiny-2", config)
+    other_strength = work_items(rows, "s3://out/run", EditRequest(prompt="", strength=0.4), "tiny-1", config)
     assert one[0]["output"] != other_model[0]["output"] != other_strength[0]["output"]
     assert json.loads(one[3]["cfg"])["strength"] == 0.95  # finetuned rows default to the paper's s
-    flag = work_items(rows, "s3://out/run", EditConfig(strength=0.6), "tiny-1", finetuned_strength=0.6)
+    flag = work_items(rows, "s3://out/run", EditRequest(prompt="", strength=0.6), "tiny-1", config)
     assert [json.loads(i["cfg"])["strength"] for i in flag] == [0.6, 0.6, 0.5, 0.6]  # a row's own s wins
 
 
@@ -131,7 +132,7 @@ def test_edit_type_rows_take_the_cascades_tuned_strength_and_motion_moves_the_in
         {"id": "ft", "video": "v.mp4", "prompt": "p", "edit_type": "motion", "finetune": "mixed"},
         {"id": "untuned", "video": "v.mp4", "prompt": "p", "edit_type": "object"},
         {"id": "plain", "video": "v.mp4", "prompt": "p"}])
-    cfgs = [json.loads(i["cfg"]) for i in work_items(rows, "s3://out/run", EditConfig(strength=0.7), "t", 0.95, tuned)]
+    cfgs = [json.loads(i["cfg"]) for i in work_items(rows, "s3://out/run", EditRequest(prompt=""), "t", tuned)]
     assert [c["strength"] for c in cfgs] == [1.0, 0.8, 0.3, 0.9, 0.7, 0.7]
     assert [c["motion_from_input"] for c in cfgs] == [True, False, True, True, False, False]
 

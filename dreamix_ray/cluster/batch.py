@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
-from ..config import PAPER_STRENGTH_FINETUNED, EditConfig
 from ..errors import UserError
 from ..manifest import read_manifest, results_dir, work_items, write_results
+from ..request import EditRequest
 from ..storage import S3Settings, join, write_bytes
 from .plan import DEFAULT_CPUS, StageSpec, pipeline_stages, stage_resource
 from .stages import cascade_config, model_tag, to_rows
@@ -40,8 +40,8 @@ class BatchOptions:
     model: str | None = None
     address: str | None = None
     s3: S3Settings = S3Settings()
-    edit: EditConfig = EditConfig()  # its strength is for rows without one and without finetuning
-    finetuned_strength: float = PAPER_STRENGTH_FINETUNED[0]  # for finetuned rows without one
+    # Every row's defaults (its own columns override them); resolved per row by request.resolve.
+    request: EditRequest = EditRequest(prompt="")
     store: str | None = None  # finetuned artifacts; default <output-prefix>/artifacts
     cpus: dict = field(default_factory=dict)  # stage name or kind -> CPUs per actor
     gpus: dict = field(default_factory=dict)
@@ -116,17 +116,41 @@ def min_resources(opts: BatchOptions, specs: list[StageSpec]) -> dict[str, float
     return need
 
 
+def start_or_join(address: str | None, local: dict, **common) -> bool:
+    """Join the cluster at `address`, else start a private local one (even when `ray start` left one running
+    here: ray.init would join that, and refuse `num_cpus`); one line says which. True if it joined.
+
+    `local` are ray.init arguments only a new cluster takes (num_cpus, include_dashboard, ...).
+    """
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+        print(f"ray: joined the cluster at {address}", file=sys.stderr, flush=True)
+        return True
+    try:  # only to name it in the line below
+        running = ray._private.services.find_bootstrap_address(None)
+    except Exception:
+        running = None
+    ray.init(address="local", **local, **common)
+    line = f"ray: started a private local cluster ({local.get('num_cpus', os.cpu_count())} CPUs)"
+    if running:
+        line += f"; the one `ray start` runs at {running} is left alone (pass --address {running} to use it)"
+    print(line, file=sys.stderr, flush=True)
+    return False
+
+
 def init_ray(opts: BatchOptions, specs: list[StageSpec]) -> bool:
-    """Connect to --address / $RAY_ADDRESS, or start a local cluster; True if this call started Ray."""
+    """Join --address / $RAY_ADDRESS (which `ray job submit` sets), or start a private local cluster; True if
+    this call started Ray (or connected to it)."""
     if ray.is_initialized():
         return False
-    if opts.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=opts.address, log_to_driver=True)
-        return True
     # Every stage needs one actor alive for rows to stream through; on a small machine that means more
     # logical CPUs than cores, which the OS time-slices (stages seldom all compute at once).
     num_cpus = opts.num_cpus or max(os.cpu_count() or 1, math.ceil(min_resources(opts, specs)["CPU"]))
-    ray.init(num_cpus=num_cpus, include_dashboard=False)
+    start_or_join(opts.address or os.environ.get("RAY_ADDRESS"), {"num_cpus": num_cpus, "include_dashboard": False},
+                  log_to_driver=True)
     return True
 
 
@@ -147,7 +171,7 @@ def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
     for spec in specs:
         if spec.flat:
-            ds = ds.flat_map(spec.fn, num_cpus=0.1)
+            ds = ds.flat_map(spec.fn, fn_kwargs=spec.kwargs, num_cpus=0.1)
             continue
         cpus = stage_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
         gpus = stage_resource(opts.gpus, spec, 0.0)
@@ -227,7 +251,7 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     worker_s3 = {k: v for k, v in (("endpoint_url", s3.endpoint_url), ("region", s3.region)) if v}
     rows = read_manifest(opts.manifest, s3, on_error="keep")
     config, tag = cascade_config(opts.model, s3), model_tag(opts.model, s3)
-    items = work_items(rows, opts.output_prefix, opts.edit, tag, opts.finetuned_strength, config)
+    items = work_items(rows, opts.output_prefix, opts.request, tag, config)
     store = opts.store or join(opts.output_prefix, "artifacts")
     specs = pipeline_stages(config, opts.model, worker_s3 or None, store, any(r.finetune for r in rows), opts.limits)
     run_id = opts.run_id or new_run_id()

@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..request import EditRequest
 
 if TYPE_CHECKING:  # ray loads only when a batch runs, so `dreamix --help` stays fast
     from .batch import BatchOptions
@@ -66,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--region", default=None, help="S3 region (default: $AWS_REGION / $AWS_DEFAULT_REGION)")
     p.add_argument("--strength", "-s", type=float, default=None,
-                   help="strength for rows without one (default 0.7; rows with finetune: 0.95)")
+                   help="strength for rows without one (default: the cascade's tuned strength for the row's "
+                        "edit_type, else 0.95 with finetune, else 0.7)")
     p.add_argument("--ssr-chunk-frames", type=int, default=None,
                    help="frames per chunk of the last SSR stage (default 32, as the paper)")
     p.add_argument("--fit", choices=("crop", "pad"), default="crop", help="how inputs are fitted to the base size")
@@ -77,26 +79,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args) -> "BatchOptions":
-    from ..config import EditConfig
     from ..storage import S3Settings
     from .batch import BatchOptions
 
-    edit, more = {"fit": args.fit}, {}
-    if args.strength is not None:  # given: it is every row's default, finetuned or not
-        edit["strength"] = more["finetuned_strength"] = args.strength
-    if args.ssr_chunk_frames is not None:
-        edit["ssr_chunk_frames"] = args.ssr_chunk_frames
+    # --strength, given, is every row's default, finetuned or not (a row's own strength still wins)
+    request = EditRequest(prompt="", strength=args.strength, fit=args.fit,
+                          **({"ssr_chunk_frames": args.ssr_chunk_frames} if args.ssr_chunk_frames else {}))
     if args.batch_size < 1:
         raise FlagError(f"--batch-size must be >= 1, got {args.batch_size}")
     return BatchOptions(
         manifest=args.manifest, output_prefix=args.output_prefix, model=args.model, address=args.address,
-        s3=S3Settings(endpoint_url=args.endpoint_url, region=args.region), edit=EditConfig(**edit),
+        s3=S3Settings(endpoint_url=args.endpoint_url, region=args.region), request=request,
         store=args.store, cpus=parse_table(args.stage_cpus, "--stage-cpus"),
         gpus=parse_table(args.stage_gpus, "--stage-gpus"),
         actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
         batch_size=args.batch_size, max_error_rate=args.max_error_rate, max_restarts=args.max_restarts,
         object_store_mb=args.object_store_mb, pin_stages=args.pin_stages, num_cpus=args.num_cpus,
-        run_id=args.run_id, progress=not args.quiet, **more)
+        run_id=args.run_id, progress=not args.quiet)
 
 
 def run(args) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..config import CascadeConfig, ConfigError
+from ..config import CascadeConfig
 from .stages import CascadeStage, Decode, Encode, Finetune, Reassemble, split_chunks, to_batch, to_rows
 
 # Per-stage CPUs when --stage-cpus names none: model stages get a core, I/O stages a share of one.
@@ -35,16 +36,15 @@ def pipeline_stages(config: CascadeConfig, model: str | None, s3: dict | None, s
         specs.append(StageSpec("finetune", "finetune", Finetune, dict(common, store=store, limits=limits),
                                model=True))
     stages = config.stages
-    last_ssr = max((i for i, s in enumerate(stages) if s.kind == "ssr"), default=None)
-    if last_ssr is not None and last_ssr != len(stages) - 1:  # later stages would see single chunks
-        raise ConfigError(f"cascade {config.name!r}: batch editing needs the last SSR to be the last stage")
+    # The last stage is the chunked one when it is an SSR (CascadeConfig checks that nothing follows an SSR).
+    chunked = len(stages) - 1 if stages[-1].kind == "ssr" else None
     for index, stage in enumerate(stages):
-        if index == last_ssr:
-            specs.append(StageSpec("split", "split", split_chunks, flat=True))
+        if index == chunked:
+            specs.append(StageSpec("split", "split", split_chunks, dict(cascade=config), flat=True))
         to_frames = index == len(stages) - 1
         specs.append(StageSpec(stage.name, stage.kind, CascadeStage,
                                dict(common, index=index, store=store, to_frames=to_frames), model=True))
-        if index == last_ssr:
+        if index == chunked:
             specs.append(StageSpec("reassemble", "reassemble", Reassemble, dict(timing_column=f"t_{stage.name}"),
                                    single=True))
     specs.append(StageSpec("encode", "encode", Encode, dict(fps=stages[-1].fps, s3=s3, limits=limits)))
@@ -59,13 +59,11 @@ def stage_resource(table: dict[str, float], spec: StageSpec, default: float) -> 
 def run_in_process(items: list[dict], specs: list[StageSpec], batch_size: int = 4, threads: int = 1,
                    on_stage: Callable[[str, float], None] | None = None) -> list[dict]:
     """Every stage over all items, one stage after another, in this process (no Ray): the baseline."""
-    import time
-
     rows = items
     for spec in specs:
         start = time.perf_counter()
         if spec.flat:
-            rows = [out for row in rows for out in spec.fn(row)]
+            rows = [out for row in rows for out in spec.fn(row, **spec.kwargs)]
         else:
             kwargs = dict(spec.kwargs, threads=threads) if spec.model else spec.kwargs
             stage = spec.fn(**kwargs)

@@ -14,10 +14,21 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
+from pyarrow import fs as pafs
 
 from ..config import CascadeConfig, EditConfig
+from ..degrade import downsample_to_stage, tensor_to_frames
+from ..edit import StageRun, run_stage
 from ..errors import UserError
+from ..finetune import finetune_or_load, finetune_preset
+from ..finetuned_cache import FinetunedCascades
+from ..models.cascade import CASCADE_FILE, EMBEDDED_DIR, CascadeError, load_cascade
+from ..models.embedded import embedded_config
+from ..quiet import quiet_libraries
+from ..request import EditPlan
 from ..storage import ArtifactStore, S3Settings, exists, filesystem, is_s3, join, read_bytes, write_bytes
+from ..video import Video, VideoError, VideoLimits, read_video, write_preview, write_video
 
 TENSOR_COLUMNS = ("x", "frames")
 INT_COLUMNS = ("row", "prompt_index", "chunk", "n_chunks")
@@ -63,8 +74,6 @@ def to_batch(rows: list[dict], columns: list[str]) -> dict[str, np.ndarray]:
 
 def describe(exc: BaseException) -> str:
     """One line for a row's `error`: the message for user errors, the type too for anything else."""
-    from ..video import VideoError
-
     text = " ".join(str(exc).split())  # results hold one line per row
     return text if isinstance(exc, (UserError, VideoError)) else f"{type(exc).__name__}: {text}"
 
@@ -94,9 +103,6 @@ def model_dir(model: str | None, s3: S3Settings | None = None) -> str | None:
 
 def cascade_config(model: str | None, s3: S3Settings | None = None) -> CascadeConfig:
     """The stage list, read from cascade.json alone (no weights): what the driver and decoders need."""
-    from ..models.cascade import CASCADE_FILE, EMBEDDED_DIR, CascadeError
-    from ..models.embedded import embedded_config
-
     if model is None:
         if not (EMBEDDED_DIR / CASCADE_FILE).is_file():
             return embedded_config({"kind": "minilm"})
@@ -111,15 +117,11 @@ def cascade_config(model: str | None, s3: S3Settings | None = None) -> CascadeCo
 
 def model_tag(model: str | None, s3: S3Settings | None = None) -> str:
     """Fingerprint of the model (config, and every file's size and time) for output keys and results."""
-    from ..models.cascade import CASCADE_FILE, EMBEDDED_DIR
-
     config = cascade_config(model, s3)
     h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
     root = model or (str(EMBEDDED_DIR) if (EMBEDDED_DIR / CASCADE_FILE).is_file() else None)
     if root is None:
         return f"{config.name}-untrained"
-    from pyarrow import fs as pafs
-
     fs, path = filesystem(root, s3)
     for info in sorted(fs.get_file_info(pafs.FileSelector(path, recursive=True)), key=lambda i: i.path):
         h.update(f"{info.path[len(path):]}:{info.size}:{info.mtime_ns}".encode())
@@ -128,8 +130,6 @@ def model_tag(model: str | None, s3: S3Settings | None = None) -> str:
 
 def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None, with_bytes: bool = False):
     """(Video, file bytes or None) for a local path or an s3:// object; the bytes key finetuned artifacts."""
-    from ..video import VideoLimits, read_video
-
     lim = VideoLimits.from_dict(limits or {})
     if not is_s3(uri):
         video = read_video(uri, lim)
@@ -146,10 +146,7 @@ def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None, with
 
 def _load_cascade(model: str | None, s3: S3Settings | None):
     """load_cascade without the libraries' per-load progress bars, which flood every actor's log."""
-    from ..cli import _quiet_libraries
-    from ..models.cascade import load_cascade
-
-    _quiet_libraries()
+    quiet_libraries()
     return load_cascade(model_dir(model, s3))
 
 
@@ -170,8 +167,6 @@ class _Lru(OrderedDict):
 
 def finetune_config(spec: str):
     """A manifest's finetune value: a preset name or a JSON object of fields ("preset" picks the recipe)."""
-    from ..finetune import finetune_preset
-
     if not spec.startswith("{"):
         return finetune_preset(spec)
     fields = json.loads(spec)
@@ -195,8 +190,6 @@ class Decode:
         self.cache = _Lru(4)  # a row's prompts arrive together: decode its video once
 
     def _x0(self, uri: str, cfg: EditConfig) -> np.ndarray:
-        from ..degrade import downsample_to_stage
-
         video = load_video(uri, self.s3, self.limits)[0]
         return downsample_to_stage(video, self.base, cfg.num_frames, cfg.fit)[0].numpy()
 
@@ -224,8 +217,6 @@ class Finetune:
 
     def __init__(self, model: str | None = None, s3: dict | None = None, store: str | None = None,
                  threads: int = 1, limits: dict | None = None):
-        import torch
-
         torch.set_num_threads(max(1, threads))
         self.model, self.s3, self.limits = model, _s3(s3), limits
         self.store = ArtifactStore(store, self.s3)
@@ -233,8 +224,6 @@ class Finetune:
         self.done: dict[tuple[str, str], tuple[str, str]] = {}
 
     def _artifact(self, video_uri: str, spec: str) -> str:
-        from ..finetune import finetune_or_load
-
         cfg = finetune_config(spec)
         if self.cascade is None:
             self.cascade = _load_cascade(self.model, self.s3)
@@ -270,50 +259,23 @@ class CascadeStage:
 
     def __init__(self, index: int, model: str | None = None, s3: dict | None = None, store: str | None = None,
                  threads: int = 1, gpus: float = 0, to_frames: bool = False):
-        import torch
-
         torch.set_num_threads(max(1, threads))
-        self.index, self.model, self.s3, self.to_frames = index, model, _s3(s3), to_frames
-        self.store = ArtifactStore(store, self.s3)
-        self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
-        self.cascade = None  # loaded on the first pending row: a rerun that skips everything loads nothing
-        self.tuned = _Lru(2)
-        self.name = cascade_config(model, self.s3).stages[index].name
-
-    def _load(self):
-        if self.cascade is None:
-            self.cascade = self._to_device(_load_cascade(self.model, self.s3))
-        return self.cascade
-
-    def _to_device(self, cascade):
-        return cascade.to(self.device)  # noise still comes from CPU generators: same rows on any device
-
-    def _model(self, artifact: str):
-        """(cascade, prompt rewrite) for the base cascade or a finetuned artifact."""
-        base = self._load()
-        if not artifact:
-            return base, lambda p: p
-        from ..finetune import finetuned_prompt, load_finetuned
-
-        tuned, cfg = self.tuned.get_or(artifact, lambda: load_finetuned(base, artifact, self.store))
-        return self._to_device(tuned), lambda p: finetuned_prompt(p, cfg)
+        self.index, self.to_frames = index, to_frames
+        s3_settings = _s3(s3)
+        device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+        # noise still comes from CPU generators: the same rows on any device
+        self.models = FinetunedCascades(lambda: _load_cascade(model, s3_settings).to(device),
+                                        ArtifactStore(store, s3_settings))
+        self.config = cascade_config(model, s3_settings)
+        self.name = self.config.stages[index].name
 
     def _run(self, rows: list[dict], artifact: str, cfg_json: str, chunk: int):
-        import torch
-
-        from ..degrade import tensor_to_frames
-        from ..edit import run_base, run_sr_stage
-
-        cascade, prompt_of = self._model(artifact)
-        cfg = EditConfig.from_dict(json.loads(cfg_json))
-        x = torch.from_numpy(np.stack([r["x"] for r in rows])).to(self.device)
-        prompts = [prompt_of(r["prompt"]) for r in rows]
-        seeds = [json.loads(r["cfg"])["seed"] for r in rows]
+        cascade, prompt_of = self.models.get(artifact)
+        plan = EditPlan.from_dict(json.loads(cfg_json), self.config)
+        run = StageRun.of(cascade, plan, [prompt_of(r["prompt"]) for r in rows],
+                          [json.loads(r["cfg"])["seed"] for r in rows])
         with torch.inference_mode():
-            if self.index == 0:
-                out = run_base(cascade, x, prompts, seeds, cfg)
-            else:
-                out = run_sr_stage(cascade, self.index, x, prompts, seeds, cfg, chunk)
+            out = run_stage(run, self.index, torch.from_numpy(np.stack([r["x"] for r in rows])), chunk)
         return list(tensor_to_frames(out)) if self.to_frames else list(out.float().cpu().numpy())
 
     def __call__(self, batch: dict) -> dict:
@@ -343,17 +305,12 @@ class CascadeStage:
         return to_batch(rows, columns)
 
 
-def chunk_bounds(num_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
-    """edit.chunk_bounds without importing torch into the light split workers (a test keeps them equal)."""
-    return [(s, min(s + chunk_frames, num_frames)) for s in range(0, num_frames, chunk_frames)]
-
-
-def split_chunks(row: dict) -> list[dict]:
-    """One row per chunk of the last SSR's input (paper App. A.1: 32 frames); other rows pass as one chunk."""
+def split_chunks(row: dict, cascade: CascadeConfig) -> list[dict]:
+    """One row per chunk of the last stage's input, as the plan chunks it (paper App. A.1: 32 frames of the
+    last SSR); other rows pass as one chunk."""
     if row["status"] != "pending":
         return [dict(row, chunk=0, n_chunks=1)]
-    x = row["x"]
-    bounds = chunk_bounds(x.shape[1], int(json.loads(row["cfg"])["ssr_chunk_frames"]))
+    x, bounds = row["x"], EditPlan.from_dict(json.loads(row["cfg"]), cascade).stages[-1].chunks
     return [dict(row, x=np.ascontiguousarray(x[:, lo:hi]), chunk=c, n_chunks=len(bounds))
             for c, (lo, hi) in enumerate(bounds)]
 
@@ -400,8 +357,6 @@ class Encode:
         self.originals = _Lru(2)
 
     def _write(self, r: dict) -> None:
-        from ..video import Video, write_preview, write_video
-
         edited = Video(r["frames"], self.fps)
         original = self.originals.get_or(r["video"], lambda: load_video(r["video"], self.s3, self.limits)[0])
         with tempfile.TemporaryDirectory(prefix="dreamix-encode-") as tmp:

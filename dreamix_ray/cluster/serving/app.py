@@ -17,8 +17,9 @@ from ray.serve.handle import DeploymentHandle
 from ...storage import ArtifactStore
 from .api import create_api
 from .jobs import JobStore
+from .proxy import bind_replica_grpc_to_loopback
 from .runner import JobRunner
-from .settings import KeyRing, ServeSettings, cascade_config
+from .settings import KeyRing, ServeSettings, cascade_config, owner_secret
 from .uploads import ApiError
 from .workers import FinetuneWorker, StageWorker
 
@@ -32,12 +33,14 @@ class Ingress:
 
     async def __init__(self, settings: dict, stages: list[DeploymentHandle], finetuner: DeploymentHandle):
         self.settings = ServeSettings.from_args(settings)
-        self.keys = KeyRing.load(self.settings)  # fails the replica at start if auth is on and no key is set
+        bind_replica_grpc_to_loopback()
+        # Fails the replica at start if auth is on and no key is set.
+        self.keys = KeyRing.load(self.settings, owner_secret(self.settings))
         self.cascade = cascade_config(self.settings.model_dir)  # cascade.json alone: the ingress loads no weights
         self.stages = list(self.cascade.stages)
         self.jobs = JobStore(ArtifactStore(self.settings.store_root))
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.runner = JobRunner(self.jobs, self.settings, self.stages, stages, finetuner, self.replica)
+        self.runner = JobRunner(self.jobs, self.settings, self.cascade, stages, finetuner, self.replica)
         self.accepted = metrics.Counter("dreamix_jobs_accepted", "Jobs accepted, by kind.", tag_keys=("kind",))
         self.rejected = metrics.Counter("dreamix_requests_rejected", "Requests answered 4xx, by error code.",
                                         tag_keys=("code",))
@@ -69,11 +72,22 @@ def _autoscaling(settings: ServeSettings, target: float, min_replicas: int | Non
             "target_ongoing_requests": target, "upscale_delay_s": 5, "downscale_delay_s": 120}
 
 
+def migrate_owners(settings: ServeSettings) -> int:
+    """Once per store, before any replica serves: jobs of pre-HMAC owner ids move to the HMAC ones (the owner
+    secret is made here on first use, so replicas only read it). To redo: delete service/owners-migrated."""
+    keys = KeyRing.load(settings, owner_secret(settings))
+    moved = JobStore(ArtifactStore(settings.store_root)).migrate_owners(keys.legacy)
+    if moved:
+        print(f"moved {moved} stored job(s) to the keyed owner ids", flush=True)
+    return moved
+
+
 def build_app(args: dict | None = None):
     """The application graph; `args` are ServeSettings fields (the serve config's `args`)."""
     settings = ServeSettings.from_args(args)
     # Pin model and store now: replicas on other nodes must not fall back to their own defaults.
     settings = dataclasses.replace(settings, model=settings.model_dir, store=settings.store_root)
+    migrate_owners(settings)
     stages = list(cascade_config(settings.model_dir).stages)
     plain = settings.to_dict()
     actor = {"num_cpus": settings.stage_num_cpus, "num_gpus": settings.stage_num_gpus}

@@ -8,6 +8,8 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...config import EDIT_TYPES, PAPER_STRENGTH_FINETUNED, PAPER_STRENGTH_NO_FINETUNE, validate_strength
+from ...request import EditRequest
+from .jobs import JOB_ID, shown
 
 # Paper Sec. 4.1 / App. A.3: 0.4-0.85 without finetuning, 0.95-1.0 after it.
 EDIT_PRESETS = {
@@ -17,9 +19,9 @@ EDIT_PRESETS = {
     "finetuned": {"strength": PAPER_STRENGTH_FINETUNED[0], "finetune": "mixed"},
 }
 NO, YES = {"", "0", "false", "no", "none", "off"}, {"1", "true", "yes", "on"}
-TOKEN = re.compile(r"^[a-z][a-z0-9]{1,31}$")
+TOKEN = re.compile(r"[a-z][a-z0-9]{1,31}")  # fullmatch: `$` would accept a trailing newline
 SEED = Field(0, ge=0, le=2**31 - 1, description="random seed; the same seed and inputs give the same output")
-STEPS = Field(None, ge=1, description="sampling steps per stage (default: each stage's own)")
+STEPS = Field(None, ge=1, description="sampling steps of every stage (default: each stage's own)")
 
 
 class _Fields(BaseModel):
@@ -31,7 +33,9 @@ class _EditCommon(_Fields):
 
     prompt: str = Field(min_length=1, max_length=500, description="what the edited video shows")
     preset: Optional[str] = Field(None, description=f"one of {sorted(EDIT_PRESETS)}; explicit fields override it")
-    strength: Optional[float] = Field(None, description="noise strength s in [0, 1] (paper Sec. 4.1); default 0.7")
+    strength: Optional[float] = Field(None, description="noise strength s in [0, 1] (paper Sec. 4.1); default: "
+                                      "the model's tuned strength for edit_type, else 0.95 after finetuning, else "
+                                      "0.7 (animations 0.8)")
     seed: int = SEED
     steps: Optional[int] = STEPS
     finetune: Optional[str] = Field(None, description="false, true, a finetune preset (video, mixed, frames) or "
@@ -88,7 +92,7 @@ class FinetuneFields(_Fields):
     @field_validator("token")
     @classmethod
     def _token(cls, v):
-        if v is not None and not TOKEN.match(v):
+        if v is not None and not TOKEN.fullmatch(v):
             raise ValueError("token must be one lowercase word of 2-32 letters or digits, starting with a letter")
         return v
 
@@ -131,10 +135,26 @@ def finetune_choice(value: str | None) -> tuple[str, str | None]:
         return "preset", "mixed"  # the paper's default recipe
     if text in PRESETS:
         return "preset", text
-    if re.match(r"^(fn|sj)-[0-9a-f]{24}$", text):
+    if JOB_ID.fullmatch(text) and text[:2] in ("fn", "sj"):
         return "job", text
     raise ValueError(f"finetune must be true, false, a preset ({', '.join(sorted(PRESETS))}) or the id of a "
-                     f"finished finetune job, got {value!r}")
+                     f"finished finetune job, got {shown(value)}")
+
+
+TASKS = {"edit": "edit", "animation": "animate", "generation": "generate"}  # route kind -> EditRequest task
+
+
+def edit_request(kind: str, params: dict) -> EditRequest:
+    """A job's params (the route's fields, with its finetuning looked up) as the core's EditRequest; the API's
+    quality `preset` gives the strength only when neither strength nor edit_type is given."""
+    strength = params.get("strength")
+    if strength is None and params.get("preset") and not params.get("edit_type"):
+        strength = EDIT_PRESETS[params["preset"]].get("strength")
+    finetune = params.get("finetune_preset") or params.get("finetuned_with") or (
+        "custom" if params.get("finetune_id") else None)
+    return EditRequest(prompt=params["prompt"], task=TASKS[kind], strength=strength,
+                       edit_type=params.get("edit_type"), finetune=finetune, seed=int(params.get("seed", 0)),
+                       steps=(int(params["steps"]),) if params.get("steps") else ())
 
 
 def openapi_body(kind: str) -> dict:

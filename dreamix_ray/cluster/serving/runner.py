@@ -15,10 +15,10 @@ import time
 
 from ray.serve import metrics
 
-from ...config import EditConfig, StageConfig
-from ...edit import chunk_bounds
-from ...finetune import finetuned_prompt
-from .jobs import JobStore
+from ...config import CascadeConfig
+from ...request import EditPlan, resolve
+from .jobs import CANCEL_FILE, FINAL, JobStore
+from .params import edit_request
 from .settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
@@ -28,30 +28,27 @@ class JobFailed(Exception):
     """The job cannot finish; the message is for the user."""
 
 
-def edit_config(params: dict, num_stages: int) -> EditConfig:
-    """The EditConfig of a job's params; one `steps` value applies to every stage."""
-    steps = (int(params["steps"]),) * num_stages if params.get("steps") else ()
-    return EditConfig(strength=float(params.get("strength", 1.0)), seed=int(params.get("seed", 0)), steps=steps,
-                      motion_from_input=params.get("edit_type") == "motion")
+def job_plan(job: dict, cascade: CascadeConfig) -> EditPlan:
+    """The plan resolved when the job was accepted (a job stored before plans were kept is resolved now, by
+    the same rule)."""
+    params = job["params"]
+    if "edit" in params:
+        return EditPlan.from_dict(params["edit"], cascade)
+    return resolve(edit_request(job["kind"], params), cascade)
 
 
-def plan_units(job: dict, stages: list[StageConfig]) -> list[dict]:
-    """The job's work as store-to-store units: prepare, each stage (last SSR in chunks), encode."""
-    cfg = edit_config(job["params"], len(stages))
+def plan_units(plan: EditPlan) -> list[dict]:
+    """The job's work as store-to-store units: prepare, each stage (the last one per chunk), encode."""
     units = [dict(label="prepare", stage=0, method="prepare", output="x0.npy", weight=1)]
-    source, frames, last = "x0.npy", cfg.num_frames or stages[0].frames, len(stages) - 1
-    chunked = last if stages[last].kind == "ssr" else None  # the paper chunks only the final SSR
-    for index, stage in enumerate(stages):
-        if stage.kind == "tsr":
-            frames *= stage.factor
-        steps = cfg.stage_steps(index, stage)
-        weight = max(1, int(steps * cfg.strength + 1e-6)) if index == 0 else steps
-        base = dict(label=stage.name, stage=index, method="denoise", source=source, to_frames=index == last)
-        if index == chunked:
-            for k, (lo, hi) in enumerate(chunk_bounds(frames, cfg.ssr_chunk_frames)):
-                units.append(dict(base, output=f"{stage.name}-c{k}.npy", frames=(lo, hi), chunk=k, weight=weight))
+    source, last = "x0.npy", len(plan.stages) - 1
+    for stage in plan.stages:
+        base = dict(label=stage.name, stage=stage.index, method="denoise", source=source,
+                    to_frames=stage.index == last, weight=max(1, stage.sampled_steps))
+        if stage.index == last:
+            for k, (lo, hi) in enumerate(stage.chunks):
+                units.append(dict(base, output=f"{stage.name}-c{k}.npy", frames=(lo, hi), chunk=k))
         else:
-            units.append(dict(base, output=f"{stage.name}.npy", weight=weight))
+            units.append(dict(base, output=f"{stage.name}.npy"))
             source = units[-1]["output"]
     finals = [u["output"] for u in units if u.get("to_frames")]
     units.append(dict(label="encode", stage=last, method="finish", sources=finals, output="output.mp4", weight=1))
@@ -83,7 +80,12 @@ class _Run:
         async with self.lock:
             self.last_write = time.monotonic()
             self.job["heartbeat"] = time.time()
-            await asyncio.to_thread(self.runner.jobs.save, self.job)
+            saving = asyncio.ensure_future(asyncio.to_thread(self.runner.jobs.save, self.job))
+            try:
+                await asyncio.shield(saving)
+            except asyncio.CancelledError:
+                await saving  # hold the lock until the thread has written: a later final write must land last
+                raise
 
     async def heartbeat(self, task: asyncio.Task) -> None:
         while True:
@@ -94,6 +96,10 @@ class _Run:
                     log.warning("job %s was taken over by %s; stopping here", self.job["id"], stored["runner"])
                     task.cancel(msg="superseded")
                     return
+                if await asyncio.to_thread(self.runner.jobs.cancelled, self.job["id"]):  # by a call to any replica
+                    self.runner.cancelling.add(self.job["id"])
+                    task.cancel(msg="cancelled")
+                    return
                 await self.write(force=True)
             except Exception as exc:  # a store hiccup must not end the heartbeat (another replica would take over)
                 log.warning("job %s: heartbeat write failed (%s); retrying", self.job["id"], exc)
@@ -102,12 +108,13 @@ class _Run:
 class JobRunner:
     """The ingress replica's job engine: runs what it accepts, and orphans it finds in the store."""
 
-    def __init__(self, jobs: JobStore, settings: ServeSettings, stages: list[StageConfig], handles: list,
+    def __init__(self, jobs: JobStore, settings: ServeSettings, cascade: CascadeConfig, handles: list,
                  finetuner, replica: str):
-        self.jobs, self.settings, self.stages = jobs, settings, stages
+        self.jobs, self.settings, self.cascade = jobs, settings, cascade
         self.handles, self.finetuner, self.replica = handles, finetuner, replica
         self.tasks: dict[str, asyncio.Task] = {}
         self.live: dict[str, dict] = {}  # job id -> the record its running task updates
+        self.cancelling: set[str] = set()  # jobs whose task is stopped because their owner cancelled them
         self.finished = metrics.Counter("dreamix_jobs_finished", "Jobs that reached done or failed.",
                                         tag_keys=("kind", "status"))
         self.seconds = metrics.Histogram("dreamix_job_seconds", "Wall seconds from accepted to finished.",
@@ -122,6 +129,19 @@ class JobRunner:
     def _forget(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
         self.live.pop(job_id, None)
+        self.cancelling.discard(job_id)
+
+    async def cancel(self, job_id: str) -> dict | None:
+        """Stop a job this replica runs, once its record says cancelled; None if it does not run here."""
+        task = self.tasks.get(job_id)
+        if task is None:
+            return None
+        job = self.live[job_id]
+        await asyncio.to_thread(self.jobs.put, job_id, CANCEL_FILE, b"")  # as JobStore.cancel: any runner sees it
+        self.cancelling.add(job_id)
+        task.cancel(msg="cancelled")
+        await asyncio.wait({task})
+        return job
 
     def running(self, job_id: str) -> dict | None:
         """The freshest state of a job this replica runs (other replicas read it from the store)."""
@@ -132,29 +152,34 @@ class JobRunner:
         now = time.time()
         job.update(status="running", stage="starting", runner=self.replica, attempts=job["attempts"] + 1, error=None,
                    started_at=job["started_at"] or now)
-        run = _Run(self, job)
-        await run.write(force=True)
-        beat = asyncio.create_task(run.heartbeat(asyncio.current_task()))
+        run, beat = _Run(self, job), None
         try:
+            await run.write(force=True)
+            beat = asyncio.create_task(run.heartbeat(asyncio.current_task()))
             await self._execute(run)
             await self._finish(run, "done")
         except JobFailed as exc:
             await self._finish(run, "failed", str(exc))
         except asyncio.CancelledError:
-            # Superseded, or this replica is going away: the job stays active for another replica.
-            log.warning("job %s stopped on %s; it stays in the store for another replica", job["id"], self.replica)
+            if job["id"] in self.cancelling:
+                await self._finish(run, "cancelled", "cancelled by the caller")
+            else:  # superseded, or this replica is going away: the job stays active for another replica
+                log.warning("job %s stopped on %s; it stays in the store for another replica", job["id"], self.replica)
         except Exception:
             log.exception("job %s failed", job["id"])
             await self._finish(run, "failed", f"internal error while running job {job['id']}; the operator's "
                                               "logs have the details; resubmit it")
         finally:
-            beat.cancel()
+            if beat is not None:
+                beat.cancel()
 
     async def _finish(self, run: _Run, status: str, error: str | None = None) -> None:
         job = run.job
         job.update(status=status, error=error, finished_at=time.time())
         if status == "done":
             job.update(stage="done", progress=1.0)
+        elif status == "cancelled":
+            job["stage"] = "cancelled"
         job["timings"]["total_s"] = round(job["finished_at"] - job["created_at"], 3)
         await run.write(force=True)
         await asyncio.to_thread(self.jobs.deactivate, job["owner"], job["id"])
@@ -177,12 +202,12 @@ class JobRunner:
                         preset=params["finetune_preset"])
             job["result"].update(await self._call(run, self.finetuner, "finetune", spec, unit))
             await run.write(force=True)  # the artifact id is durable before the edit starts
+        # The stage deployment names the artifact's token in the prompt (FinetunedCascades), as batch does.
         finetune_id = params.get("finetune_id") or job["result"].get("finetune_id")
-        token = params.get("finetune_token") or job["result"].get("token")
-        prompt = finetuned_prompt(params["prompt"], token) if token else params["prompt"]
-        spec = dict(job_id=job["id"], inputs=job["inputs"], params=params, prompt=prompt, finetune_id=finetune_id,
-                    edit=edit_config(params, len(self.stages)).to_dict())
-        units = plan_units(job, self.stages)
+        plan = job_plan(job, self.cascade)
+        spec = dict(job_id=job["id"], inputs=job["inputs"], params=params, prompt=params["prompt"],
+                    finetune_id=finetune_id, edit=plan.to_dict())
+        units = plan_units(plan)
         run.weights.update({u["output"]: u["weight"] for u in units})
         # Units of one label are the last SSR's chunks: independent, so they spread over its replicas.
         for _label, group in itertools.groupby(units, key=lambda u: u["label"]):
@@ -203,15 +228,19 @@ class JobRunner:
         retries = self.settings.unit_retries
         for attempt in range(retries + 1):
             try:
-                result = None
-                async for event in getattr(handle.options(stream=True), method).remote(spec):
-                    if "error" in event:
-                        raise JobFailed(event["error"])
-                    if "result" in event:
-                        result = event["result"]
-                    else:
-                        run.progress(unit, event["done"], event["total"])
-                        await run.write()
+                result, events = None, getattr(handle.options(stream=True), method).remote(spec)
+                try:
+                    async for event in events:
+                        if "error" in event:
+                            raise JobFailed(event["error"])
+                        if "result" in event:
+                            result = event["result"]
+                        else:
+                            run.progress(unit, event["done"], event["total"])
+                            await run.write()
+                except asyncio.CancelledError:
+                    events.cancel()  # the stage replica stops this call too (a cancelled job frees its worker)
+                    raise
                 if result is None:
                     raise RuntimeError(f"{method} returned no result")
                 timings = run.job["timings"]
@@ -253,7 +282,7 @@ class JobRunner:
                 if now - mtime > lease:  # marker of a submit that died before its job.json was written
                     await asyncio.to_thread(self.jobs.deactivate, owner, job_id)
                 continue
-            if job["status"] in ("done", "failed"):
+            if job["status"] in FINAL:
                 await asyncio.to_thread(self.jobs.deactivate, owner, job_id)
                 continue
             if now - job["heartbeat"] < lease:

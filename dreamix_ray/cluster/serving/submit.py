@@ -10,9 +10,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from ...config import CascadeConfig, EditConfig
-from .jobs import JobStore, new_job
-from .params import EDIT_PRESETS, ROUTES, finetune_choice, uris_of
+from ...animate import CAMERAS
+from ...config import CascadeConfig, ConfigError
+from ...finetune import PRESETS
+from ...request import resolve as resolve_plan
+from .jobs import JobStore, new_job, shown
+from .params import EDIT_PRESETS, ROUTES, TASKS, edit_request, finetune_choice, uris_of
 from .settings import ServeSettings
 from .uploads import ApiError, check_s3_uri, fetch_s3, inspect_media, read_form, read_json, scratch_dir, spool
 
@@ -46,7 +49,7 @@ async def read_request(request: Request, kind: str, settings: ServeSettings) -> 
             else:
                 raise ApiError(400, f"unexpected file field {name!r}: this route takes its file(s) as {file_field!r}")
     elif ctype.startswith("application/json"):
-        raw = await read_json(request)
+        raw = await read_json(request, settings)
     else:
         raise ApiError(415, "send multipart/form-data (with a file) or application/json (with an s3:// URI)",
                        "unsupported_type")
@@ -69,49 +72,37 @@ async def read_request(request: Request, kind: str, settings: ServeSettings) -> 
 
 async def resolve(kind: str, fields: BaseModel, owner: str, settings: ServeSettings, jobs: JobStore,
                   cascade: CascadeConfig) -> dict:
-    """The job's params: presets and tuned strengths applied, step caps checked, finetune / subject ids
-    looked up."""
+    """The job's params: step caps checked, finetune / subject ids looked up, and for edits, animations and
+    generations the resolved plan (request.resolve, the rule every entry point shares) stored as `edit`."""
     finetune_stages = sum(s.finetune for s in cascade.stages)
     params = fields.model_dump(exclude_none=True, exclude={"video_uri", "image_uri", "image_uris"})
     cap = settings.max_steps if kind in ("edit", "animation", "generation") else 4 * settings.max_steps
     if params.get("steps", 0) > cap:
         raise ApiError(422, f"steps: at most {cap} on this service, got {params['steps']}", "invalid_field")
     if kind in ("edit", "animation"):
-        preset = EDIT_PRESETS.get(params.get("preset") or "balanced")
-        if preset is None:
+        if params.get("preset") and params["preset"] not in EDIT_PRESETS:
             raise ApiError(422, f"preset: choose one of {', '.join(EDIT_PRESETS)}", "invalid_field")
-        params.setdefault("finetune", preset.get("finetune", "false"))
+        params.setdefault("finetune", EDIT_PRESETS.get(params.get("preset") or "", {}).get("finetune", "false"))
         try:
             choice, value = finetune_choice(params["finetune"])
         except ValueError as exc:
             raise ApiError(422, f"finetune: {exc}", "invalid_field") from None
-        if params.get("edit_type"):  # the strength this cascade was tuned to for the edit type, as `dreamix edit`
-            # (a finetune job's id: its preset is not known here; "mixed" is the paper's recipe and our default)
-            table = {"none": "none", "preset": value, "job": "mixed"}[choice]
-            tuned = cascade.strength_for(params["edit_type"], table)
-            if tuned is not None:
-                params.setdefault("strength", tuned)
-        params.setdefault("strength", preset.get("strength", EditConfig().strength))
         if choice == "preset":
-            from ...finetune import PRESETS
-
             params.update(finetune_preset=value, finetune_weight=PRESETS[value][1] * max(1, finetune_stages))
         elif choice == "job":
             params.update(await _learned(value, owner, jobs, "finetune"))
-    if kind == "animation":
-        from ...animate import CAMERAS
-
-        if params["camera"] not in CAMERAS:
-            raise ApiError(422, f"camera: choose one of {', '.join(CAMERAS)}", "invalid_field")
-    if kind == "generation":
-        params["strength"] = 1.0  # text-to-video is strength 1 with no input (paper's baseline)
-        if params.get("subject"):
-            params.update(await _learned(params["subject"], owner, jobs, "subject"))
-    if kind == "finetune":
-        from ...finetune import PRESETS
-
-        if params["preset"] not in PRESETS:
-            raise ApiError(422, f"preset: choose one of {', '.join(sorted(PRESETS))}", "invalid_field")
+    if kind == "animation" and params["camera"] not in CAMERAS:
+        raise ApiError(422, f"camera: choose one of {', '.join(CAMERAS)}", "invalid_field")
+    if kind == "generation" and params.get("subject"):
+        params.update(await _learned(params["subject"], owner, jobs, "subject"))
+    if kind == "finetune" and params["preset"] not in PRESETS:
+        raise ApiError(422, f"preset: choose one of {', '.join(sorted(PRESETS))}", "invalid_field")
+    if kind in TASKS:
+        try:
+            plan = resolve_plan(edit_request(kind, params), cascade)
+        except ConfigError as exc:
+            raise ApiError(422, str(exc), "invalid_field") from None
+        params.update(strength=plan.config.strength, edit=plan.to_dict())
     return params
 
 
@@ -119,10 +110,11 @@ async def _learned(job_id: str, owner: str, jobs: JobStore, field: str) -> dict:
     """The artifact of a finished finetune / subject job of the same key."""
     job = await asyncio.to_thread(jobs.load, job_id)
     if job is None or job["owner"] != owner or job["kind"] not in ("finetune", "subject"):
-        raise ApiError(422, f"{field}: no finetune or subject job {job_id} for this API key", "invalid_field")
+        raise ApiError(422, f"{field}: no finetune or subject job {shown(job_id)} for this API key", "invalid_field")
     if job["status"] != "done":
         raise ApiError(409, f"{field}: job {job_id} is {job['status']}; use it once its status is done", "not_ready")
-    return {"finetune_id": job["result"]["finetune_id"], "finetune_token": job["result"]["token"]}
+    return {"finetune_id": job["result"]["finetune_id"], "finetune_token": job["result"]["token"],
+            "finetuned_with": job["params"].get("preset") or ("frames" if job["kind"] == "subject" else "custom")}
 
 
 async def store_job(kind: str, owner: str, params: dict, sources: list, media: str | None,
@@ -145,6 +137,7 @@ async def store_job(kind: str, owner: str, params: dict, sources: list, media: s
             await asyncio.to_thread(jobs.put, job["id"], entry["name"], Path(c["path"]).read_bytes())
         # Marker before record: a crash in between leaves a marker recovery clears, never a lost job.
         await asyncio.to_thread(jobs.activate, owner, job["id"])
+        await asyncio.to_thread(jobs.index, owner, job)
         await asyncio.to_thread(jobs.save, job)
         return job
     finally:

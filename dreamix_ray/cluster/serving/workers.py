@@ -12,18 +12,30 @@ import io
 import logging
 import math
 import tempfile
+import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import numpy as np
+import ray
+import torch
 from ray import serve
 
+from ...animate import clip_shape, image_to_video
+from ...degrade import downsample_to_stage, tensor_to_frames
+from ...devices import resolve_device
+from ...edit import StageRun, blank_input, run_stage
 from ...errors import UserError
+from ...finetune import finetune_or_load, finetune_preset, finetuned_stage_names
+from ...finetuned_cache import FinetunedCascades
+from ...models.cascade import Cascade
+from ...request import EditPlan
 from ...storage import ArtifactStore
-from ...video import Video, VideoError
+from ...subject import finetune_subject
+from ...video import Video, VideoError, probe_video, read_image, read_video, write_preview, write_video
 from .jobs import JobStore
+from .proxy import bind_replica_grpc_to_loopback
 from .settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
@@ -40,13 +52,19 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+class Stopped(Exception):
+    """The caller went away (a cancelled job): the work thread ends at its next progress report."""
+
+
 async def stream_work(fn: Callable[[Report], dict], min_interval_s: float = 0.25) -> AsyncIterator[dict]:
     """Run blocking `fn(report)` in a thread; yield its throttled progress, then its result."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    last = [0.0]
+    last, stop = [0.0], threading.Event()
 
     def report(done: int, total: int) -> None:
+        if stop.is_set():
+            raise Stopped()
         now = time.monotonic()
         if done >= total or now - last[0] >= min_interval_s:
             last[0] = now
@@ -54,13 +72,18 @@ async def stream_work(fn: Callable[[Report], dict], min_interval_s: float = 0.25
 
     start = time.perf_counter()
     future = loop.run_in_executor(None, fn, report)
-    while not future.done() or not queue.empty():
-        getter = asyncio.ensure_future(queue.get())
-        await asyncio.wait({future, getter}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            yield getter.result()
-        else:
-            getter.cancel()
+    try:
+        while not future.done() or not queue.empty():
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({future, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+    finally:
+        if not future.done():  # cancelled or closed early: free this replica's device for the next call
+            stop.set()
+            future.add_done_callback(lambda f: f.exception())
     try:
         result = future.result()
     except (UserError, VideoError) as exc:
@@ -74,35 +97,16 @@ class _Replica:
     """What every worker shares: settings, the cascade, the store, torch threads."""
 
     def __init__(self, settings: dict):
-        import ray
-        import torch
-
-        from ...models.cascade import Cascade
-
         self.settings = ServeSettings.from_args(settings)
+        bind_replica_grpc_to_loopback()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         threads = self.settings.torch_threads or max(1, int(cpus))
         torch.set_num_threads(threads)  # several replicas share a node: never oversubscribe its cores
-        from ...devices import resolve_device
-
         # a replica with num_gpus sees its GPU (Ray sets CUDA_VISIBLE_DEVICES); otherwise the CPU
         self.cascade = Cascade.from_pretrained(self.settings.model_dir).to(resolve_device("auto"))
         self.store = ArtifactStore(self.settings.store_root)
         self.jobs = JobStore(self.store)
-        self._tuned: OrderedDict = OrderedDict()
-
-    def tuned(self, finetune_id: str | None):
-        """The cascade with a finetuned artifact swapped in; the last two stay loaded."""
-        if not finetune_id:
-            return self.cascade
-        if finetune_id not in self._tuned:
-            from ...finetune import load_finetuned
-
-            self._tuned[finetune_id] = load_finetuned(self.cascade, finetune_id, self.store)[0]
-            while len(self._tuned) > 2:
-                self._tuned.popitem(last=False)
-        self._tuned.move_to_end(finetune_id)
-        return self._tuned[finetune_id]
+        self.models = FinetunedCascades(lambda: self.cascade, self.store)  # the batch steps' cache, too
 
     def input_file(self, job_id: str, name: str, folder: str) -> Path:
         path = Path(folder, name)
@@ -111,9 +115,6 @@ class _Replica:
 
     def source_video(self, spec: dict) -> Video | None:
         """The job's input as the video Dreamix edits: the clip covering the base stage, or an image's path."""
-        from ...animate import image_to_video
-        from ...video import probe_video, read_image, read_video
-
         if not spec.get("inputs"):
             return None  # generation: no input video
         limits, base = self.settings.limits, self.cascade.base.config
@@ -129,8 +130,6 @@ class _Replica:
             return read_video(path, limits, max_frames=math.ceil(fps * frames / base.fps) + 1)
 
     def output_clip(self) -> tuple[int, float]:
-        from ...animate import clip_shape
-
         return clip_shape(self.cascade)
 
 
@@ -146,17 +145,12 @@ class StageWorker(_Replica):
         """Decode the input and downsample it to the base stage: x0 [1, 3, F, H, W]."""
 
         def work(report: Report) -> dict:
-            import torch
-
-            from ...config import EditConfig
-            from ...degrade import downsample_to_stage
-
-            cfg, base = EditConfig.from_dict(spec["edit"]), self.cascade.base.config
+            plan = EditPlan.from_dict(spec["edit"], self.cascade.config)
             video = self.source_video(spec)
             if video is None:
-                x0 = torch.zeros(1, 3, cfg.num_frames or base.frames, base.height, base.width)
+                x0 = blank_input(plan, self.cascade)
             else:
-                x0 = downsample_to_stage(video, base, cfg.num_frames, cfg.fit)
+                x0 = downsample_to_stage(video, self.cascade.base.config, plan.config.num_frames, plan.config.fit)
             self.jobs.put(spec["job_id"], spec["output"], npy_bytes(x0.numpy()))
             report(1, 1)
             return {"output": spec["output"]}
@@ -168,22 +162,13 @@ class StageWorker(_Replica):
         """This stage on the previous output (or one frame chunk of it), from the store to the store."""
 
         def work(report: Report) -> dict:
-            import torch
-
-            from ...config import EditConfig
-            from ...degrade import tensor_to_frames
-            from ...edit import run_base, run_sr_stage
-
-            cascade, cfg = self.tuned(spec.get("finetune_id")), EditConfig.from_dict(spec["edit"])
+            cascade, prompt_of = self.models.get(spec.get("finetune_id"))
+            plan = EditPlan.from_dict(spec["edit"], self.cascade.config)
             x = torch.from_numpy(npy_load(self.jobs.get(spec["job_id"], spec["source"])))
-            on_step = lambda _stage, done, total: report(done, total)  # noqa: E731
-            prompts, seeds = [spec["prompt"]], [cfg.seed]
-            if self.index == 0:
-                out = run_base(cascade, x, prompts, seeds, cfg, on_step=on_step)
-            else:
-                lo, hi = spec.get("frames") or (0, x.shape[2])
-                out = run_sr_stage(cascade, self.index, x[:, :, lo:hi], prompts, seeds, cfg, spec.get("chunk", 0),
-                                   on_step=on_step)
+            run = StageRun.of(cascade, plan, [prompt_of(spec["prompt"])], [plan.config.seed],
+                              on_step=lambda _stage, done, total: report(done, total))
+            lo, hi = spec.get("frames") or (0, x.shape[2])
+            out = run_stage(run, self.index, x[:, :, lo:hi], spec.get("chunk", 0))
             # The final stage's output is stored as uint8 frames: 4x smaller than float and what finish needs.
             array = tensor_to_frames(out) if spec.get("to_frames") else out.numpy()
             self.jobs.put(spec["job_id"], spec["output"], npy_bytes(array))
@@ -196,8 +181,6 @@ class StageWorker(_Replica):
         """Join the final chunks, write the mp4 and (with an input) the side-by-side preview."""
 
         def work(report: Report) -> dict:
-            from ...video import write_preview, write_video
-
             parts = [npy_load(self.jobs.get(spec["job_id"], name)) for name in spec["sources"]]
             edited = Video(np.concatenate(parts, axis=1)[0], self.cascade.stages[-1].config.fps)
             result = {"video": "output.mp4", "frames": edited.num_frames, "width": edited.width,
@@ -226,8 +209,6 @@ class FinetuneWorker(_Replica):
         """Finetune on the job's video (or reuse the artifact for the same bytes and config)."""
 
         def work(report: Report) -> dict:
-            from ...finetune import finetune_or_load, finetune_preset, finetuned_stage_names
-
             cfg = finetune_preset(spec["preset"], steps=spec.get("steps"), token=spec.get("token"))
             names = finetuned_stage_names(self.cascade, cfg)
             total = cfg.steps * len(names)
@@ -245,9 +226,6 @@ class FinetuneWorker(_Replica):
         """Frame-only finetuning on a few images of one subject (paper Sec. 5)."""
 
         def work(report: Report) -> dict:
-            from ...finetune import finetune_preset
-            from ...subject import finetune_subject
-
             cfg = finetune_preset("frames", steps=spec.get("steps"), token=spec["token"])
             with tempfile.TemporaryDirectory(prefix="dreamix-subject-") as tmp:
                 for entry in spec["inputs"]:
