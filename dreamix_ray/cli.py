@@ -43,7 +43,7 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.mp4")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same video")
     p.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
-                   help="sampling steps per stage, in cascade order (default: each stage's own)")
+                   help="sampling steps: one value for every stage, or one per stage in cascade order (default: each stage's own)")
     p.add_argument("--eta", type=float, default=None, help="DDIM stochasticity in [0, 1] (default: per stage)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1 = off, as the paper)")
     p.add_argument("--motion-guidance", type=float, default=1.0, metavar="W",

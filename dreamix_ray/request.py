@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import (DEFAULT_REFINE_STRENGTH, EDIT_TYPES, PAPER_SSR_CHUNK_FRAMES, PAPER_STRENGTH_FINETUNED,
                      STRENGTH_PRESETS, CascadeConfig, ConfigError, EditConfig, StageConfig, validate_strength)
+from .sampling import kept_steps
 
 TASKS = ("edit", "animate", "generate")
 # Strength without finetuning when the cascade has no tuned strength for the request: the middle of the
@@ -101,11 +102,6 @@ def resolve(request: EditRequest, cascade: CascadeConfig) -> "EditPlan":
                           f"({', '.join(s.name for s in cascade.stages)}); give one value, or one per stage")
     from_input = request.task != "generate" and (request.motion_from_input or request.edit_type == "motion")
     return EditPlan.of(request._config(resolve_strength(request, cascade), from_input), cascade)
-
-
-def kept_steps(steps: int, strength: float) -> int:
-    """How many of `steps` timesteps run from strength s: the last round(steps * s) (diffusers' get_timesteps)."""
-    return min(int(steps * strength + 1e-6), steps)
 
 
 def chunk_bounds(num_frames: int, chunk_frames: int) -> tuple[tuple[int, int], ...]:

@@ -10,8 +10,6 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .request import kept_steps
-
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -30,6 +28,11 @@ def make_scheduler(**overrides) -> DDIMScheduler:
 def fresh_scheduler(scheduler: DDIMScheduler) -> DDIMScheduler:
     """A private copy: set_timesteps mutates a scheduler, and stages are shared across calls."""
     return type(scheduler).from_config(scheduler.config)
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """How many of `steps` timesteps run from strength s: the last round(steps * s) (diffusers' get_timesteps)."""
+    return min(int(steps * strength + 1e-6), steps)
 
 
 def strength_timesteps(scheduler: DDIMScheduler, steps: int, strength: float) -> torch.Tensor:

@@ -129,9 +129,9 @@ def main() -> int:
     p.add_argument("--short-frames", type=int, default=16, help="base frames of the shorter memory run")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    from dreamix_ray.cli import _quiet_libraries
+    from dreamix_ray.quiet import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     if args.memory_child:
         memory_child(args.model, args.memory_child)
         return 0

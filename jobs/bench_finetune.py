@@ -45,7 +45,7 @@ def request(video, prompt, ft_cfg, cascade, store, edit_cfg) -> tuple[float, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dreamix_ray.cli import _quiet_libraries
+    from dreamix_ray.quiet import quiet_libraries
     from dreamix_ray.config import PAPER_STRENGTH_FINETUNED, EditConfig
     from dreamix_ray.finetune import finetune, finetune_preset
     from dreamix_ray.models.cascade import load_cascade
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-steps", type=int, default=20, help="steps per stage timed for steps/s")
     p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = p.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     cascade = load_cascade(args.model)
     video = _clip(cascade)
 

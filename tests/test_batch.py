@@ -18,8 +18,10 @@ from conftest_batch import BIN, REPO, shapes_clip  # noqa: E402
 
 pytest_plugins = ["conftest_batch"]
 from dreamix_ray.config import EditConfig  # noqa: E402
+from dreamix_ray.request import EditRequest  # noqa: E402
 
 CHUNK = 3  # 8 output frames -> last-SSR chunks of 3, 3, 2: exercises split and reassembly
+JOB = EditRequest(prompt="", ssr_chunk_frames=CHUNK)  # the job's defaults, as `dreamix batch` flags give them
 TEST_CPUS = {"decode": 0.25, "base": 0.5, "tsr": 0.5, "ssr": 0.5, "reassemble": 0.1, "encode": 0.25}
 TEST_ACTORS = {"decode": (1, 1), "base": (1, 1), "tsr": (1, 1), "ssr": (1, 1), "encode": (1, 1)}
 
@@ -56,7 +58,7 @@ def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, ti
     outputs = {}
     for batch_size in (1, 3):
         items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / f"out{batch_size}"),
-                           EditConfig(ssr_chunk_frames=CHUNK), "tiny")
+                           JOB, "tiny", cascade_config(str(tiny_dir)))
         specs = pipeline_stages(cascade_config(str(tiny_dir)), str(tiny_dir), None, None, False)
         done = run_in_process(items, specs, batch_size=batch_size)
         assert [r["status"] for r in done] == ["ok"] * 3
@@ -83,8 +85,8 @@ def test_finetune_rows_finetune_once_then_edit_with_the_artifact(tmp_path, tiny_
              "finetune": {"preset": "video", "steps": 2}},
             {"id": "nopreset", "video": str(clip), "prompt": "x", "finetune": "nope"}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / "out"),
-                       EditConfig(ssr_chunk_frames=CHUNK), "tiny")
+    items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / "out"), JOB, "tiny",
+                       cascade_config(str(tiny_dir)))
     store = str(tmp_path / "store")
     specs = pipeline_stages(cascade_config(str(tiny_dir)), str(tiny_dir), None, store, finetune=True)
     assert [s.name for s in specs][:3] == ["decode", "finetune", "base"]
@@ -189,7 +191,7 @@ def _options(s3_job, s3_server, tiny_dir, **kw):
     from dreamix_ray.cluster.batch import BatchOptions
 
     return BatchOptions(manifest=s3_job["manifest"], output_prefix=s3_job["prefix"], model=str(tiny_dir),
-                        s3=s3_server[1], edit=EditConfig(ssr_chunk_frames=CHUNK), cpus=TEST_CPUS,
+                        s3=s3_server[1], request=JOB, cpus=TEST_CPUS,
                         actors=TEST_ACTORS, batch_size=2, progress=False, **kw)
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -63,8 +64,8 @@ def png_bytes(colour=(0, 200, 0), size: int = 24) -> bytes:
 class Served:
     """The running app: an HTTP client, and the Ray handles a test needs to kill replicas."""
 
-    def __init__(self, url: str, metrics_port: int):
-        self.url, self.metrics_port = url, metrics_port
+    def __init__(self, url: str, metrics_port: int, model: Path):
+        self.url, self.metrics_port, self.model = url, metrics_port, model
         self.http = httpx.Client(base_url=url, timeout=90)
 
     def wait(self, route: str, job_id: str, key: str = KEY, timeout: float = 240, on_poll=None) -> dict:
@@ -159,7 +160,7 @@ def served(s3, tiny_dir):
     args = dict(model=str(model), store="s3://dreamix-jobs/serve", allowed_buckets=["inputs"], max_replicas=1,
                 torch_threads=1, heartbeat_s=1.0, lease_s=4.0, recover_every_s=1.0, concurrency_per_key=3, **LIMITS)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    yield Served(f"http://127.0.0.1:{http_port}", metrics_port)
+    yield Served(f"http://127.0.0.1:{http_port}", metrics_port, model)
     serve.shutdown()
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -207,17 +208,33 @@ def test_edit_from_an_allowed_bucket(served):
 
 
 def test_edit_type_picks_the_tuned_strength_and_motion_moves_the_input(served):
-    from dreamix_ray.cluster.serving.runner import edit_config
-
     body = {"prompt": "a red circle moving up", "video_uri": S3_CLIP, "edit_type": "motion"}
     jobs = [served.http.post("/v1/edits", headers=auth(), json=b) for b in
             (body, {**body, "strength": 0.6}, {**body, "edit_type": "style"})]
     assert all(r.status_code == 202 for r in jobs), [r.text for r in jobs]
     done = [served.wait("/v1/edits", r.json()["id"]) for r in jobs]
     assert all(j["status"] == "done" for j in done), done
-    # the cascade's table for motion; an explicit strength wins; no table entry: the preset's 0.7
+    # the cascade's table for motion; an explicit strength wins; no table entry: the rule's 0.7
     assert [j["params"]["strength"] for j in done] == [0.9, 0.6, 0.7]
-    assert [edit_config(j["params"], 3).motion_from_input for j in done] == [True, True, False]
+    assert [j["params"]["edit"]["motion_from_input"] for j in done] == [True, True, False]
+
+
+def test_the_same_request_gives_the_cli_bytes(served, tmp_path, capsys):
+    """One edit through the endpoint and through `dreamix edit` (request.resolve, edit.run_stage): same mp4."""
+    from dreamix_ray.cli import main
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(clip_bytes())
+    fields = {"prompt": "a red circle moving up", "edit_type": "motion", "steps": "3", "seed": "4"}
+    r = served.http.post("/v1/edits", headers=auth(), files={"video": ("clip.mp4", clip.read_bytes(), "video/mp4")},
+                         data=fields)
+    assert r.status_code == 202, r.text
+    job = served.wait("/v1/edits", r.json()["id"])
+    assert job["status"] == "done", job
+    code = main(["edit", str(clip), "-p", fields["prompt"], "--edit-type", "motion", "--steps", "3", "--seed", "4",
+                 "-o", str(tmp_path / "cli.mp4"), "--model", str(served.model), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert served.http.get(job["result"]["video_url"], headers=auth()).content == (tmp_path / "cli.mp4").read_bytes()
 
 
 MP4_HEAD = b"\0\0\0\x18ftypmp42"  # what an mp4 starts with: the cap, not the sniffer, must refuse these
@@ -262,21 +279,32 @@ BAD = [
                                                      data={"prompt": "x"}), 422, "10 s limit"),
     ("steps over the cap", auth(), lambda: dict(json={"prompt": "x", "steps": 10_000, "video_uri": S3_CLIP}), 422,
      "at most"),
-    ("unknown job", auth(), None, 404, "no edit job"),
+    ("JSON nested 1,000 deep", auth(), lambda: dict(content=b"[" * 1000 + b"]" * 1000,
+                                                    headers={"content-type": "application/json"}), 400, "nested"),
+    ("JSON nested 30,000 deep", auth(), lambda: dict(content=b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+                                                     headers={"content-type": "application/json"}), 400, "nested"),
+    ("unknown job", auth(), "/v1/edits/ed-000000000000000000000000", 404, "no edit job"),
+    ("job id with a newline", auth(), "/v1/edits/ed-000000000000000000000000%0A", 404, "no edit job"),
+    ("10 kB job id", auth(), "/v1/edits/" + "e" * 10_000, 404, "eeee..."),
+    ("cancel an unknown job", auth(), ("POST", "/v1/generations/gn-000000000000000000000000/cancel"), 404,
+     "no generation job"),
+    ("bad list cursor", auth(), "/v1/jobs?cursor=../../x", 400, "next_cursor"),
+    ("list limit 0", auth(), "/v1/jobs?limit=0", 422, "limit"),
 ]
 
 
 @pytest.mark.parametrize("case,headers,make,status,words", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_a_clear_4xx(served, case, headers, make, status, words):
-    if make is None:
-        r = served.http.get("/v1/edits/ed-000000000000000000000000", headers=headers)
+    if isinstance(make, (str, tuple)):
+        method, route = make if isinstance(make, tuple) else ("GET", make)
+        r = served.http.request(method, route, headers=headers)
     else:
         kwargs = make()
         r = served.http.post("/v1/edits", headers={**headers, **kwargs.pop("headers", {})}, **kwargs)
     assert r.status_code == status, (case, r.status_code, r.text)
     body = r.json()
     assert words in body["detail"], body
-    assert "Traceback" not in r.text and "\n" not in body["detail"]
+    assert "Traceback" not in r.text and "\n" not in body["detail"] and len(body["detail"]) < 400
     if status == 401:
         assert r.headers["www-authenticate"].startswith("Bearer")
 
@@ -319,6 +347,83 @@ def test_per_key_concurrency_limit(served):
     assert other.status_code == 202  # the limit is per key
     assert all(served.wait("/v1/generations", i, key=OTHER_KEY)["status"] == "done" for i in ids)
     assert served.wait("/v1/generations", other.json()["id"])["status"] == "done"
+
+
+def test_cancel_stops_a_running_job_and_frees_its_slot(served):
+    """Cancel a running job: it ends cancelled, its runner stops writing, and the key's slot is free again."""
+    h, key = served.http, OTHER_KEY
+    ids = []
+    for _ in range(3):  # the fixture's concurrency_per_key
+        r = h.post("/v1/generations", headers=auth(key), json={"prompt": "a red circle", "steps": 250})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    assert h.post("/v1/generations", headers=auth(key), json={"prompt": "x"}).status_code == 429
+    deadline = time.time() + 120
+    while h.get(f"/v1/generations/{ids[0]}", headers=auth(key)).json()["stage"] in ("queued", "starting"):
+        assert time.time() < deadline, "the job never started running"
+        time.sleep(0.3)
+    r = h.post(f"/v1/generations/{ids[0]}/cancel", headers=auth(key))
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    assert h.post(f"/v1/generations/{ids[0]}/cancel", headers=auth(key)).json()["status"] == "cancelled"  # again: ok
+    first = h.get(f"/v1/generations/{ids[0]}", headers=auth(key)).json()
+    time.sleep(3)  # > heartbeat_s: a runner still going would have rewritten the record by now
+    assert h.get(f"/v1/generations/{ids[0]}", headers=auth(key)).json() == first
+    assert first["status"] == "cancelled" and first["error"] == "cancelled by the caller" and first["progress"] < 1
+    late = h.post("/v1/generations", headers=auth(key), json={"prompt": "x", "steps": 1})
+    assert late.status_code == 202, late.text  # the cancelled job's slot is free
+    for job_id in ids[1:]:
+        assert h.post(f"/v1/generations/{job_id}/cancel", headers=auth(key)).json()["status"] == "cancelled"
+    assert served.wait("/v1/generations", late.json()["id"], key=key)["status"] == "done"
+    r = h.post(f"/v1/generations/{late.json()['id']}/cancel", headers=auth(key))
+    assert r.status_code == 409 and "already done" in r.json()["detail"]
+    assert h.get(f"/v1/generations/{ids[0]}/video", headers=auth(key)).status_code == 409
+    assert h.post(f"/v1/generations/{ids[1]}/cancel", headers=auth()).status_code == 404  # not this key's job
+    paths = h.get("/openapi.json").json()["paths"]
+    assert all(f"/v1/{kind}s/{{job_id}}/cancel" in paths for kind in
+               ("edit", "animation", "generation", "finetune", "subject"))
+
+
+def test_jobs_list_is_the_callers_own_newest_first_in_pages(served):
+    h = served.http
+    mine = [h.post("/v1/generations", headers=auth(), json={"prompt": "x", "steps": 1}).json()["id"]
+            for _ in range(3)]
+    theirs = h.post("/v1/generations", headers=auth(OTHER_KEY), json={"prompt": "x", "steps": 1}).json()["id"]
+    seen, cursor = [], None
+    for _ in range(50):
+        page = h.get("/v1/jobs", headers=auth(), params={"limit": 2, **({"cursor": cursor} if cursor else {})})
+        assert page.status_code == 200, page.text
+        body = page.json()
+        assert len(body["jobs"]) <= 2
+        seen += body["jobs"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    ids = [j["id"] for j in seen]
+    assert len(ids) == len(set(ids)) and theirs not in ids
+    assert ids[:3] == mine[::-1]  # newest first
+    assert all(j["status"] in ("queued", "running", "done", "failed", "cancelled") for j in seen)
+    assert "owner" not in seen[0] and seen[0]["kind"] == "generation"
+    for job_id in mine:
+        served.wait("/v1/generations", job_id)
+    served.wait("/v1/generations", theirs, key=OTHER_KEY)
+
+
+def test_page_and_docs_send_security_headers_and_load_nothing_from_outside(served):
+    h = served.http
+    for route in ("/", "/docs", "/web/app.js", "/v1/info"):
+        r = h.get(route, headers=auth())
+        assert r.status_code == 200, (route, r.text[:200])
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
+    docs = h.get("/docs").text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs)
+    assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
+    for asset in assets:
+        r = h.get(asset)
+        assert r.status_code == 200 and len(r.content) > 50, asset
+    assert "<script>" not in docs  # every script is a file: the CSP forbids inline ones
+    assert b"SwaggerUIBundle" in h.get("/docs-assets/swagger-ui-bundle.js").content[:1000]
 
 
 def test_finetune_animation_subject_generation(served):

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dreamix_ray.config import EditConfig
 from dreamix_ray.errors import UserError
 from dreamix_ray.manifest import ManifestError, read_manifest, read_results, work_items, write_results
 from dreamix_ray.request import EditRequest

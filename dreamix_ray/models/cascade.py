@@ -91,19 +91,13 @@ class Cascade:
             stage.scheduler.save_pretrained(path / stage.config.name)
             if stage.vae is not None:  # a latent stage's own folder then holds all it needs (latent.py)
                 stage.vae.save_pretrained(path / stage.config.name / "vae")
-        (path / CASCADE_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_config(path, config)
         return path
 
     @classmethod
     def from_pretrained(cls, path: str | Path, text_encoder: TextEncoder | None = None) -> "Cascade":
         path = Path(path)
-        if not (path / CASCADE_FILE).is_file():
-            raise CascadeError(f"{path} is not a cascade directory (no {CASCADE_FILE}); "
-                               "give a directory written by Cascade.save_pretrained or `dreamix convert`")
-        try:
-            config = CascadeConfig.from_dict(json.loads((path / CASCADE_FILE).read_text()))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CascadeError(f"{path / CASCADE_FILE} is malformed: {exc}") from None
+        config = read_config(path)
         stages = []
         for sc in config.stages:
             if sc.latent is not None:  # a diffusers text-to-video repository's components (latent.py)
@@ -131,6 +125,30 @@ class Cascade:
         return [dict(name=s.config.name, kind=s.config.kind, factor=s.config.factor, frames=s.config.frames,
                      height=s.config.height, width=s.config.width, fps=s.config.fps, steps=s.config.steps,
                      parameters=s.num_parameters) for s in self.stages]
+
+
+def read_config(path: str | Path) -> CascadeConfig:
+    """A cascade directory's cascade.json, checked (CascadeConfig validates its structure and tables)."""
+    path = Path(path)
+    if not (path / CASCADE_FILE).is_file():
+        raise CascadeError(f"{path} is not a cascade directory (no {CASCADE_FILE}); "
+                           "give a directory written by Cascade.save_pretrained or `dreamix convert`")
+    try:
+        return CascadeConfig.from_dict(json.loads((path / CASCADE_FILE).read_text()))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CascadeError(f"{path / CASCADE_FILE} is malformed: {exc}") from None
+
+
+def write_config(path: str | Path, config: CascadeConfig) -> None:
+    (Path(path) / CASCADE_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def update_config(path: str | Path, **changes) -> CascadeConfig:
+    """Replace fields of a cascade's config on disk (tuned strengths, a fitted prior), validated like a load:
+    how tuners and fitters change a shipped cascade, never by editing its JSON."""
+    config = dataclasses.replace(read_config(path), **changes)
+    write_config(path, config)
+    return config
 
 
 def build_cascade(config: CascadeConfig, denoiser_kwargs: dict[str, dict], text_encoder: TextEncoder,

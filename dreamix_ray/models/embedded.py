@@ -39,7 +39,7 @@ EMBEDDED_DENOISERS = {
 # needs a far larger step than the paper's 6e-6 for a billion parameters.
 EMBEDDED_FINETUNE_LR = 3e-5
 
-# Strength per edit type found on tuning videos (`python jobs/tune_strengths.py --sources 8 --strengths
+# Strength per edit type found on tuning videos (`python research/tune_strengths.py --sources 8 --strengths
 # 0.6 0.8 0.9 0.95 1.0 --base-only`, BENCHMARKS.md): object edits land at 0.6, style at 0.9, a new
 # background at 0.95; a new motion only at 1.0 (below it the source's motion survives). Finetuning at
 # the tuned lr and 60 steps did not move any choice.

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scene import (
-    BOUNCE_HEIGHT, BOUNCE_PERIOD, CLIP_SECONDS, COLOURS, DIRECTIONS, GROW_END, GROW_START,
-    SIZES, SPEED, ObjectSpec, Scene,
-)
+from .scene import COLOURS, ObjectSpec, Scene, object_states
 
 SUPERSAMPLE = 4
 CHECKS = 8  # checker squares across the frame (frame units, so resolution independent)
@@ -25,23 +22,6 @@ def checker_tone(rgb) -> np.ndarray:
 def stripe_shade(rgb) -> np.ndarray:
     """Darker shade used for the alternate stripes of a striped object."""
     return np.asarray(rgb, dtype=np.float32) * SHADE
-
-
-def object_states(obj: ObjectSpec, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centre x, centre y and half-size (frame units) of an object at times t (seconds)."""
-    t = np.asarray(t, dtype=np.float64)
-    x = np.full_like(t, obj.start_x)
-    y = np.full_like(t, obj.start_y)
-    half = np.full_like(t, SIZES[obj.size] / 2)
-    if obj.motion in DIRECTIONS:
-        dx, dy = DIRECTIONS[obj.motion]
-        x = x + dx * SPEED * t
-        y = y + dy * SPEED * t
-    elif obj.motion == "bouncing":
-        y = y - BOUNCE_HEIGHT * np.abs(np.sin(np.pi * t / BOUNCE_PERIOD))
-    elif obj.motion == "growing":
-        half = half * (GROW_START + (GROW_END - GROW_START) * t / CLIP_SECONDS)
-    return x, y, half
 
 
 def shape_depth(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -154,10 +154,25 @@ def _sample_object(rng: np.random.Generator, background: str, fixed: dict,
     return ObjectSpec(shape, colour, size, style, motion, round(x, 4), round(y, 4))
 
 
+def object_states(obj: ObjectSpec, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre x, centre y and half-size (frame units) of an object at times t (seconds)."""
+    t = np.asarray(t, dtype=np.float64)
+    x = np.full_like(t, obj.start_x)
+    y = np.full_like(t, obj.start_y)
+    half = np.full_like(t, SIZES[obj.size] / 2)
+    if obj.motion in DIRECTIONS:
+        dx, dy = DIRECTIONS[obj.motion]
+        x = x + dx * SPEED * t
+        y = y + dy * SPEED * t
+    elif obj.motion == "bouncing":
+        y = y - BOUNCE_HEIGHT * np.abs(np.sin(np.pi * t / BOUNCE_PERIOD))
+    elif obj.motion == "growing":
+        half = half * (GROW_START + (GROW_END - GROW_START) * t / CLIP_SECONDS)
+    return x, y, half
+
+
 def _min_gap(a: ObjectSpec, b: ObjectSpec) -> float:
     """Smallest distance between the two objects' bounding discs over the clip (negative = overlap)."""
-    from .render import object_states  # local import: render depends on scene
-
     t = np.linspace(0, CLIP_SECONDS, 33)
     ax, ay, ar = object_states(a, t)
     bx, by, br = object_states(b, t)

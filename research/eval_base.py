@@ -1,7 +1,7 @@
 """Monitor base-stage pretraining: text-to-video at the base resolution on held-out captions, judged
 by the shapes-world analyzer, with motion accuracy per direction.
 
-    python jobs/eval_base.py --weights runs/pretrain/base/ema --n 40
+    python research/eval_base.py --weights runs/pretrain/base/ema --n 40
 """
 
 from __future__ import annotations

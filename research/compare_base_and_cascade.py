@@ -1,7 +1,7 @@
 """Per edit, what the base stage got wrong and what the whole cascade got wrong: which stage loses an
 edit. Dreamix without finetuning at the cascade's tuned strengths, on the evaluation's edits.
 
-    python jobs/compare_base_and_cascade.py --types motion background --split held --sources 6
+    python research/compare_base_and_cascade.py --types motion background --split held --sources 6
 
 Prints one line per (edit, stage): success by the `dreamix eval` rules, whether the layout was kept,
 quality, and each attribute the analyzer found different from the edit's target. Then counts.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> int:
     import torch
 
-    from dreamix_ray.cli import _quiet_libraries
+    from dreamix_ray.quiet import quiet_libraries
     from dreamix_ray.config import EditConfig
     from dreamix_ray.degrade import downsample_to_stage, tensor_to_frames
     from dreamix_ray.edit import StageRun, run_cascade, run_stage
@@ -36,7 +36,7 @@ def main() -> int:
                    help="held: the evaluation's held-out sources; tuning: training combinations")
     p.add_argument("--types", nargs="+", default=list(EDIT_TYPES), choices=list(EDIT_TYPES))
     args = p.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     full = load_cascade(args.model)
     base, settings = base_only(full), EvalSettings()
     wrong_counts: dict[str, Counter] = {"base": Counter(), "cascade": Counter()}

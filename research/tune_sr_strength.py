@@ -2,7 +2,7 @@
 (training combinations of the shapes world, never the held-out evaluation ones), by the success
 rule of `dreamix eval`, for Dreamix without finetuning at the cascade's tuned edit strengths.
 
-    python jobs/tune_sr_strength.py [--model DIR] --sources 8 --sr-strengths 1.0 0.8 0.6 [--write]
+    python research/tune_sr_strength.py [--model DIR] --sources 8 --sr-strengths 1.0 0.8 0.6 [--write]
 
 The base stage runs once per edit; only the SR stages rerun per candidate, from the same base output
 and seeds, so the candidates differ in nothing else. Prints success (and alignment, fidelity,
@@ -14,7 +14,6 @@ EditConfig.sr_strength / `dreamix edit --sr-strength`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -35,7 +34,7 @@ def summarize(scores: list) -> str:
 def main() -> int:
     import torch
 
-    from dreamix_ray.cli import _quiet_libraries
+    from dreamix_ray.quiet import quiet_libraries
     from dreamix_ray.config import EditConfig
     from dreamix_ray.degrade import downsample_to_stage
     from dreamix_ray.edit import StageRun, run_cascade, run_stage
@@ -51,7 +50,7 @@ def main() -> int:
     p.add_argument("--types", nargs="+", default=list(EDIT_TYPES), choices=list(EDIT_TYPES))
     p.add_argument("--write", action="store_true", help="store the best in the cascade's cascade.json")
     args = p.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     cascade = load_cascade(args.model)
     settings = EvalSettings()
     cases = [c for c in eval_cases(args.sources, held=False) if c.edit_type in args.types]
@@ -79,12 +78,10 @@ def main() -> int:
     best, _ = max(scores, key=lambda k: (np.mean([s.success for g in scores[k].values() for s in g]), k[0]))
     print(f"best sr_strength: {best:g}")
     if args.write:
-        from dreamix_ray.models.cascade import CASCADE_FILE, EMBEDDED_DIR
+        from dreamix_ray.models.cascade import EMBEDDED_DIR, update_config
 
-        path = Path(args.model or EMBEDDED_DIR) / CASCADE_FILE
-        data = json.loads(path.read_text())
-        data["sr_strength"] = best
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        path = Path(args.model or EMBEDDED_DIR)
+        update_config(path, sr_strength=best)
         print(f"wrote sr_strength to {path}")
     return 0
 

@@ -2,7 +2,7 @@
 combinations of the shapes world, never the held-out evaluation ones), by the success rule of
 `dreamix eval`.
 
-    python jobs/tune_strengths.py [--model DIR] --sources 8 --strengths 0.6 0.8 0.9 0.95 1.0 --base-only [--write]
+    python research/tune_strengths.py [--model DIR] --sources 8 --strengths 0.6 0.8 0.9 0.95 1.0 --base-only [--write]
 
 --base-only judges the base stage's output (every attribute is decided there; the SR stages only
 add resolution) and runs ~10x faster than the full cascade. Prints success per (preset, edit type,
@@ -48,7 +48,7 @@ def base_only(cascade):
 
 
 def main() -> int:
-    from dreamix_ray.cli import _quiet_libraries
+    from dreamix_ray.quiet import quiet_libraries
     from dreamix_ray.evaluate import (EDIT_TYPES, PRESET_VARIANT, EvalSettings, _render, eval_cases,
                                       finetune_variants, run_method, score)
     from dreamix_ray.config import STRENGTH_PRESETS
@@ -68,7 +68,7 @@ def main() -> int:
     p.add_argument("--base-only", action="store_true", help="judge the base stage's output (10x faster)")
     p.add_argument("--write", action="store_true", help="store the chosen table in the cascade's cascade.json")
     args = p.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     full = load_cascade(args.model)
     cascade = base_only(full) if args.base_only else full
     groups = defaultdict(list)
@@ -102,12 +102,10 @@ def main() -> int:
     table = choose(scores)
     print("edit_strengths:", json.dumps(table))
     if args.write:
-        from dreamix_ray.models.cascade import CASCADE_FILE, EMBEDDED_DIR
+        from dreamix_ray.models.cascade import EMBEDDED_DIR, read_config, update_config
 
-        path = Path(args.model or EMBEDDED_DIR) / CASCADE_FILE
-        data = json.loads(path.read_text())
-        data["edit_strengths"] = {**data.get("edit_strengths", {}), **table}
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        path = Path(args.model or EMBEDDED_DIR)
+        update_config(path, edit_strengths={**(read_config(path).edit_strengths or {}), **table})
         print(f"wrote edit_strengths to {path}")
     return 0
 

@@ -1,7 +1,7 @@
 """Find the finetuning learning rate / steps / strength that work on a cascade, on TUNING videos
 (training combinations of the shapes world, never the held-out evaluation ones).
 
-    python jobs/tune_finetune.py [--model DIR] --lrs 1e-4 3e-4 1e-3 --steps 60 --strengths 0.85 0.95
+    python research/tune_finetune.py [--model DIR] --lrs 1e-4 3e-4 1e-3 --steps 60 --strengths 0.85 0.95
 
 Scores mixed and video finetuning (base stage) by the same success rule as `dreamix eval`.
 """
@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 
 def main() -> int:
-    from dreamix_ray.cli import _quiet_libraries
+    from dreamix_ray.quiet import quiet_libraries
     from dreamix_ray.evaluate import EDIT_TYPES, PRESET_VARIANT, EvalSettings, _render, eval_cases, run_method, score
     from dreamix_ray.finetune import finetune, finetune_preset
     from dreamix_ray.models.cascade import load_cascade
@@ -35,7 +35,7 @@ def main() -> int:
     p.add_argument("--strengths", type=float, nargs="+", default=[0.9])
     p.add_argument("--presets", nargs="+", default=["mixed"], choices=("video", "mixed"))
     args = p.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     cascade = load_cascade(args.model)
     groups = defaultdict(list)
     for case in eval_cases(args.sources, held=False):
