@@ -120,7 +120,7 @@ def start_ray(temp: str, metrics_port: int, attempts: int = 3) -> None:
     """A private Ray; retried because on a starved machine the raylet can miss Ray's fixed 30 s start window."""
     for attempt in range(attempts):
         try:
-            ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp, logging_level="ERROR",
+            ray.init(address="local", num_cpus=8, include_dashboard=False, _temp_dir=temp, logging_level="ERROR",
                      log_to_driver=False, _metrics_export_port=metrics_port,
                      # No idle workers prestarted: they only compete with startup; 1 s metric reports for the test.
                      _system_config={"metrics_report_interval_ms": 1000, "enable_worker_prestart": False,

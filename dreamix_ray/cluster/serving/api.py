@@ -7,6 +7,7 @@ import logging
 import uuid
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -16,14 +17,40 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...errors import UserError
 from ...video import VideoError
-from .jobs import KINDS, public_view
+from .jobs import ENTRY, FINAL, KINDS, public_view, shown
 from .params import EDIT_PRESETS, ROUTES, openapi_body
 from .submit import read_request, resolve, store_job
 from .uploads import ACCEPTED, ApiError
 
 log = logging.getLogger("ray.serve")
 WEB = Path(__file__).resolve().parent / "web"
+DOCS_ASSETS = Path(fastapi_offline.__file__).resolve().parent / "static"  # Swagger UI 5, shipped in the wheel
 bearer = HTTPBearer(auto_error=False, description="an API key from DREAMIX_API_KEYS or the key file")
+# Nothing loads from another origin, no inline script, no framing: the page keeps the key in sessionStorage.
+_CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
+        "media-src 'self' blob:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'; style-src 'self'")
+CSP = {"page": _CSP, "docs": _CSP + " 'unsafe-inline'"}  # Swagger UI sets style attributes from script
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware: CSP, X-Frame-Options and X-Content-Type-Options on every response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        extra = [(b"content-security-policy", CSP["docs" if scope["path"] == "/docs" else "page"].encode()),
+                 (b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
+                 (b"referrer-policy", b"no-referrer")]
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -32,7 +59,7 @@ def error(status: int, code: str, message: str, headers: dict | None = None) -> 
 
 def create_api(ctx) -> FastAPI:
     """The FastAPI app of one ingress replica; `ctx` is the Ingress (settings, jobs, runner, keys)."""
-    app = FastAPI(title="Dreamix video editing", version="1.0",
+    app = FastAPI(title="Dreamix video editing", version="1.0", docs_url=None, redoc_url=None,
                   description="Text-guided video editing, image animation and subject-driven generation with "
                               "a cascade of video diffusion models (Dreamix). Jobs are durable: POST returns an "
                               "id, GET it until status is done, then download /video and /preview.")
@@ -88,17 +115,37 @@ def create_api(ctx) -> FastAPI:
     for kind in KINDS:
         _routes(app, ctx, kind, owner)
 
+    @app.get("/v1/jobs", tags=["service"], summary="the caller's jobs of every kind, newest first, a page at a time")
+    async def list_jobs(limit: int = Query(20, ge=1, le=100), cursor: str | None = Query(
+            None, max_length=64, description="next_cursor of the previous page"), who: str = Depends(owner)):
+        if cursor and not ENTRY.fullmatch(cursor):
+            raise ApiError(400, "cursor: pass the next_cursor of the previous page unchanged", "bad_cursor")
+        try:
+            ids, cursor = await asyncio.to_thread(ctx.jobs.page, who, limit, cursor)
+            jobs = await asyncio.gather(*(asyncio.to_thread(ctx.jobs.load, i) for i in ids))
+        except OSError:
+            raise ApiError(503, "the job store did not answer; retry in a moment", "store_unavailable",
+                           {"Retry-After": "1"}) from None
+        jobs = [ctx.runner.running(j["id"]) or j for j in jobs if j and j["owner"] == who]
+        return {"jobs": [public_view(j, "") for j in jobs], "next_cursor": cursor}
+
     app.mount("/web", StaticFiles(directory=WEB), name="web")
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
 
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(WEB / "index.html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return FileResponse(WEB / "docs.html")
+
+    app.add_middleware(SecurityHeaders)
     return app
 
 
 def _routes(app: FastAPI, ctx, kind: str, owner) -> None:
-    """POST /v1/{kind}s, GET its status, /video and /preview."""
+    """POST /v1/{kind}s, GET its status, POST .../cancel, /video and /preview."""
     model, file_field, media, _, _ = ROUTES[kind]
     path, tag = f"/v1/{kind}s", f"{kind}s"
 
@@ -125,7 +172,7 @@ def _routes(app: FastAPI, ctx, kind: str, owner) -> None:
             raise ApiError(503, "the job store did not answer; retry in a moment", "store_unavailable",
                            {"Retry-After": "1"}) from None
         if job is None or job["owner"] != who or job["kind"] != kind:
-            raise ApiError(404, f"no {kind} job {job_id!r} for this API key", "not_found")
+            raise ApiError(404, f"no {kind} job {shown(job_id)} for this API key", "not_found")
         return job
 
     async def status(job_id: str, who: str = Depends(owner)):
@@ -133,6 +180,21 @@ def _routes(app: FastAPI, ctx, kind: str, owner) -> None:
 
     app.add_api_route(f"{path}/{{job_id}}", status, methods=["GET"], tags=[tag],
                       summary=f"status, stage, progress and timings of a {kind} job")
+
+    async def cancel(job_id: str, who: str = Depends(owner)):
+        job = await load(job_id, who)
+        if job["status"] in FINAL and job["status"] != "cancelled":
+            raise ApiError(409, f"job {job_id} is already {job['status']}: there is nothing to cancel", "not_running")
+        if job["status"] != "cancelled":
+            # Run here: stop its task. Elsewhere (or orphaned): the record and a cancel file its runner watches.
+            stopped = await ctx.runner.cancel(job_id)
+            if stopped is None:
+                await asyncio.to_thread(ctx.jobs.cancel, job)
+            job = stopped or job
+        return public_view(job, "")
+
+    app.add_api_route(f"{path}/{{job_id}}/cancel", cancel, methods=["POST"], tags=[tag], responses=_ERRORS,
+                      summary=f"stop a queued or running {kind} job (frees its slot); a finished one is 409")
     if kind in ("finetune", "subject"):
         return
 

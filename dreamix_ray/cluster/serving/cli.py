@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port")
     parser.add_argument("--address", default=None,
                         help="a running Ray cluster (HOST:PORT or ray://HOST:10001) to deploy to and return; "
-                             "default: start a local Ray and serve until Ctrl-C")
+                             "default: start a private local Ray (even if one runs here; $RAY_ADDRESS is not read) "
+                             "and serve until Ctrl-C; with a loopback --host it listens on loopback only")
     parser.add_argument("--model", default=None, metavar="DIR", help="cascade directory (default: the embedded one)")
     parser.add_argument("--store", default=None, metavar="URI",
                         help="where jobs and results live: a directory or s3://BUCKET/PREFIX "
@@ -32,13 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved per stage replica")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus export port of the local Ray node (default: Ray picks one)")
+    parser.add_argument("--header-timeout", type=float, default=None, metavar="S",
+                        help="seconds a client has to send a request's headers (default 10)")
+    parser.add_argument("--body-timeout", type=float, default=None, metavar="S",
+                        help="seconds an upload may take, plus 1 s per --body-min-rate bytes received (default 20)")
+    parser.add_argument("--body-min-rate", type=int, default=None, metavar="BYTES_PER_S",
+                        help="the slowest sustained upload rate accepted (default 50000)")
+    parser.add_argument("--idle-timeout", type=int, default=None, metavar="S",
+                        help="seconds an idle keep-alive connection stays open (default 15)")
 
 
 def settings_args(args: argparse.Namespace) -> dict:
     """The ServeSettings fields the flags set (unset flags keep the defaults and env)."""
     out = {"model": args.model, "store": args.store, "api_key_file": args.api_key_file,
            "allowed_buckets": args.allowed_buckets, "max_replicas": args.max_replicas,
-           "stage_num_gpus": args.num_gpus}
+           "stage_num_gpus": args.num_gpus, "header_timeout_s": args.header_timeout,
+           "body_timeout_s": args.body_timeout, "body_min_rate": args.body_min_rate,
+           "idle_timeout_s": args.idle_timeout}
     out = {k: v for k, v in out.items() if v is not None}
     if args.no_auth:
         out["auth"] = False
@@ -46,26 +57,32 @@ def settings_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
-
-    from ...errors import UserError
-    from .app import APP_NAME, build_app
-    from .settings import KeyRing, ServeSettings, stage_configs
+    from .settings import LOOPBACK_RAY_ENV, KeyRing, ServeSettings, is_loopback, proxy_env, stage_configs
 
     fields = settings_args(args)
     settings = ServeSettings.from_args(fields)
     KeyRing.load(settings)  # no keys and no --no-auth: stop here with one line, not after deploying
     stages = stage_configs(settings.model_dir)
-    if args.address:
-        # The cluster must hold the keys itself (a Secret in infra/rayservice.yaml): they are not shipped from here.
-        ray.init(address=args.address, logging_level="WARNING")
-    else:
-        # Logical CPUs for one replica of every deployment, even on a 2-core laptop: torch uses 1 thread each.
-        need = int(len(stages) * settings.stage_num_cpus + settings.ingress_num_cpus + settings.stage_num_cpus) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), logging_level="WARNING",
-                 _metrics_export_port=args.metrics_port)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    if not args.address:
+        # Set before Ray is imported (it reads them then) and inherited by every process of the local cluster:
+        # the proxies' header timeout, and with a loopback host, Ray's own ports on loopback as well.
+        os.environ.update(proxy_env(settings))
+        if is_loopback(args.host):
+            os.environ.update(LOOPBACK_RAY_ENV)
+    import ray
+    from ray import serve
+
+    from ...errors import UserError
+    from ..batch import start_or_join
+    from .app import APP_NAME, build_app
+    from .proxy import http_options
+
+    # Logical CPUs for one replica of every deployment, even on a 2-core laptop: torch uses 1 thread each.
+    need = int(len(stages) * settings.stage_num_cpus + settings.ingress_num_cpus + settings.stage_num_cpus) + 1
+    # With --address the cluster must hold the keys (a Secret in infra/rayservice.yaml) and the proxy settings.
+    start_or_join(args.address, {"num_cpus": max(os.cpu_count() or 1, need), "_metrics_export_port": args.metrics_port},
+                  logging_level="WARNING")
+    serve.start(http_options=http_options(settings, args.host, args.port))
     try:
         serve.run(build_app(fields), name=APP_NAME, route_prefix="/")
     except RuntimeError as exc:

@@ -1,11 +1,13 @@
-"""Untrusted input: byte-capped streaming of uploads, magic-byte sniffing, header probes, s3:// checks.
+"""Untrusted input: byte-capped, deadline-bound streaming of uploads, magic-byte sniffing, header probes,
+s3:// checks.
 
-Nothing here decodes a whole file: the byte cap holds while the body streams in, the type
-comes from the first bytes, and resolution / duration come from the container header.
+Nothing here decodes a whole file: the byte cap and the read deadline hold while the body streams in,
+the type comes from the first bytes, and resolution / duration come from the container header.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import tempfile
@@ -58,10 +60,26 @@ def sniff(head: bytes) -> tuple[str, str]:
     raise ApiError(415, f"the content is not a video or image this service reads: send {ACCEPTED}", "unsupported_type")
 
 
-async def capped(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """The request body, refused as soon as it passes `limit` bytes."""
-    total = 0
-    async for chunk in stream:
+def too_slow(settings: ServeSettings) -> ApiError:
+    # Connection: close, or the proxy would keep reading the rest of a trickled body.
+    return ApiError(408, f"the upload arrived too slowly: the body must come within {settings.body_timeout_s:g} s "
+                         f"plus 1 s per {settings.body_min_rate / 1000:g} kB", "timeout", {"Connection": "close"})
+
+
+async def capped(stream: AsyncIterator[bytes], limit: int, settings: ServeSettings) -> AsyncIterator[bytes]:
+    """The request body, refused as soon as it passes `limit` bytes, or once it falls behind its deadline
+    (body_timeout_s, plus 1 s per body_min_rate bytes received, as Apache's mod_reqtimeout): a stalled or
+    trickled upload ends with 408 and frees its key's slot."""
+    loop, chunks = asyncio.get_running_loop(), stream.__aiter__()
+    total, start = 0, loop.time()
+    while True:
+        left = start + settings.body_timeout_s + total / settings.body_min_rate - loop.time()
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), max(left, 0.0))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise too_slow(settings) from None
         total += len(chunk)
         if total > limit:
             raise too_large(limit - FORM_OVERHEAD if limit > FORM_OVERHEAD else limit)
@@ -75,13 +93,15 @@ def check_length(request: Request, limit: int) -> None:
         raise too_large(limit - FORM_OVERHEAD if limit > FORM_OVERHEAD else limit)
 
 
-async def read_json(request: Request) -> dict:
+async def read_json(request: Request, settings: ServeSettings) -> dict:
     check_length(request, JSON_LIMIT)
-    body = b"".join([c async for c in capped(request.stream(), JSON_LIMIT)])
+    body = b"".join([c async for c in capped(request.stream(), JSON_LIMIT, settings)])
     try:
         data = json.loads(body or b"{}")
     except ValueError:
         raise ApiError(400, "the body is not valid JSON: send a JSON object or a multipart form") from None
+    except RecursionError:  # json's parser recurses per nesting level; a 64 kB body can nest 32,000 deep
+        raise ApiError(400, "the JSON body is nested too deeply: send a flat object of fields") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object of fields")
     return data
@@ -91,8 +111,8 @@ async def read_form(request: Request, settings: ServeSettings):
     """Parse a multipart form while its bytes stream in; file parts spool to disk, capped in total."""
     limit = settings.max_upload_bytes + FORM_OVERHEAD
     check_length(request, limit)
-    parser = MultiPartParser(request.headers, capped(request.stream(), limit), max_files=settings.max_images,
-                             max_fields=32, max_part_size=16_000)
+    parser = MultiPartParser(request.headers, capped(request.stream(), limit, settings),
+                             max_files=settings.max_images, max_fields=32, max_part_size=16_000)
     try:
         return await parser.parse()
     except MultiPartException as exc:
