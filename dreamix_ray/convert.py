@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-# Light imports only: `dreamix` builds this command's parser on every run (cli_extra).
+# `dreamix convert` (dreamix_ray/cli): this module holds the command's add_arguments and run.
 from .config import DEFAULT_REFINE_STRENGTH, DEFAULT_VAE_CHUNK_FRAMES, CascadeConfig, StageConfig
 from .errors import UserError
 from .models.refs import fetch_from_hub, hf_ref, is_hub_id

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .edit import edit
+from .evaluate import LAYOUT_BAR, layout_kept
 from .models.cascade import load_cascade
 from .request import EditRequest, resolve
 from .video import Video, write_preview, write_video
@@ -60,6 +61,13 @@ def run_demo(args) -> int:
         print(f"  {name:<11} {want!s:<8} -> {got!s:<8} {'ok' if want == got else 'MISSED'}")
     hits = sum(w == g for w, g in checks.values())
     print(f"{hits}/{len(checks)} attributes of the prompt found")
+    # What Dreamix is for: the edit keeps what the prompt does not change. The ideal edit starts where the
+    # source's object starts, with its size and shape, and moves the new way (as `dreamix eval` scores it).
+    found = analyze(edited.frames).objects
+    ideal = render(target, last.frames, last.height, last.fps)
+    kept = bool(found) and layout_kept(found[0].centroids, ideal)
+    print(f"  {'layout':<11} {'kept':<8} -> {'kept' if kept else 'moved':<8} {'ok' if kept else 'MISSED'}"
+          f"  (the object's track within {LAYOUT_BAR:g} frame widths of the ideal edit's)")
     return 0
 
 

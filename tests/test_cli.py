@@ -145,7 +145,7 @@ def test_edit_type_picks_the_cascade_strength(capsys, tiny_dir, tmp_path):
 
 def test_motion_edits_move_the_input_and_generate_never_does():
     from dreamix_ray.cli import build_parser
-    from dreamix_ray.cli_commands import edit_request
+    from dreamix_ray.cli.common import edit_request
     from dreamix_ray.models.embedded import embedded_config
     from dreamix_ray.request import resolve
 
@@ -186,3 +186,5 @@ def test_demo_writes_side_by_side_and_a_verdict(capsys, tiny_dir, tmp_path):
                                                                              "motion"))]
     assert len(verdict) == 4 and all(line.rstrip().endswith(("ok", "MISSED")) for line in verdict)
     assert "attributes of the prompt found" in out
+    layout = [line for line in out.splitlines() if line.strip().startswith("layout")]
+    assert len(layout) == 1 and ("kept     ok" in layout[0] or "moved    MISSED" in layout[0]), layout

@@ -15,7 +15,7 @@ pytest.register_assert_rewrite("conftest_batch")
 from conftest_batch import shapes_clip  # noqa: E402
 
 from dreamix_ray.cli import build_parser, main  # noqa: E402
-from dreamix_ray.cli_commands import edit_request  # noqa: E402
+from dreamix_ray.cli.common import edit_request  # noqa: E402
 from dreamix_ray.manifest import read_manifest, work_items  # noqa: E402
 from dreamix_ray.request import EditPlan, EditRequest, resolve  # noqa: E402
 

@@ -1,0 +1,25 @@
+"""`dreamix info`: the cascade's stages, with their size, frames, fps, steps and parameters."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_common, cascade_of
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+
+
+def run(args) -> int:
+    cascade = cascade_of(args)
+    print(f"cascade {cascade.config.name} ({cascade.source}); text encoder {cascade.text_encoder.kind} "
+          f"(hidden {cascade.text_encoder.hidden_size})")
+    if cascade.config.description:
+        print(cascade.config.description)
+    print(f"{'stage':<8}{'kind':<6}{'factor':>7}{'frames':>8}{'size':>10}{'fps':>7}{'steps':>7}{'params':>11}")
+    for row in cascade.info():
+        print(f"{row['name']:<8}{row['kind']:<6}{row['factor']:>7}{row['frames']:>8}"
+              f"{str(row['height']) + 'x' + str(row['width']):>10}{row['fps']:>7g}{row['steps']:>7}"
+              f"{row['parameters']:>11,}")
+    return 0
