@@ -35,6 +35,19 @@ def test_edit_a_real_clip_with_preview(capsys, tiny_dir, tmp_path):
     assert read_video(preview).width > 16 and (tmp_path / "prev.png").is_file()
 
 
+def test_the_embedded_model_says_once_what_it_cannot_draw(capsys, tiny_dir, tmp_path):
+    clip, wolf = str(sample_clip("wolf.mp4")), "a shiny silver robotic wolf"
+    code, _, err = run_cli(capsys, "edit", clip, "-p", wolf, "-o", str(tmp_path / "e.mp4"), "--steps", "1", "--quiet")
+    assert code == 0, err
+    assert err.count("knows only the shapes world") == 1 and repr(wolf) in err
+    code, _, err = run_cli(capsys, "generate", "-p", "a red circle moving left", "-o", str(tmp_path / "g.mp4"),
+                           "--steps", "1", "--quiet")
+    assert code == 0 and "shapes world" not in err, err
+    code, _, err = run_cli(capsys, "edit", clip, "-p", wolf, "-o", str(tmp_path / "t.mp4"), "--model", str(tiny_dir),
+                           "--steps", "1", "--quiet")
+    assert code == 0 and "shapes world" not in err, err  # another model: its own world
+
+
 def test_generate(capsys, tiny_dir, tmp_path):
     code, _, err = run_cli(capsys, "generate", "-p", "a red circle", "-o", str(tmp_path / "g.mp4"),
                            "--model", str(tiny_dir), "--quiet", "--seed", "3")

@@ -10,7 +10,7 @@ from ..edit import edit
 from ..finetune import finetune_or_load, finetune_preset, finetuned_prompt
 from ..request import resolve
 from ..video import read_image
-from .common import add_common, cascade_of, edit_request, note, progress, store_of, write_outputs
+from .common import add_common, cascade_of, edit_request, note, note_if_out_of_world, progress, store_of, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    note_if_out_of_world(args, args.prompt)
     request = edit_request(args, "animate")
     cascade = cascade_of(args)
     frames, fps = clip_shape(cascade)

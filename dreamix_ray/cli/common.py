@@ -14,6 +14,7 @@ from ..models.cascade import Cascade, load_cascade
 from ..request import EditRequest
 from ..storage import ArtifactStore
 from ..video import Video, write_preview, write_video
+from ..world.captions import names_the_world
 
 FIT_HELP = ("how the input is fitted to each stage's size: 'crop' resizes keeping the aspect ratio until "
             "the frame is covered, then center-crops; 'pad' resizes until it fits, then pads with black")
@@ -125,3 +126,11 @@ def file_bytes(path: str) -> bytes:
 
 def note(text: str) -> None:
     print(text, file=sys.stderr)
+
+
+def note_if_out_of_world(args, prompt: str) -> None:
+    """One line when the embedded model is asked for what it never saw: it knows only the shapes world."""
+    if getattr(args, "model", None) is None and not names_the_world(prompt):
+        note(f"note: the embedded model knows only the shapes world (circles, squares and triangles moving over "
+             f"plain or checkered backgrounds); {prompt!r} names none of it, so expect shapes-world colour "
+             f"blobs. Real models: --model DIR (docs/REAL_MODELS.md)")

@@ -11,7 +11,7 @@ from ..finetune import finetune_or_load, finetuned_prompt, load_finetuned
 from ..request import resolve
 from ..video import read_video
 from .common import (add_edit_args, add_finetune_args, add_strength_args, cascade_of, edit_request, file_bytes,
-                     finetune_config, note, progress, store_of, write_outputs)
+                     finetune_config, note, note_if_out_of_world, progress, store_of, write_outputs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    note_if_out_of_world(args, args.prompt)
     request = edit_request(args)  # before decoding, loading or training
     video = read_video(args.input)
     cascade, prompt = cascade_of(args), args.prompt

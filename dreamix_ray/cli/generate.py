@@ -7,7 +7,7 @@ import argparse
 from ..edit import generate
 from ..finetune import load_finetuned
 from ..request import resolve
-from .common import add_edit_args, cascade_of, edit_request, progress, store_of, write_outputs
+from .common import add_edit_args, cascade_of, edit_request, note_if_out_of_world, progress, store_of, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    note_if_out_of_world(args, args.prompt)
     request = edit_request(args, "generate")
     cascade = cascade_of(args)
     if args.finetuned:

@@ -171,3 +171,9 @@ def scene_attributes(scene: Scene) -> dict:
 
 assert set(SHAPE_WORDS) == set(SHAPES) and set(MOTION_WORDS) == set(MOTIONS)
 assert set(BACKGROUND_COLOURS) <= set(COLOURS)
+
+
+def names_the_world(prompt: str) -> bool:
+    """Whether a prompt names a shapes-world shape or background (what the embedded cascade can draw)."""
+    parsed = parse_caption(prompt, fill_defaults=False)
+    return parsed["background"] is not None or any(o["shape"] for o in parsed["objects"])
