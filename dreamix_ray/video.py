@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import logging
 import math
 import os
 import re
 import secrets
+import threading
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
@@ -404,6 +407,40 @@ def _mux_audio(out, audio, duration: float):
     out.mux(dst.encode(None))
 
 
+_X264_PROBE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _x264_params() -> str:
+    """libx264 `x264-params` that make its output a function of the frames alone: x264's own CPU
+    detection without AVX-512 ("" when x264 found no AVX-512).
+
+    x264's AVX-512 mbtree_propagate_list (common/x86/mc-a2.asm) handles 8 macroblocks per iteration
+    with no tail mask, so for frames whose width is not a multiple of 128 px (the 64x64 cascade output,
+    the 136 px preview) the lanes past a row's end read memory x264 never wrote and can scatter it into
+    the macroblock-tree costs of real macroblocks. The bitstream then depends on what the heap held
+    before: the same frames gave a different mp4 in each CLI run (tests/test_determinism.py). Without
+    AVX-512 x264 runs its AVX2 kernels: stable, as fast here, and on a clean heap the same bytes.
+    """
+    with _X264_PROBE_LOCK:
+        level = av.logging.get_level()
+        av.logging.set_level(av.logging.INFO)
+        try:  # x264 reports the capabilities it detected only in its log
+            with av.logging.Capture(local=False) as logs, av.open(io.BytesIO(), "w", format="mp4") as out:
+                stream = out.add_stream("libx264", rate=1)
+                stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8))))
+                out.mux(stream.encode(None))
+        finally:
+            av.logging.set_level(level)
+    prefix = "using cpu capabilities:"
+    names = next((m.split(prefix, 1)[1].split() for _, _, m in logs if prefix in m), [])
+    if "AVX512" not in names:
+        return ""
+    # Each name x264 prints is a set of flags it accepts back in `asm`; AVX2 implies the older ones.
+    return "asm=" + ",".join(n for n in names if n != "AVX512")
+
+
 def write_video(path: str | os.PathLike, video: Video, audio_from: str | os.PathLike | None = None,
                 crf: int = 18) -> Path:
     """Write h264/yuv420p mp4 atomically; odd sizes get one edge-replicated pixel; optional audio copy."""
@@ -415,7 +452,10 @@ def write_video(path: str | os.PathLike, video: Video, audio_from: str | os.Path
     with _atomic_path(path, ".mp4") as tmp:
         # faststart: the moov atom up front lets browsers start previews before the whole file arrives.
         with av.open(tmp, "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            stream = out.add_stream("libx264", rate=rate, options={"crf": str(int(crf))})
+            options = {"crf": str(int(crf))}
+            if _x264_params():  # same frames, same bytes (see _x264_params)
+                options["x264-params"] = _x264_params()
+            stream = out.add_stream("libx264", rate=rate, options=options)
             stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             audio = _add_audio(out, audio_from) if audio_from is not None else None
             try:
