@@ -454,17 +454,13 @@ def test_finetune_animation_subject_generation(served):
     assert h.get(f"/v1/generations/{generation['id']}/preview", headers=auth()).status_code == 404
 
 
-def test_web_page_in_headless_chromium(served, tmp_path):
-    """Upload, watch progress, see original | edit, download: driven in Debian's Chromium."""
+def chromium(tmp_path: Path):
+    """Debian's headless Chromium through selenium; every page records its CSP violations in window.csp."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
         pytest.skip("Debian's chromium and chromium-driver are not installed")
-    clip = tmp_path / "clip.mp4"
-    clip.write_bytes(clip_bytes())
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -472,6 +468,39 @@ def test_web_page_in_headless_chromium(served, tmp_path):
                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1300"):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+        "window.csp = []; document.addEventListener('securitypolicyviolation', "
+        "e => window.csp.push(e.violatedDirective + ' ' + e.blockedURI));")})
+    return browser
+
+
+def test_docs_render_from_local_assets_under_the_csp(served, tmp_path):
+    """Swagger UI draws every route in Chromium, from this origin only, with no CSP violation."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium(tmp_path)
+    try:
+        browser.get(served.url + "/docs")
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".opblock")) >= 20)
+        paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        violations = browser.execute_script("return window.csp")
+    finally:
+        browser.quit()
+    assert {"/v1/edits", "/v1/jobs", "/v1/edits/{job_id}/cancel"} <= {p.replace("\u200b", "") for p in paths}
+    assert loaded and all(url.startswith(served.url + "/") for url in loaded), loaded
+    assert violations == []
+
+
+def test_web_page_in_headless_chromium(served, tmp_path):
+    """Upload, watch progress, see original | edit, download: driven in Debian's Chromium."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium(tmp_path)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(clip_bytes())
     try:
         browser.get(served.url + "/")
         browser.find_element(By.ID, "key").send_keys(KEY)
@@ -497,6 +526,7 @@ def test_web_page_in_headless_chromium(served, tmp_path):
         browser.save_screenshot(str(shot))
         rects = {i: browser.find_element(By.ID, i).rect for i in ("original-media", "edited")}
         ratio = browser.execute_script("return window.devicePixelRatio")
+        assert browser.execute_script("return window.csp") == []  # the page works under its CSP
     finally:
         browser.quit()
     from PIL import Image
