@@ -12,16 +12,16 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_VIDEOS = REPO.parent / "shared" / "data" / "videos"
-BUNDLED_VIDEOS = REPO / "tests" / "data"
+CLIPS = REPO / "tests" / "data"
 
 
 def sample_clip(name: str = "wolf.mp4") -> Path:
-    """A real clip: $DREAMIX_SAMPLE_VIDEOS, the team's shared data, or the copy under tests/data."""
-    for folder in (os.environ.get("DREAMIX_SAMPLE_VIDEOS"), SHARED_VIDEOS, BUNDLED_VIDEOS):
-        if folder and (Path(folder) / name).is_file():
-            return Path(folder) / name
-    pytest.skip(f"sample clip {name} is not available")
+    """A real clip shipped under tests/data (SOURCES.md): the same bytes on every machine, so tests that
+    check sizes, frame counts or output bytes never depend on where they run, and a fresh clone skips none."""
+    path = CLIPS / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the test clips ship with the repository (tests/data/make_clips.py)")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Tests for dreamix_ray.video on real PyAV-encoded files made in tmp_path and on the shared sample clips."""
+"""Tests for dreamix_ray.video on real PyAV-encoded files made in tmp_path and on the clips in tests/data."""
 
 import io
 import os
@@ -8,20 +8,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import sample_clip
 from PIL import Image
 
 from dreamix_ray import video as vid
 from dreamix_ray.video import Video, VideoError, VideoLimits
-
-SAMPLES = Path(os.environ.get("DREAMIX_SAMPLE_VIDEOS")
-               or Path(__file__).resolve().parents[2] / "shared" / "data" / "videos")
-
-
-def sample(name: str) -> Path:
-    p = SAMPLES / name
-    if not p.exists():
-        pytest.skip(f"sample clip {p} is absent (set DREAMIX_SAMPLE_VIDEOS to its folder)")
-    return p
 
 
 def pattern(n=6, h=48, w=64) -> np.ndarray:
@@ -119,13 +110,13 @@ def test_rotation_metadata_is_applied(tmp_path):
 
 
 def test_real_clips_and_max_frames():
-    v = vid.read_video(sample("wolf.mp4"))
+    v = vid.read_video(sample_clip("wolf.mp4"))
     assert v.frames.shape == (40, 512, 512, 3) and v.fps == pytest.approx(20.0)
-    part = vid.read_video(sample("car-turn.mp4"), max_frames=5)
+    part = vid.read_video(sample_clip("car-turn.mp4"), max_frames=5)
     assert part.frames.shape == (5, 480, 480, 3) and part.fps == pytest.approx(10.0)
-    info = vid.probe_video(sample("man-skiing.mp4"))
+    info = vid.probe_video(sample_clip("man-skiing.mp4"))
     assert info["has_audio"] and info["codec"] == "h264" and info["fps"] == pytest.approx(29.97, abs=0.01)
-    assert (info["width"], info["height"]) == (718, 718)
+    assert (info["width"], info["height"], info["num_frames"]) == (360, 360, 30)
 
 
 # ---------------------------------------------------------------- writing
@@ -142,14 +133,14 @@ def test_odd_size_is_padded_to_even(tmp_path):
 
 
 def test_keep_audio_copies_the_stream(tmp_path):
-    ski = sample("man-skiing.mp4")
+    ski = sample_clip("man-skiing.mp4")
     v = vid.resample(vid.read_video(ski, max_frames=15), 29.97, None, 64, 64)
     out = vid.write_video(tmp_path / "a.mp4", v, audio_from=ski)
     assert streams(out) == {"video": "h264", "audio": "aac"}
     with av.open(str(out)) as c:
         a = c.streams.audio[0]
         assert float(a.duration * a.time_base) <= v.duration + 0.05  # trimmed to the 0.5 s video
-    assert streams(vid.write_video(tmp_path / "b.mp4", v, audio_from=sample("wolf.mp4"))) == {"video": "h264"}
+    assert streams(vid.write_video(tmp_path / "b.mp4", v, audio_from=sample_clip("wolf.mp4"))) == {"video": "h264"}
 
 
 def test_keep_audio_transcodes_non_mp4_audio(tmp_path):
@@ -185,7 +176,7 @@ def _truncated_pyav_mp4(tmp_path):
 
 
 def _truncated_sample(tmp_path):
-    data = sample("car-turn.mp4").read_bytes()  # moov atom first
+    data = sample_clip("car-turn.mp4").read_bytes()  # moov atom first
     (tmp_path / "cut_moov_first.mp4").write_bytes(data[: len(data) // 2])
     return tmp_path / "cut_moov_first.mp4"
 
@@ -245,7 +236,7 @@ def test_truncated_webm_is_caught_by_its_header_duration(tmp_path):
 
 
 def test_corrupt_packets_mid_file(tmp_path):
-    data = bytearray(sample("car-turn.mp4").read_bytes())
+    data = bytearray(sample_clip("car-turn.mp4").read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 20000, 7):
         data[i] ^= 0xFF
     (tmp_path / "bad.mp4").write_bytes(data)
@@ -302,7 +293,7 @@ class _NoDecode:
 
 
 def test_resolution_limit_refuses_before_decoding(monkeypatch):
-    clip = sample("car-turn.mp4")
+    clip = sample_clip("car-turn.mp4")
     real_open = av.open
     monkeypatch.setattr(vid.av, "open", lambda *a, **k: _NoDecode(real_open(*a, **k)))
     for fn in (vid.read_video, vid.probe_video):
@@ -316,14 +307,14 @@ def test_resolution_limit_refuses_before_decoding(monkeypatch):
 @pytest.mark.parametrize("limits,words", [
     (VideoLimits(max_duration_s=1), ["8.00 s", "1 s limit", "trim"]),
     (VideoLimits(max_frames=50), ["80 frames", "50 frame limit"]),
-    (VideoLimits(max_bytes=1000), ["0.9 MB", "MB limit"]),
+    (VideoLimits(max_bytes=1000), ["0.2 MB", "MB limit"]),
 ])
 def test_header_limits(limits, words):
     with pytest.raises(VideoError) as e:
-        vid.read_video(sample("car-turn.mp4"), limits)
+        vid.read_video(sample_clip("car-turn.mp4"), limits)
     assert all(w in str(e.value) for w in words), str(e.value)
     with pytest.raises(VideoError):
-        vid.probe_video(sample("car-turn.mp4"), limits)
+        vid.probe_video(sample_clip("car-turn.mp4"), limits)
 
 
 def test_limits_enforced_while_decoding_when_header_is_silent(tmp_path):
