@@ -17,7 +17,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import UserError
 
@@ -33,6 +33,7 @@ _NOT_VIDEO_FORMATS = ("image2", "image2pipe", "tty")
 # Audio codecs the mp4 muxer stores as-is, so they can be remuxed without re-encoding.
 _MP4_AUDIO = ("aac", "mp3", "ac3", "eac3", "alac")
 _WHITE_GAP = 8
+_LABEL_PX = 12  # contact-sheet label text height: legible under 64 px thumbnails, small next to 256 px ones
 
 
 class VideoError(UserError):  # UserError is a ValueError: the CLI prints it in one line
@@ -480,8 +481,20 @@ def side_by_side(original: Video, edited: Video) -> Video:
     return Video(np.concatenate([left, gap, edited.frames], axis=2), edited.fps)
 
 
-def contact_sheet(original: Video, edited: Video, path: str | os.PathLike, max_columns: int = 8) -> Path:
-    """PNG grid: evenly spaced original frames on top, the same moments of the edit below."""
+def _label(text: str, width: int, font) -> str:
+    """`text`, cut with an ellipsis to fit `width` pixels."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    if measure(text, font=font) <= width:
+        return text
+    while text and measure(text + "...", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "..."
+
+
+def contact_sheet(original: Video, edited: Video, path: str | os.PathLike, max_columns: int = 8,
+                  prompt: str | None = None) -> Path:
+    """PNG grid: evenly spaced original frames on top, the same moments of the edit below, each row under
+    its label ("original"; "edit: PROMPT", or "edit" without a prompt)."""
     cols = max(1, min(max_columns, edited.num_frames))
     th = min(edited.height, 256)
     tw = max(1, round(edited.width * th / edited.height))
@@ -489,18 +502,25 @@ def contact_sheet(original: Video, edited: Video, path: str | os.PathLike, max_c
     # Pad the original into the edit's cell size so both rows line up even if aspects differ.
     rows = [[_resize(original.frames[i], th, tw, "pad") for i in _source_index(idx, edited.fps, original)],
             [_resize(edited.frames[i], th, tw, "crop") for i in idx]]
-    g = _WHITE_GAP
-    sheet = np.full((2 * th + 3 * g, cols * tw + (cols + 1) * g, 3), 255, np.uint8)
+    g, lh = _WHITE_GAP, _LABEL_PX + _WHITE_GAP // 2
+    width = cols * tw + (cols + 1) * g
+    sheet = np.full((2 * (lh + th) + 3 * g, width, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
-            y, x = g + r * (th + g), g + c * (tw + g)
+            y, x = g + r * (lh + th + g) + lh, g + c * (tw + g)
             sheet[y:y + th, x:x + tw] = cell
+    img = Image.fromarray(sheet)
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=_LABEL_PX)
+    for r, text in enumerate(("original", f"edit: {prompt}" if prompt else "edit")):
+        draw.text((g, g + r * (lh + th + g)), _label(text, width - 2 * g, font), fill=(0, 0, 0), font=font)
     with _atomic_path(path, ".png") as tmp:
-        Image.fromarray(sheet).save(tmp, format="PNG")
+        img.save(tmp, format="PNG")
     return Path(path)
 
 
-def write_preview(original: Video, edited: Video, mp4_path: str | os.PathLike) -> tuple[Path, Path]:
-    """Side-by-side mp4 plus a contact-sheet PNG with the same stem; returns both paths."""
+def write_preview(original: Video, edited: Video, mp4_path: str | os.PathLike,
+                  prompt: str | None = None) -> tuple[Path, Path]:
+    """Side-by-side mp4 plus a contact-sheet PNG (rows labelled, the edit's with `prompt`) with the same
+    stem; returns both paths."""
     mp4 = write_video(mp4_path, side_by_side(original, edited))
-    return mp4, contact_sheet(original, edited, mp4.with_suffix(".png"))
+    return mp4, contact_sheet(original, edited, mp4.with_suffix(".png"), prompt=prompt)

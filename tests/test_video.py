@@ -383,8 +383,29 @@ def test_side_by_side_and_previews(tmp_path):
     assert [int(f[0, 0, 0]) for f in sbs.frames[:3]] == [0, 1, 2]  # 10 fps source at 8 fps
     sheet = vid.contact_sheet(original, edited, tmp_path / "s.png", max_columns=4)
     with Image.open(sheet) as im:
-        assert im.size == (4 * 48 + 5 * 8, 2 * 48 + 3 * 8)
-    mp4, png = vid.write_preview(original, edited, tmp_path / "prev" / "p.mp4")
+        assert im.size == (4 * 48 + 5 * 8, 2 * (16 + 48) + 3 * 8)  # a 16 px label band above each row
+    mp4, png = vid.write_preview(original, edited, tmp_path / "prev" / "p.mp4", prompt="a red circle")
     assert mp4 == tmp_path / "prev" / "p.mp4" and png == tmp_path / "prev" / "p.png" and png.exists()
     back = vid.read_video(mp4)
     assert back.frames.shape == (8, 48, 152, 3) and back.fps == pytest.approx(8.0)
+
+
+def test_contact_sheet_rows_are_labelled_with_the_prompt(tmp_path):
+    """Text above each row ("original", "edit: PROMPT"); a prompt too long for the sheet is cut, not drawn
+    past its edge; the frames sit below their labels."""
+    original, edited = numbered(8, 8.0, h=48, w=48), Video(np.full((8, 48, 48, 3), 100, np.uint8), 8.0)
+
+    def bands(prompt):
+        with Image.open(vid.contact_sheet(original, edited, tmp_path / "s.png", 4, prompt=prompt)) as im:
+            a = np.asarray(im.convert("L"))
+        return a, a[8:24], a[8 + 64 + 8:8 + 64 + 8 + 16]  # gap, then each row's 16 px label band
+
+    sheet, top, bottom = bands("a red circle")
+    assert top.min() < 100 and bottom.min() < 100  # dark text on the white bands
+    assert (sheet[8 + 64 + 8 + 16:-8, 8:56] == 100).all()  # the edit's first frame, untouched by its label
+    _, top_plain, bottom_plain = bands(None)
+    assert (top_plain == top).all() and (bottom_plain != bottom).any()  # only the edit row names the prompt
+    _, _, long = bands("a shiny silver robotic wolf " * 5)
+    inked = np.nonzero((long < 128).any(axis=0))[0]
+    assert inked.max() < long.shape[1] - 8  # cut to fit inside the right margin
+    assert inked.max() > (bottom < 128).any(axis=0).nonzero()[0].max()  # but longer than the short prompt
