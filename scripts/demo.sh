@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/setup_env.sh
 . .venv/bin/activate
 dreamix demo -o out/demo "$@"
+# This script's activation ends with it; say how to get `dreamix` in the user's own shell.
+echo "dreamix is installed in .venv: run '. .venv/bin/activate' (or call .venv/bin/dreamix) to use it"
