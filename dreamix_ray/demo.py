@@ -53,7 +53,7 @@ def run_demo(args) -> int:
     print(f"edited in {time.perf_counter() - start:.1f} s")
     write_video(out_dir / "original.mp4", source)
     write_video(out_dir / "edit.mp4", edited)
-    mp4, png = write_preview(source, edited, out_dir / "side_by_side.mp4")
+    mp4, png = write_preview(source, edited, out_dir / "side_by_side.mp4", prompt=prompt)
     print(f"wrote {out_dir / 'original.mp4'}, {out_dir / 'edit.mp4'}, {mp4} and {png}")
     print("analyzer verdict (wanted -> found in the edit's pixels):")
     checks = verdict(edited.frames, prompt)

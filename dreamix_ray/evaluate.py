@@ -278,7 +278,7 @@ def run_eval(cascade, quick: bool = False, settings: EvalSettings = EvalSettings
                 if sheets_dir is not None and len(results[method]) <= len(EDIT_TYPES):
                     sheets_dir.mkdir(parents=True, exist_ok=True)
                     sheet = sheets_dir / f"{method}-{case.edit_type}.png"
-                    contact_sheet(source_video, Video(out, source_video.fps), sheet)
+                    contact_sheet(source_video, Video(out, source_video.fps), sheet, prompt=case.prompt)
             bar.update(len(group))
     bar.close()
     return dict(results)

@@ -73,12 +73,12 @@ class PeakObjectStore:
 def run_sequential(manifest: Path, out: Path, args) -> tuple[float, int]:
     from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
     from dreamix_ray.cluster.stages import cascade_config, model_tag
-    from dreamix_ray.config import EditConfig
     from dreamix_ray.manifest import read_manifest, work_items
+    from dreamix_ray.request import EditRequest
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    items = work_items(read_manifest(str(manifest)), str(out), EditConfig(ssr_chunk_frames=args.ssr_chunk_frames),
-                       model_tag(args.model))
+    items = work_items(read_manifest(str(manifest)), str(out), EditRequest(prompt="", ssr_chunk_frames=args.ssr_chunk_frames),
+                       model_tag(args.model), cascade_config(args.model))
     specs = pipeline_stages(cascade_config(args.model), args.model, None, None, False)
     stage_s: dict[str, float] = {}
     rows = run_in_process(items, specs, batch_size=args.batch_size, threads=args.baseline_threads,
@@ -94,10 +94,10 @@ def run_pipeline(manifest: Path, out: Path, args):
     from dreamix_ray.cluster.batch_cli import parse_table
     from dreamix_ray.cluster.plan import pipeline_stages
     from dreamix_ray.cluster.stages import cascade_config
-    from dreamix_ray.config import EditConfig
+    from dreamix_ray.request import EditRequest
 
     opts = BatchOptions(manifest=str(manifest), output_prefix=str(out), model=args.model,
-                        edit=EditConfig(ssr_chunk_frames=args.ssr_chunk_frames),
+                        request=EditRequest(prompt="", ssr_chunk_frames=args.ssr_chunk_frames),
                         cpus=parse_table(args.stage_cpus, "--stage-cpus"),
                         actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
                         batch_size=args.batch_size, progress=False)
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--ssr-chunk-frames", type=int, default=8, help="last-SSR chunk (default 8: 2 chunks per video)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="local Ray cluster CPUs (default: enough for 1 actor/stage)")
-    p.add_argument("--stage-cpus", default="decode=0.5,base=1,tsr=1,ssr=1,reassemble=0.1,encode=0.5")
-    # The last SSR is ~80% of the embedded cascade's work: two SSR actors share its chunks.
+    p.add_argument("--stage-cpus", default="decode=0.5,base=1,tsr=1,ssr=1,encode=0.5")
+    # The last SSR is ~80% of the embedded cascade's work: two SSR actors share its rows.
     p.add_argument("--stage-actors", default="base=1,tsr=1,ssr=2")
     p.add_argument("--baseline-threads", type=int, default=1, help="torch threads of the one-process baseline")
     p.add_argument("--write", default=None, metavar="BENCHMARKS.md", help="append/replace the section there")

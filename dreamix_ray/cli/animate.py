@@ -44,5 +44,5 @@ def run(args) -> int:
         note(f"finetuned artifact {key}")
         prompt = finetuned_prompt(prompt, cfg)
     out = edit(coarse, prompt, resolve(request, cascade.config), cascade, progress=progress(args))
-    write_outputs(args, out, original=coarse)
+    write_outputs(args, out, original=coarse, prompt=prompt)
     return 0

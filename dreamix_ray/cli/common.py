@@ -108,11 +108,13 @@ def finetune_config(args, preset: str) -> FinetuneConfig:
                            batch_size=getattr(args, "batch_size", None))
 
 
-def write_outputs(args, video: Video, original: Video | None = None, audio_from=None) -> None:
+def write_outputs(args, video: Video, original: Video | None = None, audio_from=None,
+                  prompt: str | None = None) -> None:
+    """The output, and with --preview original | edit side by side, its contact sheet labelled with `prompt`."""
     write_video(args.output, video, audio_from=audio_from)
     print(f"wrote {args.output} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps:g} fps)")
     if original is not None and getattr(args, "preview", None):
-        mp4, png = write_preview(original, video, args.preview)
+        mp4, png = write_preview(original, video, args.preview, prompt=prompt)
         print(f"wrote preview {mp4} and {png}")
 
 

@@ -48,5 +48,5 @@ def run(args) -> int:
     start = time.perf_counter()
     out = edit(video, prompt, plan, cascade, progress=progress(args))
     print(f"edited in {time.perf_counter() - start:.1f} s with prompt {prompt!r} at strength {plan.config.strength:g}")
-    write_outputs(args, out, original=video, audio_from=args.input if args.keep_audio else None)
+    write_outputs(args, out, original=video, audio_from=args.input if args.keep_audio else None, prompt=prompt)
     return 0

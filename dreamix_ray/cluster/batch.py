@@ -95,21 +95,15 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _map_specs(specs: list[StageSpec]) -> list[StageSpec]:
-    return [s for s in specs if not s.flat]
-
-
 def _actors(opts: BatchOptions, spec: StageSpec) -> tuple[int, int]:
-    if spec.single:
-        return 1, 1
     lo, hi = stage_resource(opts.actors, spec, (1, 4 if spec.model else 2))
     return int(lo), int(hi)
 
 
 def min_resources(opts: BatchOptions, specs: list[StageSpec]) -> dict[str, float]:
     """CPUs and GPUs that one actor of every stage needs at once: less and the pipeline cannot stream."""
-    need = {"CPU": 0.1, "GPU": 0.0}  # the chunk split's tasks
-    for spec in _map_specs(specs):
+    need = {"CPU": 0.0, "GPU": 0.0}
+    for spec in specs:
         lo = _actors(opts, spec)[0]
         need["CPU"] += lo * stage_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
         need["GPU"] += lo * stage_resource(opts.gpus, spec, 0.0)
@@ -167,12 +161,9 @@ def check_fits(opts: BatchOptions, specs: list[StageSpec]) -> None:
 
 def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
                   stage_classes: dict[str, type] | None = None) -> "ray.data.Dataset":
-    """from_items -> map_batches(actor pool) per stage -> flat_map for the chunk split (lazy)."""
+    """from_items -> map_batches(actor pool) per stage (lazy)."""
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
     for spec in specs:
-        if spec.flat:
-            ds = ds.flat_map(spec.fn, fn_kwargs=spec.kwargs, num_cpus=0.1)
-            continue
         cpus = stage_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
         gpus = stage_resource(opts.gpus, spec, 0.0)
         kwargs = dict(spec.kwargs)

@@ -18,8 +18,8 @@ import torch
 from pyarrow import fs as pafs
 
 from ..config import CascadeConfig, EditConfig
-from ..degrade import downsample_to_stage, tensor_to_frames
-from ..edit import StageRun, run_stage
+from ..degrade import downsample_to_stage
+from ..edit import StageRun, run_cascade, run_stage
 from ..errors import UserError
 from ..finetune import finetune_or_load, finetune_preset
 from ..finetuned_cache import FinetunedCascades
@@ -31,7 +31,7 @@ from ..storage import ArtifactStore, S3Settings, exists, filesystem, is_s3, join
 from ..video import Video, VideoError, VideoLimits, read_video, write_preview, write_video
 
 TENSOR_COLUMNS = ("x", "frames")
-INT_COLUMNS = ("row", "prompt_index", "chunk", "n_chunks")
+INT_COLUMNS = ("row", "prompt_index")
 
 
 def empty_x() -> np.ndarray:
@@ -269,14 +269,16 @@ class CascadeStage:
         self.config = cascade_config(model, s3_settings)
         self.name = self.config.stages[index].name
 
-    def _run(self, rows: list[dict], artifact: str, cfg_json: str, chunk: int):
+    def _run(self, rows: list[dict], artifact: str, cfg_json: str):
         cascade, prompt_of = self.models.get(artifact)
         plan = EditPlan.from_dict(json.loads(cfg_json), self.config)
         run = StageRun.of(cascade, plan, [prompt_of(r["prompt"]) for r in rows],
                           [json.loads(r["cfg"])["seed"] for r in rows])
+        x = torch.from_numpy(np.stack([r["x"] for r in rows]))
         with torch.inference_mode():
-            out = run_stage(run, self.index, torch.from_numpy(np.stack([r["x"] for r in rows])), chunk)
-        return list(tensor_to_frames(out)) if self.to_frames else list(out.float().cpu().numpy())
+            if self.to_frames:  # the last stage: chunk by chunk into the uint8 output, as edit() (App. A.1)
+                return list(run_cascade(run, x, first=self.index))
+            return list(run_stage(run, self.index, x).float().cpu().numpy())
 
     def __call__(self, batch: dict) -> dict:
         rows = to_rows(batch)
@@ -285,11 +287,11 @@ class CascadeStage:
             r.setdefault(column, 0.0)
             if r["status"] == "pending":
                 setting = json.dumps({**json.loads(r["cfg"]), "seed": 0}, sort_keys=True)
-                groups[(r["artifact"], setting, r.get("chunk", 0), r["x"].shape)].append(r)
-        for (artifact, setting, chunk, _), group in groups.items():
+                groups[(r["artifact"], setting, r["x"].shape)].append(r)
+        for (artifact, setting, _), group in groups.items():
             start = time.perf_counter()
             try:
-                for r, out in zip(group, self._run(group, artifact, setting, chunk)):
+                for r, out in zip(group, self._run(group, artifact, setting)):
                     r["frames" if self.to_frames else "x"] = out
             except Exception as exc:
                 for r in group:
@@ -305,50 +307,6 @@ class CascadeStage:
         return to_batch(rows, columns)
 
 
-def split_chunks(row: dict, cascade: CascadeConfig) -> list[dict]:
-    """One row per chunk of the last stage's input, as the plan chunks it (paper App. A.1: 32 frames of the
-    last SSR); other rows pass as one chunk."""
-    if row["status"] != "pending":
-        return [dict(row, chunk=0, n_chunks=1)]
-    x, bounds = row["x"], EditPlan.from_dict(json.loads(row["cfg"]), cascade).stages[-1].chunks
-    return [dict(row, x=np.ascontiguousarray(x[:, lo:hi]), chunk=c, n_chunks=len(bounds))
-            for c, (lo, hi) in enumerate(bounds)]
-
-
-class Reassemble:
-    """Join each (row, prompt)'s chunks in chunk order once all have arrived (needs a single instance)."""
-
-    def __init__(self, timing_column: str = "t_ssr"):
-        self.timing_column = timing_column  # the chunked stage's: its chunk times add up
-        self.partial: dict[str, dict[int, dict]] = {}
-        self.completed: set[str] = set()  # a retried upstream task may send a chunk again
-
-    def _join(self, parts: dict[int, dict]) -> dict:
-        ordered = [parts[c] for c in sorted(parts)]
-        row = dict(ordered[0])
-        failed = [p for p in ordered if p["status"] != "pending"]
-        if failed:
-            row.update(status=failed[0]["status"], error=failed[0]["error"], frames=empty_frames())
-        else:
-            row["frames"] = np.concatenate([p["frames"] for p in ordered], axis=0)
-        if self.timing_column in row:
-            row[self.timing_column] = float(sum(p[self.timing_column] for p in ordered))
-        return row
-
-    def __call__(self, batch: dict) -> dict:
-        out = []
-        for r in to_rows(batch):
-            if r["key"] in self.completed:
-                continue
-            parts = self.partial.setdefault(r["key"], {})
-            parts[r["chunk"]] = r
-            if len(parts) == r["n_chunks"]:
-                out.append(self._join(self.partial.pop(r["key"])))
-                self.completed.add(r["key"])
-        columns = [c for c in batch if c not in ("chunk", "n_chunks")]
-        return to_batch([{k: v for k, v in r.items() if k in columns} for r in out], columns)
-
-
 class Encode:
     """Write each edit and its preview (original | edit) and upload them; the edit goes last, so it marks done."""
 
@@ -361,7 +319,7 @@ class Encode:
         original = self.originals.get_or(r["video"], lambda: load_video(r["video"], self.s3, self.limits)[0])
         with tempfile.TemporaryDirectory(prefix="dreamix-encode-") as tmp:
             video = write_video(Path(tmp, "edit.mp4"), edited)
-            mp4, png = write_preview(original, edited, Path(tmp, "preview.mp4"))
+            mp4, png = write_preview(original, edited, Path(tmp, "preview.mp4"), prompt=r["prompt"])
             write_bytes(r["preview"], mp4.read_bytes(), self.s3)
             write_bytes(r["preview"][:-4] + ".png", png.read_bytes(), self.s3)
             write_bytes(r["output"], video.read_bytes(), self.s3)

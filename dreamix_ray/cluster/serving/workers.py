@@ -190,7 +190,8 @@ class StageWorker(_Replica):
                 self.jobs.put(spec["job_id"], "output.mp4", Path(tmp, "output.mp4").read_bytes())
                 original = self.source_video(spec)
                 if original is not None:
-                    mp4, png = write_preview(original, edited, Path(tmp, "preview.mp4"))
+                    mp4, png = write_preview(original, edited, Path(tmp, "preview.mp4"),
+                                             prompt=spec.get("prompt"))
                     self.jobs.put(spec["job_id"], "preview.mp4", mp4.read_bytes())
                     self.jobs.put(spec["job_id"], "preview.png", png.read_bytes())
                     result.update(preview="preview.mp4", preview_png="preview.png")
