@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -20,7 +23,10 @@ from .config import PAPER_FINETUNE_LR, ConfigError, _Dict
 from .degrade import frames_to_tensor
 from .models.cascade import Cascade, Stage
 from .objective import TrainBatch, draw_training_noise, is_frame_step, sr_condition
-from .storage import ArtifactStore
+from .storage import ArtifactStore, StorageError
+from .training.checkpoint import LocalCheckpoints, load_exports
+from .training.loop import TrainSpec, train
+from .video import resample
 
 # Paper App. A.2 recipes: (alpha, steps); learning rate 6e-6 for all.
 PRESETS = {"video": (1.0, 64), "mixed": (0.35, 250), "frames": (0.0, 100)}
@@ -114,8 +120,6 @@ class _StageData:
     """The clip (for L_vid) and the pool of all frames (for L_frame) at one stage's resolution."""
 
     def __init__(self, video, stage: Stage, cfg: FinetuneConfig):
-        from .video import resample
-
         sc = stage.config
         frames = cfg.num_frames or sc.frames
         clip = resample(video, fps=sc.fps, num_frames=frames, height=sc.height, width=sc.width, fit=cfg.fit)
@@ -135,7 +139,7 @@ class _StageData:
 def finetune_batch(stage: Stage, data: _StageData, text, cfg: FinetuneConfig, stage_index: int,
                    step: int) -> TrainBatch:
     """Step `step`'s global batch: cfg.batch_size samples with their own draws, a pure function of
-    (seed, stage, step), so the single-process loop and every Ray Train rank see the same batch."""
+    (seed, stage, step), so every engine and every rank sees the same batch."""
     rng = np.random.default_rng([cfg.seed, stage_index, step])
     frames_step = is_frame_step(cfg.seed, step, cfg.alpha)
     x0s, ts, noises = [], [], []
@@ -152,77 +156,64 @@ def finetune_batch(stage: Stage, data: _StageData, text, cfg: FinetuneConfig, st
                       torch.cat(ts), torch.cat(noises))
 
 
-def finetune_stage(stage: Stage, data: _StageData, text, cfg: FinetuneConfig, lr: float, stage_index: int,
-                   state: dict | None = None, on_checkpoint=None, progress: bool = False,
-                   on_step: ProgressCallback | None = None) -> None:
-    """Train one stage in place with alpha * L_vid + (1 - alpha) * L_frame (paper Sec. 4.2)."""
-    model = stage.denoiser.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    start = 0
-    if state:
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    bar = tqdm(range(start, cfg.steps), desc=f"finetune {stage.config.name}", disable=not progress,
-               initial=start, total=cfg.steps, leave=False, unit="step")
-    try:
-        for step in bar:
-            batch = finetune_batch(stage, data, text, cfg, stage_index, step)
-            loss = batch.loss(stage)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}", mode="frames" if batch.frames_step else "video")
-            if on_step:
-                on_step(stage.config.name, step + 1, cfg.steps, loss.item())
-            if on_checkpoint and (step + 1) % cfg.checkpoint_every == 0:
-                on_checkpoint(stage, opt, step + 1)
-    except KeyboardInterrupt:
-        if on_checkpoint:  # Ctrl-C keeps the last finished step; a rerun resumes from it
-            on_checkpoint(stage, opt, bar.n)
-        raise
-    finally:
-        model.eval().requires_grad_(False)
+def finetune_lr(cfg: FinetuneConfig, cascade: Cascade) -> float:
+    """The config's rate, else the cascade's `finetune_lr`, else the paper's 6e-6."""
+    return cfg.lr or cascade.config.finetune_lr or PAPER_FINETUNE_LR
+
+
+def finetune_specs(stages: list[tuple[int, Stage, _StageData]], text, cfg: FinetuneConfig, lr: float,
+                   checkpoint_every: int | None = None) -> list[TrainSpec]:
+    """The training loop's spec per (cascade index, stage, data): alpha * L_vid + (1 - alpha) * L_frame
+    (paper Sec. 4.2) at a constant learning rate, the base and SSR stages each on its own data."""
+    every = cfg.checkpoint_every if checkpoint_every is None else checkpoint_every
+    return [TrainSpec(stage.config.name, stage, cfg.steps, lr, cfg.grad_clip,
+                      functools.partial(finetune_batch, stage, data, text, cfg, index), seed=cfg.seed,
+                      checkpoint_every=every)
+            for index, stage, data in stages]
 
 
 def copy_for_finetuning(cascade: Cascade, names: list[str]) -> Cascade:
     """A cascade sharing every untouched stage and the text encoder, with private copies of `names`."""
-    import copy
-
     stages = [Stage(s.config, copy.deepcopy(s.denoiser) if s.config.name in names else s.denoiser, s.scheduler,
                     s.vae) for s in cascade.stages]
     return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source)
 
 
+class _Progress:
+    """The loop's step callback: a tqdm bar per stage, then the caller's on_step."""
+
+    def __init__(self, show: bool, on_step: ProgressCallback | None):
+        self.show, self.on_step, self.bars = show, on_step, {}
+
+    def __call__(self, name: str, step: int, total: int, loss: float) -> None:
+        if name not in self.bars:
+            self.bars[name] = tqdm(desc=f"finetune {name}", total=total, initial=step - 1, disable=not self.show,
+                                   leave=False, unit="step")
+        bar = self.bars[name]
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step == total:
+            bar.close()
+        if self.on_step:
+            self.on_step(name, step, total, loss)
+
+
 def finetune(video, cfg: FinetuneConfig, cascade: Cascade, work_dir: Path | None = None, progress: bool = False,
              on_step: ProgressCallback | None = None) -> Cascade:
-    """Finetune the configured stages on `video`; `work_dir` holds resumable checkpoints."""
+    """Finetune the configured stages on `video` in one process; `work_dir` holds resumable checkpoints
+    (a temporary folder without it)."""
     names = finetuned_stage_names(cascade, cfg)
     tuned = copy_for_finetuning(cascade, names)
-    lr = cfg.lr or cascade.config.finetune_lr or PAPER_FINETUNE_LR
     text = cascade.text_encoder([cfg.prompt])
-    for index, stage in enumerate(tuned.stages):
-        if stage.config.name not in names:
-            continue
-        ckpt = Path(work_dir, f"{stage.config.name}.pt") if work_dir else None
-        state = None
-        if ckpt and ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
-            stage.denoiser.load_state_dict(state["model"])
-            if state["step"] >= cfg.steps:
-                continue
-
-        def save(stage_, opt, step, _ckpt=ckpt):
-            if _ckpt is not None:
-                _ckpt.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"model": stage_.denoiser.state_dict(), "opt": opt.state_dict(), "step": step},
-                           _ckpt.with_suffix(".tmp"))
-                _ckpt.with_suffix(".tmp").replace(_ckpt)
-
-        data = _StageData(video, stage, cfg)
-        finetune_stage(stage, data, text, cfg, lr, index, state, save, progress, on_step)
-        save(stage, torch.optim.AdamW(stage.denoiser.parameters()), cfg.steps)
-    return tuned
+    stages = [(i, s, _StageData(video, s, cfg)) for i, s in enumerate(tuned.stages) if s.config.name in names]
+    with contextlib.ExitStack() as stack:
+        root = work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dreamix-ft-"))
+        checkpoints = LocalCheckpoints(root)
+        # without a work_dir nothing could resume: only each stage's last checkpoint (its result) is written
+        specs = finetune_specs(stages, text, cfg, finetune_lr(cfg, cascade), None if work_dir else 0)
+        train(specs, checkpoints, on_step=_Progress(progress, on_step))
+        with checkpoints.latest() as last:
+            return load_exports(tuned, names, last)
 
 
 def save_artifact(tuned: Cascade, cfg: FinetuneConfig, key: str, store: ArtifactStore, base: Cascade) -> str:
@@ -240,8 +231,6 @@ def save_artifact(tuned: Cascade, cfg: FinetuneConfig, key: str, store: Artifact
 
 def load_finetuned(cascade: Cascade, key: str, store: ArtifactStore) -> tuple[Cascade, FinetuneConfig]:
     """The cascade with the artifact's stages swapped in, and the config that made it."""
-    from .storage import StorageError
-
     if not store.has(key, ARTIFACT_FILE):
         raise StorageError(f"no finetuned artifact {key!r} in store {store.root}: run `dreamix finetune` first")
     meta = json.loads(store.get(key, ARTIFACT_FILE))

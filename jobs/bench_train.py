@@ -3,8 +3,8 @@ bytes under ZeRO-2, ZeRO-3 and plain DDP, on one finetuned stage of a cascade.
 
     python jobs/bench_train.py [--model DIR] [--stage base] [--steps 8] [--batch-size 2] [--append]
 
-Every configuration is a real Ray Train run (DeepSpeed ZeRO via dreamix_ray.cluster.train; DDP via
-ray.train.torch.prepare_model with the same sharded batches). With --append the table goes to
+Every configuration is a real Ray Train run of the one training loop (dreamix_ray/training/loop.py)
+with its DeepSpeed or DDP engine, on the same sharded batches. With --append the table goes to
 BENCHMARKS.md under "## Distributed training". "optimizer" = fp32 master partitions (ZeRO keeps a copy)
 + Adam moments, measured on each rank after the last step; "params" = the weights a rank holds.
 """
@@ -28,59 +28,17 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torc
 SECTION = "## Distributed training"
 
 
-def ddp_loop(job: dict) -> None:
-    """The DDP baseline: the same tasks and rank shards, torch AdamW over the full model on every rank."""
-    import ray.train
-    import ray.train.torch
-    import torch
+def run_engine(video, cfg, cascade, workers: int, engine: str, zero: int, storage: str) -> dict:
+    """One Ray Train run of the core training loop with `engine` (deepspeed or ddp)."""
+    from dreamix_ray.cluster.train import (
+        TrainSettings,
+        finetune_job,
+        read_state,
+        run_training,
+    )
 
-    from dreamix_ray.cluster.train_loop import memory_bytes
-    from dreamix_ray.cluster.train_shard import rank_losses
-    from dreamix_ray.cluster.train_tasks import build_tasks
-    from dreamix_ray.models.cascade import Stage
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(job["threads"])
-    task = build_tasks(job)[0]
-    module = task.stage.denoiser.train().requires_grad_(True)
-    model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
-    opt = torch.optim.AdamW(module.parameters(), lr=task.lr, weight_decay=0.0)
-    stage = Stage(task.stage.config, model, task.stage.scheduler)
-    started = None
-    for step in range(task.steps):
-        if step == 1:
-            started = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        for loss, _ in rank_losses(task.batch(step), stage, rank, world, 1):
-            loss.backward()  # DDP averages over ranks as DeepSpeed does
-        torch.nn.utils.clip_grad_norm_(module.parameters(), task.grad_clip)
-        opt.step()
-    out = {"seconds_per_step": (time.perf_counter() - started) / (task.steps - 1),
-           "memory": memory_bytes(module, opt)}
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "state.json").write_text(json.dumps(out))
-        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-
-
-def run_ddp(video, cfg, cascade, workers: int, storage: str) -> dict:
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from dreamix_ray.cluster.train import TrainSettings, finetune_job, read_state
-
-    job = {**finetune_job(video, cfg, cascade, TrainSettings(workers=workers)), "threads": 1}
-    result = TorchTrainer(ddp_loop, train_loop_config=job, torch_config=TorchConfig(backend="gloo"),
-                          scaling_config=ray.train.ScalingConfig(num_workers=workers),
-                          run_config=ray.train.RunConfig(name=f"ddp-{workers}", storage_path=storage)).fit()
-    return read_state(result.checkpoint)
-
-
-def run_zero(video, cfg, cascade, workers: int, zero: int, storage: str) -> dict:
-    from dreamix_ray.cluster.train import TrainSettings, finetune_job, read_state, run_training
-
-    settings = TrainSettings(workers=workers, zero=zero, threads=1)
-    result = run_training(finetune_job(video, cfg, cascade, settings), settings, f"zero{zero}-{workers}", storage)
+    settings = TrainSettings(workers=workers, engine=engine, zero=zero, threads=1)
+    result = run_training(finetune_job(video, cfg, cascade, settings), settings, f"{engine}{zero}-{workers}", storage)
     state = read_state(result.checkpoint)
     name = cfg.stages[0]
     return {"seconds_per_step": state["seconds_per_step"][name], "memory": state["memory"][name][0],
@@ -115,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=args.num_cpus, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
     rows = []
     try:
-        for name, run in [("ZeRO-2, 1 worker", lambda: run_zero(video, cfg, cascade, 1, 2, storage)),
-                          ("ZeRO-2, 2 workers", lambda: run_zero(video, cfg, cascade, 2, 2, storage)),
-                          ("ZeRO-3, 2 workers", lambda: run_zero(video, cfg, cascade, 2, 3, storage)),
-                          ("DDP, 2 workers", lambda: run_ddp(video, cfg, cascade, 2, storage))]:
+        for name, run in [("ZeRO-2, 1 worker", lambda: run_engine(video, cfg, cascade, 1, "deepspeed", 2, storage)),
+                          ("ZeRO-2, 2 workers", lambda: run_engine(video, cfg, cascade, 2, "deepspeed", 2, storage)),
+                          ("ZeRO-3, 2 workers", lambda: run_engine(video, cfg, cascade, 2, "deepspeed", 3, storage)),
+                          ("DDP, 2 workers", lambda: run_engine(video, cfg, cascade, 2, "ddp", 2, storage))]:
             t0 = time.perf_counter()
             out = run()
             rows.append((name, out, time.perf_counter() - t0))

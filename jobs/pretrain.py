@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dreamix_ray.pretrain import main  # noqa: E402
+from dreamix_ray.cluster.pretrain_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ from dreamix_ray.config import ConfigError, EditConfig
 from dreamix_ray.edit import edit
 from dreamix_ray.finetune import (
     ARTIFACT_FILE, FinetuneConfig, _StageData, copy_for_finetuning, finetune, finetune_or_load, finetune_preset,
-    finetune_stage, finetuned_prompt, load_finetuned,
+    finetuned_prompt, load_finetuned,
 )
 from dreamix_ray.models.frame_mode import temporal_parameter_names
 from dreamix_ray.objective import diffusion_loss, is_frame_step, sr_condition
@@ -59,16 +59,37 @@ def _fixed_loss(stage, data, text):
 
 
 def test_loss_goes_down(tiny, moving_video):
-    tuned = copy_for_finetuning(tiny, ["base"])
-    stage = tuned.base
-    cfg = FinetuneConfig(alpha=1.0, steps=30, seed=0)
-    data = _StageData(moving_video, stage, cfg)
-    text = tiny.text_encoder([cfg.prompt])
-    before = _fixed_loss(stage, data, text)
+    cfg = FinetuneConfig(alpha=1.0, steps=30, lr=3e-3, stages=("base",))
+    data, text = _StageData(moving_video, tiny.base, cfg), tiny.text_encoder([cfg.prompt])
     losses = []
-    finetune_stage(stage, data, text, cfg, 3e-3, 0, on_step=lambda s, i, n, loss: losses.append(loss))
+    tuned = finetune(moving_video, cfg, tiny, on_step=lambda s, i, n, loss: losses.append(loss))
     assert len(losses) == 30
-    assert _fixed_loss(stage, data, text) < 0.7 * before
+    assert _fixed_loss(tuned.base, data, text) < 0.7 * _fixed_loss(tiny.base, data, text)
+
+
+class _Killed(Exception):
+    """Stands in for the process dying: nothing of the run survives but its checkpoints."""
+
+
+def test_a_killed_finetune_resumes_to_the_uninterrupted_result(tiny, moving_video, tmp_path):
+    # seed 35, alpha 0.35: step 0 is a video step (dropout on the temporal convs), steps 1-3 frame steps
+    cfg = finetune_preset("mixed", steps=4, lr=1e-3, checkpoint_every=2, seed=35)
+    whole = finetune(moving_video, cfg, tiny)
+
+    def kill(stage, step, total, loss):
+        if (stage, step) == ("ssr", 3):
+            raise _Killed
+
+    with pytest.raises(_Killed):  # after the base finished and the SSR's checkpoint at step 2
+        finetune(moving_video, cfg, tiny, tmp_path, on_step=kill)
+    steps = []
+    resumed = finetune(moving_video, cfg, tiny, tmp_path, on_step=lambda stage, step, *_: steps.append((stage, step)))
+    assert steps == [("ssr", 3), ("ssr", 4)]  # the base is done, the SSR carries on from its checkpoint
+    for index in (0, 2):  # weights, Adam moments and the dropout draws came back: bit for bit
+        want, got = whole.stages[index].denoiser.state_dict(), resumed.stages[index].denoiser.state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    assert not torch.equal(whole.base.denoiser.state_dict()["unet.conv_in.weight"],
+                           tiny.base.denoiser.state_dict()["unet.conv_in.weight"])
 
 
 def test_frame_step_choice_is_shared_and_follows_alpha():

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dreamix_ray.pretrain import (
-    OPPOSITE, PretrainConfig, export_cascade, held_out, learning_rate, reversed_twin, train_stage,
+    OPPOSITE, PretrainConfig, export_cascade, held_out, learning_rate, pretrain_spec, reversed_twin, train_stage,
     training_scenes,
 )
+from dreamix_ray.training.checkpoint import LocalCheckpoints, TrainState
+from dreamix_ray.training.engines import EngineConfig
+from dreamix_ray.training.loop import train
 from dreamix_ray.world.analyze import analyze, compare
 from dreamix_ray.world.render import render
 from dreamix_ray.world.scene import sample_scene
@@ -67,13 +73,44 @@ def test_train_stage_resumes_from_its_checkpoint(tmp_path, text_encoder):
     logs = []
     cfg = PretrainConfig(stage="base", max_steps=2, batch_size=2, warmup_steps=1)
     train_stage(cfg, tmp_path, text_encoder, log=logs.append)
-    train_stage(PretrainConfig(**{**cfg.to_dict(), "max_steps": 3}), tmp_path, text_encoder, log=logs.append)
-    assert "[base] resumed at step 2" in logs
-    assert torch.load(tmp_path / "base" / "checkpoint.pt", weights_only=False)["step"] == 3
-    assert (tmp_path / "base" / "ema" / "config.json").is_file()
+    ema = train_stage(PretrainConfig(**{**cfg.to_dict(), "max_steps": 3}), tmp_path, text_encoder, log=logs.append)
+    assert "[base] resumed at step 2" in logs  # a rerun with more steps trains on
+    with LocalCheckpoints(tmp_path / "base" / "checkpoints").latest() as last:
+        state = TrainState.read(last)
+    assert state.step == 3 and state.starts == [["base", 0], ["base", 2]] and len(state.losses["base"]) == 3
+    assert ema == tmp_path / "base" / "ema" and (ema / "config.json").is_file()
     with pytest.raises(FileNotFoundError, match="'tsr' has no trained weights"):
         export_cascade(tmp_path, tmp_path / "out", text_encoder)
-    assert json.loads((tmp_path / "base" / "ema" / "config.json").read_text())["position_frames"] == 8
+    assert json.loads((ema / "config.json").read_text())["position_frames"] == 8
+
+
+class _Killed(Exception):
+    """Stands in for the process dying: nothing of the run survives but its checkpoints."""
+
+
+def _kill_at(when: int):
+    def on_step(name, step, total, loss):
+        if step == when:
+            raise _Killed
+    return on_step
+
+
+def test_a_killed_pretraining_run_resumes_to_the_uninterrupted_result(tmp_path, text_encoder):
+    """Weights, Adam moments, the EMA, the learning-rate schedule and the dropout draws all come back:
+    the resumed run's losses and exported EMA are the uninterrupted run's, bit for bit."""
+    cfg = PretrainConfig(stage="base", max_steps=3, batch_size=1, warmup_steps=2, checkpoint_every=2,
+                         image_fraction=0.5)
+    whole = LocalCheckpoints(tmp_path / "whole")
+    want = train([pretrain_spec(cfg, text_encoder)], whole)
+    killed = LocalCheckpoints(tmp_path / "killed")
+    with pytest.raises(_Killed):  # after the last step, before its checkpoint: the newest is step 2's
+        train([pretrain_spec(cfg, text_encoder)], killed, on_step=_kill_at(3))
+    got = train([pretrain_spec(cfg, text_encoder)], killed)
+    assert got.starts == [["base", 0], ["base", 2]] and got.losses == want.losses
+    with whole.latest() as a, killed.latest() as b:
+        ema_a = load_file(str(a / "exports" / "base" / "diffusion_pytorch_model.safetensors"))
+        ema_b = load_file(str(b / "exports" / "base" / "diffusion_pytorch_model.safetensors"))
+    assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
 def test_export_writes_a_cascade_with_its_fitted_motion_prior(tmp_path, text_encoder):
@@ -108,7 +145,7 @@ def test_motion_planes_carry_text_times_position_and_vanish_in_frame_mode():
 
 def test_warm_start_keeps_the_trained_model_exactly_and_grows_its_input(tmp_path):
     from dreamix_ray.models.stage import StageDenoiser
-    from dreamix_ray.pretrain import warm_start
+    from dreamix_ray.training.warm_start import warm_start
 
     small = dict(block_out_channels=(16, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                  up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=8)
@@ -167,7 +204,7 @@ def test_motion_targets_follow_the_captions_of_the_step():
     (["--stages", "tsr", "--coord-planes"], "base-stage options"),
 ])
 def test_pretrain_cli_refuses_inconsistent_motion_options(argv, message, capsys):
-    from dreamix_ray.pretrain import main
+    from dreamix_ray.cluster.pretrain_cli import main
 
     with pytest.raises(SystemExit):
         main(argv)
@@ -230,10 +267,42 @@ def test_fitted_motion_projection_reads_the_direction_off_new_captions(text_enco
         assert (gy > 0.4 if dy > 0 else gy < -0.4 if dy < 0 else abs(gy) < 0.4), (dx, dy, gx, gy)
 
 
-def test_ray_pretraining_refuses_motion_supervision_it_would_ignore():
-    from dreamix_ray.cluster.train_tasks import build_tasks
-
-    job = {"kind": "pretrain", "cfgs": [PretrainConfig(motion_planes=2, motion_supervision=1.0).to_dict()],
-           "checkpoint_every": 10}
+def test_distributed_engines_refuse_motion_supervision_they_would_ignore(tmp_path, text_encoder):
+    spec = pretrain_spec(PretrainConfig(motion_planes=2, motion_supervision=1.0), text_encoder)
     with pytest.raises(ValueError, match="one process only"):
-        build_tasks(job)
+        train([spec], LocalCheckpoints(tmp_path), EngineConfig(kind="ddp"))
+
+
+def test_the_training_layers_import_downwards_only():
+    """The core (outside cluster/ and the CLI modules) imports nothing from cluster/, and the training
+    modules form no import cycle (checked on the source, function bodies included)."""
+    package = Path(__file__).resolve().parents[1] / "dreamix_ray"
+    graph = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        base = name.split(".") if parts[-1] == "__init__" else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = ".".join(base[:len(base) - node.level + 1] + [node.module or ""]) if node.level else node.module
+                targets |= {mod.rstrip(".")} | {f"{mod.rstrip('.')}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[name] = {t for t in targets if t.startswith("dreamix_ray")}
+    core = [m for m in graph if not m.startswith(("dreamix_ray.cluster", "dreamix_ray.cli"))]
+    assert not [(m, t) for m in core for t in graph[m] if t.startswith("dreamix_ray.cluster")]
+
+    def modules(targets):
+        return {t if t in graph else t.rpartition(".")[0] for t in targets} & set(graph)
+
+    training = [m for m in graph if m.startswith(("dreamix_ray.training", "dreamix_ray.pretrain",
+                                                   "dreamix_ray.finetune", "dreamix_ray.cluster.train"))]
+    for start in training:  # no path leads from a training module back to itself
+        seen, todo = set(), list(modules(graph[start]))
+        while todo:
+            m = todo.pop()
+            assert m != start, f"import cycle through {start}"
+            if m not in seen:
+                seen.add(m)
+                todo += modules(graph[m])

@@ -1,7 +1,8 @@
-"""Distributed finetuning and pretraining on Ray Train + DeepSpeed ZeRO (CPU, 2 workers, tiny cascade).
+"""Distributed finetuning and pretraining: the Ray Train worker task running the one training loop with
+the DeepSpeed ZeRO and DDP engines (CPU, 1-2 workers, tiny cascade).
 
-Every run here is real: a local Ray instance of this test module's own, two Ray Train workers over
-gloo, DeepSpeed ZeRO-2 / ZeRO-3 on the CPU accelerator. The single-process loop is the reference.
+Every run here is real: a local Ray instance of this test module's own, Ray Train workers over gloo,
+DeepSpeed ZeRO-2 / ZeRO-3 on the CPU accelerator. The same loop in one process is the reference.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import ray.train  # noqa: E402,F811  (TrainingFailedError, before any run has im
 from dreamix_ray.cluster.train import (  # noqa: E402
     TrainSettings, TrainSetupError, finetune_on_ray, load_deepspeed_config, read_state,
 )
-from dreamix_ray.cluster.train_loop import ResumeError  # noqa: E402
-from dreamix_ray.cluster.train_shard import rank_losses  # noqa: E402
 from dreamix_ray.finetune import (  # noqa: E402
     ARTIFACT_FILE, _StageData, artifact_key, finetune, finetune_batch, finetune_preset, load_finetuned, video_bytes,
 )
 from dreamix_ray.models.frame_mode import temporal_parameter_names  # noqa: E402
 from dreamix_ray.storage import ArtifactStore  # noqa: E402
+from dreamix_ray.training.checkpoint import ResumeError  # noqa: E402
+from dreamix_ray.training.shard import rank_parts  # noqa: E402
 
 # Global batch of 2 samples. Seed 35, alpha 0.35: steps 0 and 5 are video steps, 1-4 frame steps, so the
 # temporal layers' Adam moments from step 0 must neither move them on steps 1-4 (single-process AdamW
@@ -140,9 +141,10 @@ def test_rank_shards_add_up_to_the_global_batch(tiny, video):
                 model.zero_grad()
                 shares = 0.0
                 for rank in range(world):
-                    for loss, share in rank_losses(batch, stage, rank, world, micro):
-                        (loss / world).backward()  # DeepSpeed's average over ranks
-                        shares += share
+                    for sub, scale in rank_parts(batch, rank, world, micro):
+                        sse = sub.loss(stage, reduction="sum")
+                        (sse * scale / world).backward()  # the engines average over ranks
+                        shares += sse.item() * scale / world
                 assert shares == pytest.approx(batch.loss(stage).item(), rel=1e-5)
                 got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
                 assert got.keys() == want.keys()
@@ -205,12 +207,27 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_and_matches_single_process(
                         TrainSettings(zero=2, workers=1, threads=1), name="resume", storage=storage)
 
 
+def test_one_ddp_worker_runs_the_plain_loop(ray_local, tiny, video, single_mixed, tmp_path):
+    """The worker task is the single-process loop with another engine: one DDP worker, its batch in two
+    micro-steps (gradient accumulation without an all-reduce in between), gives the same losses and weights."""
+    losses, reference = single_mixed
+    store = ArtifactStore(str(tmp_path / "store"))
+    settings = TrainSettings(workers=1, engine="ddp", micro_batch=1, threads=1)
+    key, result = finetune_on_ray(video, MIXED, tiny, store, settings, storage=str(tmp_path / "ray"))
+    state = read_state(result.checkpoint)
+    assert state["layout"] == "full" and state["world"] == 1 and state["zero"] == 0
+    np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-5)
+    loaded = load_finetuned(tiny, key, store)[0]
+    assert _update_gap(loaded.base.denoiser, reference.base.denoiser, tiny.base.denoiser) < 1e-3
+
+
 def test_dreamix_pretrain_workers_trains_on_ray_on_the_shared_world_batch(ray_local, text_encoder, tmp_path,
                                                                            capsys):
+    from dreamix_ray.cluster.pretrain_cli import main
     from dreamix_ray.models.cascade import build_cascade
     from dreamix_ray.models.embedded import EMBEDDED_DENOISERS, embedded_config
     from dreamix_ray.models.stage import StageDenoiser
-    from dreamix_ray.pretrain import PretrainConfig, main, pretrain_batch
+    from dreamix_ray.pretrain import PretrainConfig, pretrain_batch
 
     run = tmp_path / "run"
     assert main(["--stages", "base", "--workers", "2", "--threads", "1", "--max-steps", "2", "--batch-size", "2",

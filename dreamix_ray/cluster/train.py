@@ -1,27 +1,37 @@
-"""Distributed finetuning and pretraining: a Ray Train TorchTrainer running DeepSpeed ZeRO-2 or ZeRO-3
-(gloo on CPU, NCCL on GPU, bf16 where the GPU has it). The worker loop is in train_loop.py.
+"""Distributed finetuning and pretraining: a Ray Train TorchTrainer whose worker task runs the core
+training loop with the DeepSpeed ZeRO-2 / ZeRO-3 or the DDP engine (gloo on CPU, NCCL on GPU, bf16
+where the GPU has it). The worker task is in train_worker.py.
 
-Finetuning trains all finetuned stages in ONE run, one after another (each its own DeepSpeed engine),
-so one name and one checkpoint history cover the artifact; the driver writes the last checkpoint's
-fp32 weights with `save_artifact` under the single-process key. Pretraining runs one stage per run,
-since each stage has its own time budget. A rerun with the same run name and storage resumes.
+Finetuning trains all finetuned stages in ONE run, one after another (each its own engine), so one
+name and one checkpoint history cover the artifact; the driver writes the last checkpoint's fp32
+weights with `save_artifact` under the single-process key. Pretraining runs one stage per run, since
+each stage has its own time budget. A rerun with the same run name and storage resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PAPER_FINETUNE_LR, _Dict
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ..config import _Dict
 from ..errors import UserError
 from ..finetune import (
-    ARTIFACT_FILE, FinetuneConfig, _StageData, artifact_key, finetuned_stage_names, save_artifact, video_bytes,
+    ARTIFACT_FILE, FinetuneConfig, _StageData, artifact_key, copy_for_finetuning, finetune_lr,
+    finetuned_stage_names, save_artifact, video_bytes,
 )
-from ..models.cascade import Cascade, Stage
+from ..models.cascade import Cascade, Stage, load_cascade
+from ..pretrain import PretrainConfig, publish_ema
 from ..storage import ArtifactStore, filesystem, is_s3, join
-from .train_loop import STATE_FILE, train_loop_per_worker
+from ..training.checkpoint import STATE_FILE, load_exports
+from ..training.engines import EngineConfig
+from .train_worker import train_worker_task
 
 
 class TrainSetupError(UserError):
@@ -33,6 +43,7 @@ class TrainSettings(_Dict):
     """How a job runs on the cluster; none of it changes the result, so none of it is in the artifact key."""
 
     workers: int = 2
+    engine: str = "deepspeed"  # deepspeed (ZeRO, --zero) | ddp (every rank holds the whole optimizer)
     zero: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -46,6 +57,8 @@ class TrainSettings(_Dict):
     def __post_init__(self):
         if self.workers < 1:
             raise TrainSetupError(f"--workers must be >= 1, got {self.workers}")
+        if self.engine not in ("deepspeed", "ddp"):
+            raise TrainSetupError(f"the distributed engine must be deepspeed or ddp, got {self.engine!r}")
         if self.zero not in (2, 3):
             raise TrainSetupError(f"--zero must be 2 or 3, got {self.zero}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -84,16 +97,15 @@ def micro_steps(batch_size: int, settings: TrainSettings) -> int:
 
 
 def _job(kind: str, settings: TrainSettings, batch_size: int, **fields) -> dict:
-    return dict(kind=kind, zero=settings.zero, precision=settings.precision, use_gpu=settings.use_gpu,
-                threads=settings.threads, micro_steps=micro_steps(batch_size, settings),
-                deepspeed=load_deepspeed_config(settings), **fields)
+    engine = EngineConfig(kind=settings.engine, zero=settings.zero, precision=settings.precision,
+                          micro_steps=micro_steps(batch_size, settings), deepspeed=load_deepspeed_config(settings))
+    return dict(kind=kind, engine=dataclasses.asdict(engine), use_gpu=settings.use_gpu, threads=settings.threads,
+                **fields)
 
 
 def _user_error(exc: BaseException) -> UserError | None:
     """The UserError a worker raised (ResumeError, a bad setting), if that is why the run failed."""
-    from ray.train import WorkerGroupError
-
-    failures = exc.worker_failures.values() if isinstance(exc, WorkerGroupError) else [exc]
+    failures = exc.worker_failures.values() if isinstance(exc, ray.train.WorkerGroupError) else [exc]
     for err in failures:
         seen = set()
         while err is not None and id(err) not in seen:
@@ -106,14 +118,11 @@ def _user_error(exc: BaseException) -> UserError | None:
 
 def run_training(job: dict, settings: TrainSettings, name: str, storage: str, fail_after_step: int | None = None):
     """One TorchTrainer run (resumes `name` under `storage` if it has checkpoints); returns the Result."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     fs, path = filesystem(storage) if is_s3(storage) else (None, str(Path(storage).expanduser().resolve()))
     if fail_after_step is not None:  # test hook: a worker dies hard after this step
         job = {**job, "fail_after_step": fail_after_step}
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=job,
+        train_worker_task, train_loop_config=job,
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
                                                resources_per_worker={"CPU": settings.cpus_per_worker}),
@@ -132,7 +141,7 @@ def run_training(job: dict, settings: TrainSettings, name: str, storage: str, fa
 
 
 def read_state(checkpoint) -> dict:
-    """state.json of a run's checkpoint: stage, step, world, losses per stage, memory, seconds per step."""
+    """state.json of a run's checkpoint (training/checkpoint.py's TrainState)."""
     with checkpoint.as_directory() as d:
         return json.loads(Path(d, STATE_FILE).read_text())
 
@@ -144,28 +153,12 @@ def default_storage(store: ArtifactStore) -> str:
 def finetune_job(video, cfg: FinetuneConfig, cascade: Cascade, settings: TrainSettings) -> dict:
     """The finetune job: stage weights, their training data and the prompt embedding go through the
     object store, so workers need neither the model directory nor the text encoder."""
-    import ray
-
     names = finetuned_stage_names(cascade, cfg)
     stages = [(i, Stage(s.config, s.denoiser, s.scheduler), _StageData(video, s, cfg))
               for i, s in enumerate(cascade.stages) if s.config.name in names]
     payload = {"text": cascade.text_encoder([cfg.prompt]), "stages": stages}
-    lr = cfg.lr or cascade.config.finetune_lr or PAPER_FINETUNE_LR
-    return _job("finetune", settings, cfg.batch_size, cfg=cfg.to_dict(), lr=lr, payload=ray.put(payload))
-
-
-def tuned_from_checkpoint(cascade: Cascade, names: list[str], checkpoint) -> Cascade:
-    """The cascade with the run's exported stages swapped in."""
-    stages = []
-    with checkpoint.as_directory() as d:
-        for s in cascade.stages:
-            folder = Path(d, "exports", s.config.name)
-            if s.config.name in names and not folder.is_dir():
-                raise TrainSetupError(f"the training run's last checkpoint has no weights for stage "
-                                      f"{s.config.name!r}: rerun it with the same name to finish")
-            den = type(s.denoiser).from_pretrained(folder).eval() if s.config.name in names else s.denoiser
-            stages.append(Stage(s.config, den, s.scheduler))
-    return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source)
+    return _job("finetune", settings, cfg.batch_size, cfg=cfg.to_dict(), lr=finetune_lr(cfg, cascade),
+                payload=ray.put(payload))
 
 
 def finetune_on_ray(video, cfg: FinetuneConfig, cascade: Cascade, store: ArtifactStore, settings: TrainSettings,
@@ -177,39 +170,33 @@ def finetune_on_ray(video, cfg: FinetuneConfig, cascade: Cascade, store: Artifac
         return key, None
     result = run_training(finetune_job(video, cfg, cascade, settings), settings, name or key,
                           storage or default_storage(store), fail_after_step)
-    tuned = tuned_from_checkpoint(cascade, finetuned_stage_names(cascade, cfg), result.checkpoint)
+    names = finetuned_stage_names(cascade, cfg)
+    with result.checkpoint.as_directory() as last:
+        tuned = load_exports(copy_for_finetuning(cascade, names), names, Path(last))
     save_artifact(tuned, cfg, key, store, cascade)
     return key, result
 
 
-def pretrain_on_ray(cfg, run_dir: str, settings: TrainSettings, name: str | None = None,
-                    storage: str | None = None, checkpoint_every: int = 200, fail_after_step: int | None = None):
+def pretrain_on_ray(cfg: PretrainConfig, run_dir: str, settings: TrainSettings, name: str | None = None,
+                    storage: str | None = None, fail_after_step: int | None = None):
     """Pretrain one embedded-cascade stage on Ray Train; its EMA lands in run_dir/<stage>/ema, where
     `export_cascade` reads it. Returns the Result."""
-    import shutil
-
-    job = _job("pretrain", settings, cfg.batch_size, cfgs=[cfg.to_dict()], checkpoint_every=checkpoint_every)
+    job = _job("pretrain", settings, cfg.batch_size, cfgs=[cfg.to_dict()])
     result = run_training(job, settings, name or f"pretrain-{cfg.stage}",
                           storage or str(Path(run_dir, "_ray")), fail_after_step)
-    with result.checkpoint.as_directory() as d:
-        ema = Path(run_dir, cfg.stage, "ema")
-        shutil.rmtree(ema, ignore_errors=True)
-        shutil.copytree(Path(d, "exports", cfg.stage), ema)
+    with result.checkpoint.as_directory() as last:
+        publish_ema(Path(last), run_dir, cfg.stage)
     return result
 
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect to `address` (or start a local Ray) unless this process already has Ray up."""
-    import ray
-
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
 
 
 def distributed_finetune(args, video, cfg: FinetuneConfig, source_bytes: bytes) -> str:
     """`dreamix finetune --workers N [--zero 2|3] [--address ADDR]`: returns the artifact key."""
-    from ..models.cascade import load_cascade
-
     settings = TrainSettings(workers=args.workers, zero=getattr(args, "zero", 2) or 2,
                              use_gpu=bool(getattr(args, "gpu", False)),
                              deepspeed_config=getattr(args, "deepspeed_config", None),

@@ -1,12 +1,14 @@
-"""How one step's global batch is split over data-parallel ranks and micro-steps (pure PyTorch, no Ray).
+"""How one step's global batch is split over data-parallel ranks and micro-steps.
 
 A unit of work is a row (a clip) on video steps, and a single frame of a row on frame steps: in frame
 mode every frame is an independent image, so a frame pack can be split over ranks exactly. Each rank
-sums the squared errors of its units and weights them so that DeepSpeed's gradient average over ranks
+sums the squared errors of its units and weights them so that the engine's gradient average over ranks
 equals the gradient of the global batch mean: the result does not depend on the worker count.
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
@@ -46,17 +48,20 @@ def select(batch: TrainBatch, picked: list[tuple[int, int | None]], device: torc
                       take(batch.noise_bcfhw))
 
 
-def rank_losses(batch: TrainBatch, stage, rank: int, world: int, micro_steps: int, device="cpu"):
-    """Yield (loss to backward, its share of the global mean) per micro-step of `rank`.
+def rank_parts(batch: TrainBatch, rank: int, world: int, micro_steps: int, device="cpu"
+               ) -> Iterator[tuple[TrainBatch, float]]:
+    """Yield (sub-batch, scale) per micro-step of `rank`: backpropagate scale * its sum of squared errors.
 
-    The backward loss is sum-of-squares * world / numel(global batch): DeepSpeed divides the summed
-    gradients by `world`, leaving the gradient of the global mean. An empty share still runs one unit
-    at weight 0, so every rank takes part in every collective (ZeRO-3 gathers parameters in forward).
+    scale = world / numel(global batch): the engine divides the summed gradients by `world`, leaving the
+    gradient of the global mean; scale / world * the sum is the part's share of the mean loss. An empty
+    part still runs one unit at scale 0, so every rank takes part in every collective (ZeRO-3 gathers
+    parameters in forward). One part in all is the batch as it is.
     """
-    all_units = units(batch)
     total = batch.x0_bcfhw.numel()
+    if world * micro_steps == 1:
+        yield batch, 1.0 / total
+        return
+    all_units = units(batch)
     for idx in shard(len(all_units), world, micro_steps)[rank]:
-        weight = 1.0 if idx else 0.0
-        sub = select(batch, [all_units[i] for i in (idx or [0])], device)
-        sse = sub.loss(stage, reduction="sum")
-        yield sse * (weight * world / total), weight * sse.detach().item() / total
+        scale = world / total if idx else 0.0
+        yield select(batch, [all_units[i] for i in (idx or [0])], device), scale

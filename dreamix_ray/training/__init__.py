@@ -1,0 +1,1 @@
+"""The one training loop (pretraining, finetuning, subject learning, Ray Train worker tasks): loop.py."""
