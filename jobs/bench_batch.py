@@ -71,15 +71,15 @@ class PeakObjectStore:
 
 
 def run_sequential(manifest: Path, out: Path, args) -> tuple[float, int]:
-    from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
-    from dreamix_ray.cluster.stages import cascade_config, model_tag
+    from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
+    from dreamix_ray.cluster.steps import cascade_config, model_tag
     from dreamix_ray.manifest import read_manifest, work_items
     from dreamix_ray.request import EditRequest
 
     start, cpu_start = time.perf_counter(), time.process_time()
     items = work_items(read_manifest(str(manifest)), str(out), EditRequest(prompt="", ssr_chunk_frames=args.ssr_chunk_frames),
                        model_tag(args.model), cascade_config(args.model))
-    specs = pipeline_stages(cascade_config(args.model), args.model, None, None, False)
+    specs = pipeline_steps(cascade_config(args.model), args.model, None, None, False)
     stage_s: dict[str, float] = {}
     rows = run_in_process(items, specs, batch_size=args.batch_size, threads=args.baseline_threads,
                           on_stage=lambda name, secs: stage_s.__setitem__(name, secs))
@@ -92,8 +92,8 @@ def run_pipeline(manifest: Path, out: Path, args):
 
     from dreamix_ray.cluster.batch import BatchOptions, min_resources, run_batch
     from dreamix_ray.cluster.batch_cli import parse_table
-    from dreamix_ray.cluster.plan import pipeline_stages
-    from dreamix_ray.cluster.stages import cascade_config
+    from dreamix_ray.cluster.pipeline import pipeline_steps
+    from dreamix_ray.cluster.steps import cascade_config
     from dreamix_ray.request import EditRequest
 
     opts = BatchOptions(manifest=str(manifest), output_prefix=str(out), model=args.model,
@@ -102,9 +102,9 @@ def run_pipeline(manifest: Path, out: Path, args):
                         actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
                         batch_size=args.batch_size, progress=False)
     # The cluster run_batch would start, started here so that its start-up is timed apart.
-    need = min_resources(opts, pipeline_stages(cascade_config(args.model), args.model, None, None, False))
+    need = min_resources(opts, pipeline_steps(cascade_config(args.model), args.model, None, None, False))
     start = time.perf_counter()
-    ray.init(num_cpus=args.num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False,
+    ray.init(address="local", num_cpus=args.num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False,
              log_to_driver=False)
     init_s = time.perf_counter() - start
     try:

@@ -85,7 +85,7 @@ def start_local(args) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["DREAMIX_API_KEYS"] = ",".join(KEYS[: args.keys])
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = dict(model=model, store=args.store or tempfile.mkdtemp(prefix="bench-store-"), torch_threads=1,

@@ -41,15 +41,15 @@ def _reference_mp4(tmp: Path, video_path: Path, prompt: str, seed: int, model_di
 
 
 def test_core_and_stage_modules_do_not_import_ray():
-    code = ("import sys, dreamix_ray.manifest, dreamix_ray.cluster.stages, dreamix_ray.cluster.plan; "
+    code = ("import sys, dreamix_ray.manifest, dreamix_ray.cluster.steps, dreamix_ray.cluster.pipeline; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
 
 
 def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, tiny_dir):
     """The plain stage classes, no Ray: outputs equal edit()'s and each other's across batch sizes."""
-    from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
-    from dreamix_ray.cluster.stages import cascade_config
+    from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
+    from dreamix_ray.cluster.steps import cascade_config
     from dreamix_ray.manifest import read_manifest, work_items
 
     clips = [shapes_clip(tmp_path / f"in{i}.mp4", seed=i) for i in range(3)]
@@ -59,7 +59,7 @@ def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, ti
     for batch_size in (1, 3):
         items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / f"out{batch_size}"),
                            JOB, "tiny", cascade_config(str(tiny_dir)))
-        specs = pipeline_stages(cascade_config(str(tiny_dir)), str(tiny_dir), None, None, False)
+        specs = pipeline_steps(cascade_config(str(tiny_dir)), str(tiny_dir), None, None, False)
         done = run_in_process(items, specs, batch_size=batch_size)
         assert [r["status"] for r in done] == ["ok"] * 3
         outputs[batch_size] = [Path(r["output"]).read_bytes() for r in sorted(done, key=lambda r: r["id"])]
@@ -71,8 +71,8 @@ def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, ti
 
 def test_finetune_rows_finetune_once_then_edit_with_the_artifact(tmp_path, tiny_dir):
     """Plain stages with the Finetune stage: one artifact per video, its token in the prompt, s = 0.95."""
-    from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
-    from dreamix_ray.cluster.stages import cascade_config
+    from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
+    from dreamix_ray.cluster.steps import cascade_config
     from dreamix_ray.edit import edit
     from dreamix_ray.finetune import finetuned_prompt, load_finetuned
     from dreamix_ray.manifest import read_manifest, work_items
@@ -88,7 +88,7 @@ def test_finetune_rows_finetune_once_then_edit_with_the_artifact(tmp_path, tiny_
     items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / "out"), JOB, "tiny",
                        cascade_config(str(tiny_dir)))
     store = str(tmp_path / "store")
-    specs = pipeline_stages(cascade_config(str(tiny_dir)), str(tiny_dir), None, store, finetune=True)
+    specs = pipeline_steps(cascade_config(str(tiny_dir)), str(tiny_dir), None, store, finetune=True)
     assert [s.name for s in specs][:3] == ["decode", "finetune", "base"]
     done = {(r["id"], r["prompt"]): r for r in run_in_process(items, specs)}
     green, red = done[("ft", "a green circle")], done[("ft", "a red square")]
@@ -156,9 +156,9 @@ def test_infra_manifests_parse_and_their_entrypoints_exist():
 
 def crash_once_stage(marker: str):
     """A TSR stage whose process dies on its first batch, as an OOM kill would; it runs normally after."""
-    from dreamix_ray.cluster.stages import CascadeStage
+    from dreamix_ray.cluster.steps import CascadeStep
 
-    class CrashOnce(CascadeStage):
+    class CrashOnce(CascadeStep):
         def __call__(self, batch):
             if not os.path.exists(marker):
                 Path(marker).touch()

@@ -89,8 +89,8 @@ def test_two_cli_processes_write_the_same_bytes(tmp_path):
 def test_a_batch_rerun_of_a_row_writes_the_same_bytes(tmp_path):
     """The batch pipeline's own stages (decode ... encode, no Ray) on one row, run, then run again into a
     fresh prefix as a rerun after a lost output does: the same mp4 and preview bytes."""
-    from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
-    from dreamix_ray.cluster.stages import cascade_config
+    from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
+    from dreamix_ray.cluster.steps import cascade_config
     from dreamix_ray.manifest import read_manifest, work_items
     from dreamix_ray.request import EditRequest
 
@@ -102,7 +102,7 @@ def test_a_batch_rerun_of_a_row_writes_the_same_bytes(tmp_path):
     for run in ("first", "rerun"):
         items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / run), job, "embedded",
                            config)
-        done = run_in_process(items, pipeline_stages(config, None, None, None, False))
+        done = run_in_process(items, pipeline_steps(config, None, None, None, False))
         assert [r["status"] for r in done] == ["ok"], done
         runs.append([Path(done[0][k]).read_bytes() for k in ("output", "preview")])
     assert runs[0] == runs[1]

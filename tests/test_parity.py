@@ -91,8 +91,8 @@ def test_the_rule(tuned_config):
 
 def test_cli_and_batch_write_the_same_bytes(tmp_path, tiny_dir, capsys):
     """The same request through `dreamix edit` and the batch steps (run in this process) -> the same mp4."""
-    from dreamix_ray.cluster.plan import pipeline_stages, run_in_process
-    from dreamix_ray.cluster.stages import cascade_config
+    from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
+    from dreamix_ray.cluster.steps import cascade_config
 
     clip = shapes_clip(tmp_path / "in.mp4", seed=3)
     out = tmp_path / "cli.mp4"
@@ -104,6 +104,6 @@ def test_cli_and_batch_write_the_same_bytes(tmp_path, tiny_dir, capsys):
     config = cascade_config(str(tiny_dir))
     items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / "batch"), EditRequest(prompt=""),
                        "tiny", config)
-    done = run_in_process(items, pipeline_stages(config, str(tiny_dir), None, None, False))
+    done = run_in_process(items, pipeline_steps(config, str(tiny_dir), None, None, False))
     assert done[0]["status"] == "ok", done[0]["error"]
     assert Path(done[0]["output"]).read_bytes() == out.read_bytes()

@@ -21,8 +21,8 @@ from ..errors import UserError
 from ..manifest import read_manifest, results_dir, work_items, write_results
 from ..request import EditRequest
 from ..storage import S3Settings, join, write_bytes
-from .plan import DEFAULT_CPUS, StageSpec, pipeline_stages, stage_resource
-from .stages import cascade_config, model_tag, to_rows
+from .pipeline import DEFAULT_CPUS, StepSpec, pipeline_steps, step_resource
+from .steps import cascade_config, model_tag, to_rows
 
 LOST = "lost by the pipeline: a worker failed on it repeatedly (see the Ray logs); rerun to retry"
 
@@ -95,18 +95,18 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _actors(opts: BatchOptions, spec: StageSpec) -> tuple[int, int]:
-    lo, hi = stage_resource(opts.actors, spec, (1, 4 if spec.model else 2))
+def _actors(opts: BatchOptions, spec: StepSpec) -> tuple[int, int]:
+    lo, hi = step_resource(opts.actors, spec, (1, 4 if spec.model else 2))
     return int(lo), int(hi)
 
 
-def min_resources(opts: BatchOptions, specs: list[StageSpec]) -> dict[str, float]:
+def min_resources(opts: BatchOptions, specs: list[StepSpec]) -> dict[str, float]:
     """CPUs and GPUs that one actor of every stage needs at once: less and the pipeline cannot stream."""
     need = {"CPU": 0.0, "GPU": 0.0}
     for spec in specs:
         lo = _actors(opts, spec)[0]
-        need["CPU"] += lo * stage_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
-        need["GPU"] += lo * stage_resource(opts.gpus, spec, 0.0)
+        need["CPU"] += lo * step_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
+        need["GPU"] += lo * step_resource(opts.gpus, spec, 0.0)
     return need
 
 
@@ -135,7 +135,7 @@ def start_or_join(address: str | None, local: dict, **common) -> bool:
     return False
 
 
-def init_ray(opts: BatchOptions, specs: list[StageSpec]) -> bool:
+def init_ray(opts: BatchOptions, specs: list[StepSpec]) -> bool:
     """Join --address / $RAY_ADDRESS (which `ray job submit` sets), or start a private local cluster; True if
     this call started Ray (or connected to it)."""
     if ray.is_initialized():
@@ -148,7 +148,7 @@ def init_ray(opts: BatchOptions, specs: list[StageSpec]) -> bool:
     return True
 
 
-def check_fits(opts: BatchOptions, specs: list[StageSpec]) -> None:
+def check_fits(opts: BatchOptions, specs: list[StepSpec]) -> None:
     """Say so up front when the cluster cannot hold one actor per stage (it would wait for an autoscaler)."""
     have = ray.cluster_resources()
     short = {k: (v, have.get(k, 0.0)) for k, v in min_resources(opts, specs).items() if v > have.get(k, 0.0) + 1e-9}
@@ -159,13 +159,13 @@ def check_fits(opts: BatchOptions, specs: list[StageSpec]) -> None:
               file=sys.stderr)
 
 
-def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
+def build_dataset(items: list[dict], specs: list[StepSpec], opts: BatchOptions,
                   stage_classes: dict[str, type] | None = None) -> "ray.data.Dataset":
     """from_items -> map_batches(actor pool) per stage (lazy)."""
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
     for spec in specs:
-        cpus = stage_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
-        gpus = stage_resource(opts.gpus, spec, 0.0)
+        cpus = step_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
+        gpus = step_resource(opts.gpus, spec, 0.0)
         kwargs = dict(spec.kwargs)
         if spec.model:
             kwargs["threads"] = max(1, int(cpus))
@@ -189,7 +189,7 @@ def build_dataset(items: list[dict], specs: list[StageSpec], opts: BatchOptions,
 
 def _named(cls: type, name: str) -> type:
     """Ray Data names operators after the class: one subclass per stage keeps ds.stats() rows apart."""
-    title = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part) + "Stage"
+    title = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part) + "Step"
     return cls if cls.__name__ == title else type(title, (cls,), {"__module__": cls.__module__})
 
 
@@ -244,7 +244,7 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     config, tag = cascade_config(opts.model, s3), model_tag(opts.model, s3)
     items = work_items(rows, opts.output_prefix, opts.request, tag, config)
     store = opts.store or join(opts.output_prefix, "artifacts")
-    specs = pipeline_stages(config, opts.model, worker_s3 or None, store, any(r.finetune for r in rows), opts.limits)
+    specs = pipeline_steps(config, opts.model, worker_s3 or None, store, any(r.finetune for r in rows), opts.limits)
     run_id = opts.run_id or new_run_id()
     summary = BatchSummary(run_id, len(items), results=join(results_dir(opts.output_prefix), f"run={run_id}"))
     started = init_ray(opts, specs)

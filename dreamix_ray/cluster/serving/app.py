@@ -21,7 +21,7 @@ from .proxy import bind_replica_grpc_to_loopback
 from .runner import JobRunner
 from .settings import KeyRing, ServeSettings, cascade_config, owner_secret
 from .uploads import ApiError
-from .workers import FinetuneWorker, StageWorker
+from .workers import FinetuneDeployment, StageDeployment
 
 APP_NAME = "dreamix"
 
@@ -93,11 +93,11 @@ def build_app(args: dict | None = None):
     actor = {"num_cpus": settings.stage_num_cpus, "num_gpus": settings.stage_num_gpus}
     workers = [
         # One request per replica: a stage saturates its device, so Serve queues and autoscales instead.
-        StageWorker.options(name=f"stage-{s.name}", ray_actor_options=actor,
+        StageDeployment.options(name=f"stage-{s.name}", ray_actor_options=actor,
                             autoscaling_config=_autoscaling(settings, 1)).bind(plain, i)
         for i, s in enumerate(stages)
     ]
-    finetuner = FinetuneWorker.options(name="finetune", ray_actor_options=actor, autoscaling_config=_autoscaling(
+    finetuner = FinetuneDeployment.options(name="finetune", ray_actor_options=actor, autoscaling_config=_autoscaling(
         settings, 1, settings.finetune_min_replicas)).bind(plain)
     return Ingress.options(name="ingress", ray_actor_options={"num_cpus": settings.ingress_num_cpus},
                            autoscaling_config=_autoscaling(settings, 32)).bind(plain, workers, finetuner)

@@ -134,7 +134,7 @@ class _Replica:
 
 
 @serve.deployment(max_ongoing_requests=1)
-class StageWorker(_Replica):
+class StageDeployment(_Replica):
     """One cascade stage (base, TSR or SSR); also decodes inputs (prepare) and encodes outputs (finish)."""
 
     def __init__(self, settings: dict, index: int):
@@ -203,7 +203,7 @@ class StageWorker(_Replica):
 
 
 @serve.deployment(max_ongoing_requests=1)
-class FinetuneWorker(_Replica):
+class FinetuneDeployment(_Replica):
     """Mixed video-image finetuning (paper Sec. 4.2) and subject learning, stored as artifacts."""
 
     async def finetune(self, spec: dict) -> AsyncIterator[dict]:

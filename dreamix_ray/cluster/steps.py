@@ -1,4 +1,4 @@
-"""Batch-edit stages as plain callables on column batches; they run without Ray (batch.py wires them)."""
+"""The batch pipeline's steps as plain callables on column batches; they run without Ray (batch.py wires them)."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def finetune_config(spec: str):
         raise UserError(f"finetune {spec!r:.80}: {exc}") from None
 
 
-# ---------------------------------------------------------------- stages
+# ---------------------------------------------------------------- steps
 
 
 class Decode:
@@ -251,8 +251,8 @@ class Finetune:
         return to_batch(rows, list(rows[0]) if rows else list(batch) + ["t_finetune"])
 
 
-class CascadeStage:
-    """Cascade stage `index` on a batch; rows sharing model, settings, chunk and shape run as one tensor batch.
+class CascadeStep:
+    """The step of cascade stage `index` on a batch; rows sharing model, settings, chunk and shape run as one tensor batch.
 
     Seeds stay per row (generators from (seed, stage, chunk)), so results do not depend on the batching.
     """
