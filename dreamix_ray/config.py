@@ -25,6 +25,10 @@ STRENGTH_PRESETS = ("none", "video", "mixed")  # no finetuning, or the finetunin
 PAPER_FINETUNE_LR = 6e-6
 # Latent SSR refiners (models/latent.py): zeroscope_v2_XL's card recommends SDEdit strength 0.66-0.85.
 DEFAULT_REFINE_STRENGTH = 0.7
+# Classifier-free guidance: "batched" runs cond + uncond as one forward at batch 2B (faster), "sequential" as two
+# forwards at batch B (half the activation memory). None: batched for flow stages (Wan), sequential for DDIM
+# stages (what they always ran; their results stay bit-identical).
+CFG_MODES = ("batched", "sequential")
 # Frames per VAE call in latent stages: bounds VAE memory, which grows with frames x pixels.
 DEFAULT_VAE_CHUNK_FRAMES = 8
 
@@ -197,9 +201,16 @@ class EditConfig(_Dict):
     # The TSR keeps its input frames as its output's keyframes at every step (sr_consistency.py), so it
     # adds frames but does not redraw what the base drew; False = the TSR samples freely (the paper).
     sr_consistency: bool = True
+    # The unconditional branch of classifier-free guidance ("" = the empty prompt, as before).
+    negative_prompt: str = ""
+    cfg_mode: str | None = None  # batched | sequential | None = the stage family's default (CFG_MODES above)
 
     def __post_init__(self):
         validate_strength(self.strength)
+        if self.cfg_mode is not None and self.cfg_mode not in CFG_MODES:
+            raise ConfigError(f"guidance mode must be one of {', '.join(CFG_MODES)}, got {self.cfg_mode!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ConfigError(f"the negative prompt must be text, got {self.negative_prompt!r}")
         if self.sr_strength is not None and not 0.0 < self.sr_strength <= 1.0:
             raise ConfigError(f"SR strength must be in (0, 1] (1 = from pure noise), got {self.sr_strength}")
         if any(int(n) < 1 for n in self.steps):
@@ -216,6 +227,19 @@ class EditConfig(_Dict):
             raise ConfigError(f"motion guidance must be in [0, 1] (0 = off), got {self.motion_guidance}")
         if self.fit not in ("crop", "pad"):
             raise ConfigError(f"fit must be 'crop' or 'pad', got {self.fit!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        # Left out at their defaults: earlier EditConfig JSON, and the rerun keys hashed from it, stay unchanged.
+        for key, default in (("negative_prompt", ""), ("cfg_mode", None)):
+            if data[key] == default:
+                del data[key]
+        return data
+
+    def stage_cfg_mode(self, family: str) -> str:
+        if self.cfg_mode is not None:
+            return self.cfg_mode
+        return "batched" if family == "flow" else "sequential"
 
     def stage_steps(self, index: int, stage: StageConfig) -> int:
         """One value is every stage's; a list gives one per stage, and stages past its end keep their own."""

@@ -1,9 +1,10 @@
 """`dreamix convert SRC... -o CASCADE_DIR`: a cascade over diffusers text-to-video repositories.
 
-The first SRC is the base (text-to-video-ms-1.7b, zeroscope_v2_576w); later ones are SSR refiners
-(zeroscope_v2_XL). cascade.json refers to their unet/, vae/, scheduler/, text_encoder/ and tokenizer/
-folders (absolute paths, or hf:// refs for hub ids); --copy puts them inside the cascade directory,
-which then moves as one piece (to S3, to cluster workers). Weights are not read, only configs.
+Two layouts. ModelScope: the first SRC is the base (text-to-video-ms-1.7b, zeroscope_v2_576w), later ones are
+SSR refiners (zeroscope_v2_XL), each with unet/, vae/, scheduler/, text_encoder/ and tokenizer/. Wan (WanPipeline:
+Wan2.1-T2V-1.3B / 14B, Wan2.2-TI2V-5B): one SRC with transformer/ instead of unet/, a flow-matching base stage.
+cascade.json refers to their folders (absolute paths, or hf:// refs for hub ids); --copy puts them inside the
+cascade directory, which then moves as one piece (to S3, to cluster workers). Weights are not read, only configs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from .models.refs import fetch_from_hub, hf_ref, is_hub_id
 
 CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json",
                 "text_encoder": "config.json", "tokenizer": "tokenizer_config.json"}
+WAN_FILES = {"transformer" if k == "unet" else k: v for k, v in CONFIG_FILES.items()}
+# Wan: (width, height, frames, fps) from the model cards; 4k + 1 frames.
+KNOWN_WAN = {
+    "wan2.1-t2v-1.3b-diffusers": (832, 480, 81, 16.0),
+    "wan2.1-t2v-14b-diffusers": (1280, 720, 81, 16.0),
+    "wan2.2-ti2v-5b-diffusers": (1280, 704, 121, 24.0),
+}
+WAN_STEPS, WAN_TEXT_LENGTH = 50, 512  # WanPipeline's defaults
 # (width, height, frames) each model was trained at, from its model card; matched on the repo name.
 KNOWN_MODELS = {
     "text-to-video-ms-1.7b": (256, 256, 16),
@@ -28,6 +37,7 @@ KNOWN_MODELS = {
 }
 DEFAULT_STEPS = 40  # zeroscope's diffusers example; ModelScope's pipeline defaults to 50
 DEFAULT_FPS = 8.0
+DEFAULT_WAN = (832, 480, 81, 16.0)  # Wan2.1-T2V-1.3B's 480p
 
 
 class ConvertError(UserError):
@@ -43,6 +53,12 @@ class Source:
     repo_id: str | None
     revision: str | None
     configs: dict[str, dict]
+    layout: str = "modelscope"  # or "wan"
+
+    @property
+    def denoiser(self) -> str:
+        """The folder holding the denoising network."""
+        return "transformer" if self.layout == "wan" else "unet"
 
     @property
     def name(self) -> str:
@@ -50,6 +66,9 @@ class Source:
 
     @property
     def vae_scale(self) -> int:
+        if self.layout == "wan":  # pixels per latent x the transformer's spatial patch
+            return int(self.configs["vae"].get("scale_factor_spatial") or 8) * int(
+                self.configs["transformer"].get("patch_size", [1, 2, 2])[1])
         return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
 
     def ref(self, component: str) -> str:
@@ -71,19 +90,25 @@ def open_source(src: str) -> Source:
     elif is_hub_id(src):
         repo_id, _, revision = src.partition("@")
         revision = revision or None
-        local = fetch_from_hub(repo_id, revision, ["model_index.json", *(f"{c}/{f}" for c, f in CONFIG_FILES.items()),
-                                                   "tokenizer/*"])
+        files = {f"{c}/{f}" for c, f in (*CONFIG_FILES.items(), *WAN_FILES.items())}
+        local = fetch_from_hub(repo_id, revision, ["model_index.json", *sorted(files), "tokenizer/*"])
     else:
         raise ConvertError(f"{src} is neither a directory nor a hub id (owner/name[@revision])")
     if not (local / "model_index.json").is_file():
         raise ConvertError(f"{src} has no model_index.json: give a diffusers repository with model_index.json, "
                            "unet/, vae/, text_encoder/, tokenizer/ and scheduler/")
+    index = json.loads((local / "model_index.json").read_text())
+    layout = "wan" if str(index.get("_class_name", "")).startswith("Wan") else "modelscope"
     configs = {}
-    for component, filename in CONFIG_FILES.items():
+    for component, filename in (WAN_FILES if layout == "wan" else CONFIG_FILES).items():
         file = local / component / filename
         if not file.is_file():
-            raise ConvertError(f"{src} has no {component}/{filename}: not the ModelScope / zeroscope layout")
+            raise ConvertError(f"{src} has no {component}/{filename}: not the "
+                               f"{'Wan' if layout == 'wan' else 'ModelScope / zeroscope'} layout")
         configs[component] = json.loads(file.read_text())
+    if layout == "wan":
+        check_wan_source(src, index, configs)
+        return Source(src, local, repo_id, revision, configs, layout)
     unet_class = configs["unet"].get("_class_name")
     if unet_class not in ("UNet3DConditionModel", "LatentVideoDenoiser"):
         raise ConvertError(f"{src}: unet/ holds a {unet_class}, not a UNet3DConditionModel; only the ModelScope "
@@ -94,6 +119,51 @@ def open_source(src: str) -> Source:
         raise ConvertError(f"{src}: the UNet takes {configs['unet'].get('in_channels')} channels but the VAE makes "
                            f"{configs['vae'].get('latent_channels')}")
     return Source(src, local, repo_id, revision, configs)
+
+
+def check_wan_source(src: str, index: dict, configs: dict[str, dict]) -> None:
+    """A Wan text-to-video repository: one WanTransformer3DModel over an AutoencoderKLWan's latents, UMT5 text."""
+    if index.get("_class_name") != "WanPipeline":
+        raise ConvertError(f"{src}: a {index.get('_class_name')} repository; only text-to-video Wan (WanPipeline) "
+                           "converts")
+    if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0]:
+        raise ConvertError(f"{src}: a two-expert Wan2.2 A14B repository (transformer_2/); only one-transformer "
+                           "Wan (2.1 T2V, 2.2 TI2V-5B) converts so far")
+    classes = {c: configs[c].get("_class_name") for c in ("transformer", "vae")}
+    if classes != {"transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan"}:
+        raise ConvertError(f"{src}: transformer/ and vae/ hold {classes['transformer']} and {classes['vae']}, not "
+                           "WanTransformer3DModel and AutoencoderKLWan")
+    t, vae = configs["transformer"], configs["vae"]
+    if t.get("in_channels") != vae.get("z_dim", 16):
+        raise ConvertError(f"{src}: the transformer takes {t.get('in_channels')} channels but the VAE makes "
+                           f"{vae.get('z_dim', 16)}; image-to-video or mismatched transformer/ and vae/")
+    if t.get("text_dim", 4096) != configs["text_encoder"].get("d_model"):
+        raise ConvertError(f"{src}: the transformer reads {t.get('text_dim', 4096)}-dim text but text_encoder/ makes "
+                           f"{configs['text_encoder'].get('d_model')}-dim tokens")
+
+
+def _wan_convert(src: Source, out: Path, size: str | None, frames: int | None, fps: float | None,
+                 steps: int | None, eta: float, name: str | None, copy: bool) -> CascadeConfig:
+    """The cascade of one Wan repository: a flow-matching latent base stage (models/wan.py)."""
+    w, h, trained, known_fps = KNOWN_WAN.get(src.name.lower(), DEFAULT_WAN)
+    if size:
+        w, h, _ = _size(src, size)
+    frames = frames or trained
+    t_factor = int(src.configs["vae"].get("scale_factor_temporal") or 4)
+    if w % src.vae_scale or h % src.vae_scale:
+        raise ConvertError(f"{src.label}: {w}x{h} is not a multiple of {src.vae_scale} (VAE pixels per latent x patch)")
+    if frames % t_factor != 1:
+        raise ConvertError(f"--frames {frames}: Wan needs {t_factor}k + 1 frames (e.g. 49 or 81)")
+    latent = {"layout": "wan"}
+    if not copy:
+        latent.update({c: src.ref(c) for c in ("transformer", "vae", "scheduler")})
+    stage = StageConfig("base", "base", frames=frames, height=h, width=w, fps=fps or known_fps,
+                        steps=steps or WAN_STEPS, eta=eta, finetune=True, latent=latent)
+    text = {"kind": "umt5", "max_length": WAN_TEXT_LENGTH, "path": "text_encoder" if copy else src.ref("text_encoder"),
+            "tokenizer": "tokenizer" if copy else src.ref("tokenizer")}
+    return CascadeConfig((stage,), text, name=name or out.resolve().name, description=(
+        f"Converted by `dreamix convert` from {src.label} (Wan, flow matching). The weights keep their own licence "
+        "(Wan 2.1 / 2.2: Apache-2.0); see docs/REAL_MODELS.md."))
 
 
 def _size(src: Source, given: str | None) -> tuple[int, int, int | None]:
@@ -112,7 +182,7 @@ def _size(src: Source, given: str | None) -> tuple[int, int, int | None]:
 
 
 def convert(sources: list[str], out: str | Path, sizes: list[str] | None = None, frames: int | None = None,
-            fps: float = DEFAULT_FPS, steps: list[int] | None = None, eta: float = 0.0,
+            fps: float | None = None, steps: list[int] | None = None, eta: float = 0.0,
             strength: float = DEFAULT_REFINE_STRENGTH, vae_chunk_frames: int = DEFAULT_VAE_CHUNK_FRAMES,
             name: str | None = None, copy: bool = False, force: bool = False) -> CascadeConfig:
     """Write `out`/cascade.json for base + SSR refiner repositories; returns the config written."""
@@ -122,6 +192,14 @@ def convert(sources: list[str], out: str | Path, sizes: list[str] | None = None,
     if (out / CASCADE_FILE).exists() and not force:
         raise ConvertError(f"{out} already holds a cascade; pass --force to overwrite it")
     srcs = [open_source(s) for s in sources]
+    if any(s.layout == "wan" for s in srcs):
+        if len(srcs) != 1:
+            raise ConvertError("a Wan repository converts alone (one base stage); give just its directory")
+        if len(sizes or ()) > 1 or len(steps or ()) > 1:
+            raise ConvertError("--size and --steps take one value for a Wan repository")
+        config = _wan_convert(srcs[0], out, (sizes or [None])[0], frames, fps, (steps or [None])[0], eta, name, copy)
+        return _write(config, srcs, out / CASCADE_FILE, copy)
+    fps = DEFAULT_FPS if fps is None else fps
     if sizes and len(sizes) != len(srcs):
         raise ConvertError(f"--size takes one WIDTHxHEIGHT per source ({len(srcs)}), got {len(sizes)}")
     steps = list(steps or [DEFAULT_STEPS])
@@ -159,17 +237,23 @@ def convert(sources: list[str], out: str | Path, sizes: list[str] | None = None,
         f"Converted by `dreamix convert` from {', '.join(s.label for s in srcs)}. The weights keep their "
         "own licence (ModelScope text-to-video-ms-1.7b and zeroscope_v2: CC-BY-NC-4.0, non-commercial); "
         "see docs/REAL_MODELS.md."))
-    out.mkdir(parents=True, exist_ok=True)
+    return _write(config, srcs, out / CASCADE_FILE, copy)
+
+
+def _write(config: CascadeConfig, srcs: list[Source], target: Path, copy: bool) -> CascadeConfig:
+    """Write cascade.json (`target`), after copying the components next to it with --copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     if copy:
-        _copy_components(srcs, stages, out)
-    (out / CASCADE_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        _copy_components(srcs, config.stages, target.parent)
+    target.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return config
 
 
-def _copy_components(srcs: list[Source], stages: list[StageConfig], out: Path) -> None:
-    """The layout the loader prefers: <stage>/ holds the UNet and scheduler, <stage>/vae/ the VAE."""
+def _copy_components(srcs: list[Source], stages: tuple[StageConfig, ...], out: Path) -> None:
+    """The layout the loader prefers: <stage>/ holds the denoiser and scheduler, <stage>/vae/ the VAE."""
     for src, sc in zip(srcs, stages):
-        for component, dest in (("unet", out / sc.name), ("scheduler", out / sc.name), ("vae", out / sc.name / "vae")):
+        for component, dest in ((src.denoiser, out / sc.name), ("scheduler", out / sc.name),
+                                ("vae", out / sc.name / "vae")):
             shutil.copytree(src.component_dir(component), dest, dirs_exist_ok=True)
     for component in ("text_encoder", "tokenizer"):
         shutil.copytree(srcs[0].component_dir(component), out / component, dirs_exist_ok=True)
@@ -183,10 +267,10 @@ def add_arguments(p) -> None:
     p.add_argument("--size", nargs="+", default=None, metavar="WxH",
                    help="one size per source (default: the size the known models were trained at)")
     p.add_argument("--frames", type=int, default=None, help="clip length (default: the base's trained length)")
-    p.add_argument("--fps", type=float, default=DEFAULT_FPS)
-    p.add_argument("--steps", type=int, nargs="+", default=None, help=f"DDIM steps, one or per source "
-                                                                      f"(default {DEFAULT_STEPS})")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0, as these models' pipelines)")
+    p.add_argument("--fps", type=float, default=None, help=f"output fps (default: Wan's card, else {DEFAULT_FPS:g})")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help=f"sampling steps, one or per source "
+                                                                      f"(default {DEFAULT_STEPS}; Wan {WAN_STEPS})")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM / flow eta (default 0, as these models' pipelines)")
     p.add_argument("--strength", type=float, default=DEFAULT_REFINE_STRENGTH,
                    help="SDEdit strength of the SSR refiners (zeroscope_v2_XL's card: 0.66-0.85)")
     p.add_argument("--vae-chunk-frames", type=int, default=DEFAULT_VAE_CHUNK_FRAMES,
@@ -201,6 +285,7 @@ def run(args) -> int:
                      args.strength, args.vae_chunk_frames, args.name, args.copy, args.force)
     for s in config.stages:
         print(f"{s.name}: {s.kind}, {s.frames} frames of {s.width}x{s.height} @ {s.fps:g} fps, {s.steps} steps")
+    guidance = 5 if config.text_encoder.get("kind") == "umt5" else 9  # WanPipeline's default, zeroscope's
     print(f"wrote {Path(args.output) / 'cascade.json'}; these models want guidance, e.g. "
-          f"`dreamix edit IN.mp4 -p PROMPT --model {args.output} --guidance 9`")
+          f"`dreamix edit IN.mp4 -p PROMPT --model {args.output} --guidance {guidance}`")
     return 0

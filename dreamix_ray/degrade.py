@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import StageConfig, validate_strength
-from .sampling import draw_noise, strength_timesteps
+from .sampling import add_noise_at, draw_noise, strength_timesteps
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # decoding is not needed to train or sample, so PyAV loads only when used
@@ -39,6 +39,7 @@ def downsample_to_stage(video: Video, stage: StageConfig, num_frames: int | None
 def noise_at_strength(x0_bcfhw: torch.Tensor, strength: float, scheduler, steps: int,
                       generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """x_s ~ q(x_s | x_0) at the first timestep the strength cut keeps; returns (x_s, remaining timesteps).
+    For a flow stage that is x_s = (1 - sigma_s) x0 + sigma_s eps with the schedule's (shifted) sigma_s.
 
     The noise is always drawn (even at s = 0) so a row's later draws do not depend on s.
     """
@@ -48,7 +49,7 @@ def noise_at_strength(x0_bcfhw: torch.Tensor, strength: float, scheduler, steps:
     if len(timesteps) == 0:
         return x0_bcfhw, timesteps
     t0 = timesteps[:1].repeat(x0_bcfhw.shape[0])
-    return scheduler.add_noise(x0_bcfhw, noise, t0), timesteps
+    return add_noise_at(scheduler, x0_bcfhw, noise, t0), timesteps
 
 
 def upsample_condition(prev_bcfhw: torch.Tensor, stage: StageConfig) -> torch.Tensor:

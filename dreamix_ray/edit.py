@@ -19,7 +19,8 @@ from .degrade import downsample_to_stage, noise_at_strength, tensor_to_frames, u
 from .models.cascade import Cascade
 from .motion_guidance import MotionPrior, motion_guided
 from .request import EditPlan, EditRequest, resolve
-from .sampling import ddim_sample, draw_noise, fresh_scheduler, guided, seed_generators, strength_timesteps
+from .sampling import (SAMPLERS, draw_noise, fresh_scheduler, guided, guided_batched, scheduler_family,
+                       seed_generators, strength_timesteps)
 from .sr_consistency import input_kept
 from .video import Video
 
@@ -59,7 +60,8 @@ class StageRun:
         """(tokens, pooled, uncond or None), encoded once per run, not once per stage or chunk."""
         if self._text is None:
             tokens, pooled = self.cascade.text_encoder(self.prompts)
-            uncond = (self.cascade.text_encoder([""] * len(self.prompts))
+            negative = self.plan.config.negative_prompt
+            uncond = (self.cascade.text_encoder([negative] * len(self.prompts))
                       if self.plan.config.guidance_scale != 1.0 else None)
             self._text = (tokens, pooled, uncond)
         return self._text
@@ -71,17 +73,21 @@ def _denoiser(run: StageRun, index: int, cond, anchor, total: int):
     net, name, timings = stage.denoiser, stage.config.name, run.timings
     tokens, pooled, uncond = run.text()
 
-    def call(tokens_, pooled_):
+    def call(tokens_, pooled_, cond_=cond):
         def fn(x, t):
             start = time.perf_counter()
             with torch.inference_mode():
-                out = net(x, t, tokens_, pooled_, cond)
+                out = net(x, t, tokens_, pooled_, cond_)
             if timings is not None:
                 timings.network_s[name] += time.perf_counter() - start
             return out
         return fn
 
-    denoise = guided(call(tokens, pooled), call(*uncond) if uncond is not None else None, cfg.guidance_scale)
+    if uncond is not None and cfg.stage_cfg_mode(scheduler_family(stage.scheduler)) == "batched":
+        pair = [torch.cat([a, b]) for a, b in zip((tokens, pooled), uncond)]
+        denoise = guided_batched(call(*pair, None if cond is None else torch.cat([cond, cond])), cfg.guidance_scale)
+    else:
+        denoise = guided(call(tokens, pooled), call(*uncond) if uncond is not None else None, cfg.guidance_scale)
     if index == 0 and run.cascade.config.motion_prior and cfg.motion_guidance > 0:
         prior = MotionPrior.from_dict(run.cascade.config.motion_prior)
         denoise = motion_guided(denoise, stage.scheduler, prior, pooled, cfg.motion_guidance, anchor)
@@ -123,7 +129,8 @@ def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0) 
             cond = None
     denoise = _denoiser(run, index, cond, anchor, len(timesteps))
     label = f"{stage.config.name} ({stage.config.kind})" if run.progress else False
-    out = stage.decode(ddim_sample(denoise, x, scheduler, timesteps, plan.eta, gens, progress=label))
+    sample = SAMPLERS[scheduler_family(scheduler)]  # the stage's family: stochastic DDIM or flow (sampling.py)
+    out = stage.decode(sample(denoise, x, scheduler, timesteps, plan.eta, gens, progress=label))
     if run.timings is not None:
         run.timings.stage_s[stage.config.name] += time.perf_counter() - start
     return out

@@ -61,6 +61,8 @@ class EditRequest:
     sr_strength: float | None = None
     sr_consistency: bool = True
     ssr_chunk_frames: int = PAPER_SSR_CHUNK_FRAMES
+    negative_prompt: str = ""  # classifier-free guidance's unconditional text
+    cfg_mode: str | None = None  # batched | sequential | None = the stage family's (config.CFG_MODES)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -77,7 +79,8 @@ class EditRequest:
                           guidance_scale=self.guidance_scale, num_frames=self.num_frames,
                           ssr_chunk_frames=self.ssr_chunk_frames, fit=self.fit, motion_guidance=self.motion_guidance,
                           motion_from_input=motion_from_input, sr_strength=self.sr_strength,
-                          sr_consistency=self.sr_consistency)
+                          sr_consistency=self.sr_consistency, negative_prompt=self.negative_prompt,
+                          cfg_mode=self.cfg_mode)
 
 
 def resolve_strength(request: EditRequest, cascade: CascadeConfig) -> float:

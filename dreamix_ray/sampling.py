@@ -1,4 +1,9 @@
-"""Noise schedule, stochastic DDIM and the start-at-strength cut (paper Sec. 4.1, App. A.1)."""
+"""Noise schedules, the two samplers (stochastic DDIM, stochastic flow Euler) and the start-at-strength cut
+(paper Sec. 4.1, App. A.1).
+
+A stage's family follows its scheduler: "ddim" (DDIMScheduler: our stages, ModelScope / zeroscope) or "flow"
+(FlowMatchEulerDiscreteScheduler: Wan). `add_noise_at` and `SAMPLERS` pick the family's forward process and
+sampler, so edit.run_stage stays one runner."""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import hashlib
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -40,6 +45,19 @@ def strength_timesteps(scheduler: DDIMScheduler, steps: int, strength: float) ->
     scheduler.set_timesteps(steps)
     keep = kept_steps(steps, strength)
     return scheduler.timesteps[steps - keep:]
+
+
+def scheduler_family(scheduler) -> str:
+    """"flow" for a flow-matching scheduler (x_t = (1 - sigma) x0 + sigma eps), else "ddim"."""
+    return "flow" if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else "ddim"
+
+
+def add_noise_at(scheduler, x0_bcfhw: torch.Tensor, noise_bcfhw: torch.Tensor, t_b: torch.Tensor) -> torch.Tensor:
+    """q(x_t | x_0) of the scheduler's family: DDIM's add_noise, or flow's (1 - sigma_t) x0 + sigma_t eps
+    (scale_noise, as diffusers' WanVideoToVideoPipeline)."""
+    if scheduler_family(scheduler) == "flow":
+        return scheduler.scale_noise(x0_bcfhw, t_b, noise_bcfhw)
+    return scheduler.add_noise(x0_bcfhw, noise_bcfhw, t_b)
 
 
 def seed_generators(seeds: list[int], *salt: int) -> list[torch.Generator]:
@@ -83,6 +101,40 @@ def ddim_sample(
     return x_bcfhw
 
 
+def flow_sample(
+    denoise: Denoise,
+    x_bcfhw: torch.Tensor,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    timesteps: torch.Tensor,
+    eta: float,
+    generators: list[torch.Generator],
+    progress: bool | str = False,
+) -> torch.Tensor:
+    """Flow matching from the first of `timesteps` to sigma 0: diffusers' Euler step at eta 0; eta > 0 is DDIM's
+    eta on the flow schedule (alpha = 1 - sigma), fresh noise of std c = eta * sigma' * sqrt(1 - (alpha sigma' /
+    (alpha' sigma))^2) per step, so eta 1 samples the posterior q(x' | x, x0) as ancestral DDPM does."""
+    if len(timesteps) == 0:  # strength 0: nothing to sample
+        return x_bcfhw
+    sigmas, first = scheduler.sigmas, scheduler.index_for_timestep(timesteps[0])
+    desc = progress if isinstance(progress, str) else "sampling"
+    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False, unit="step")):
+        t_b = t.expand(x_bcfhw.shape[0]).to(x_bcfhw.device)
+        v_bcfhw = denoise(x_bcfhw, t_b)  # the network predicts the velocity eps - x0
+        if eta <= 0:
+            x_bcfhw = scheduler.step(v_bcfhw, t, x_bcfhw).prev_sample
+            continue
+        sigma, sigma_next = float(sigmas[first + i]), float(sigmas[first + i + 1])
+        x0_bcfhw, eps_bcfhw = x_bcfhw - sigma * v_bcfhw, x_bcfhw + (1 - sigma) * v_bcfhw
+        ratio = (1 - sigma) * sigma_next / ((1 - sigma_next) * sigma)
+        c = eta * sigma_next * max(0.0, 1 - ratio ** 2) ** 0.5
+        noise = draw_noise(tuple(x_bcfhw.shape), generators, x_bcfhw.dtype, x_bcfhw.device)
+        x_bcfhw = (1 - sigma_next) * x0_bcfhw + (sigma_next ** 2 - c ** 2) ** 0.5 * eps_bcfhw + c * noise
+    return x_bcfhw
+
+
+SAMPLERS = {"ddim": ddim_sample, "flow": flow_sample}
+
+
 def guided(denoise_cond: Denoise, denoise_uncond: Denoise | None, scale: float) -> Denoise:
     """Classifier-free guidance; scale 1 (the paper's setting) calls the conditional model only."""
     if scale == 1.0 or denoise_uncond is None:
@@ -90,6 +142,17 @@ def guided(denoise_cond: Denoise, denoise_uncond: Denoise | None, scale: float) 
 
     def denoise(x, t):
         cond, uncond = denoise_cond(x, t), denoise_uncond(x, t)
+        return uncond + scale * (cond - uncond)
+
+    return denoise
+
+
+def guided_batched(denoise_pair: Denoise, scale: float) -> Denoise:
+    """Classifier-free guidance in one forward at batch 2B: `denoise_pair` sees [x, x] and is conditioned on
+    [text, negative text] (faster than two forwards; `guided` runs them one after the other, at half the memory)."""
+
+    def denoise(x, t):
+        cond, uncond = denoise_pair(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
         return uncond + scale * (cond - uncond)
 
     return denoise

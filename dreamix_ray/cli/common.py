@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import EDIT_TYPES
+from ..config import CFG_MODES, EDIT_TYPES
 from ..devices import resolve_device
 from ..finetune import FinetuneConfig, finetune_preset
 from ..models.cascade import Cascade, load_cascade
@@ -37,8 +37,15 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
                    help="sampling steps: one value for every stage, or one per stage in cascade order "
                         "(default: each stage's own)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM stochasticity in [0, 1] (default: per stage)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="sampler stochasticity in [0, 1]: DDIM's eta, or its flow counterpart for Wan stages "
+                        "(0 = deterministic; default: per stage)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1 = off, as the paper)")
+    p.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="what guidance steers away from (default: the empty prompt)")
+    p.add_argument("--cfg-mode", choices=CFG_MODES, default=None,
+                   help="guidance as one forward at batch 2B (batched, faster) or two at batch B (sequential, less "
+                        "memory); default: batched for Wan stages, sequential for DDIM stages")
     p.add_argument("--motion-guidance", type=float, default=1.0, metavar="W",
                    help="weight in [0, 1] of the cascade's motion guidance, which imposes the prompt's direction "
                         "of travel at high noise (0 = off; cascades without a fitted motion prior ignore it)")
@@ -97,7 +104,8 @@ def edit_request(args, task: str = "edit") -> EditRequest:
                        fit=getattr(args, "fit", "crop"), motion_guidance=getattr(args, "motion_guidance", 1.0),
                        motion_from_input=getattr(args, "motion_from_input", False),
                        sr_strength=getattr(args, "sr_strength", None),
-                       sr_consistency=getattr(args, "sr_consistency", True))
+                       sr_consistency=getattr(args, "sr_consistency", True),
+                       negative_prompt=getattr(args, "negative_prompt", ""), cfg_mode=getattr(args, "cfg_mode", None))
 
 
 def finetune_config(args, preset: str) -> FinetuneConfig:

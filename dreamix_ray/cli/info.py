@@ -13,13 +13,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     cascade = cascade_of(args)
+    text_params = sum(p.numel() for p in cascade.text_encoder.parameters())
     print(f"cascade {cascade.config.name} ({cascade.source}); text encoder {cascade.text_encoder.kind} "
-          f"(hidden {cascade.text_encoder.hidden_size})")
+          f"(hidden {cascade.text_encoder.hidden_size}, {text_params:,} parameters)")
     if cascade.config.description:
         print(cascade.config.description)
     print(f"{'stage':<8}{'kind':<6}{'factor':>7}{'frames':>8}{'size':>10}{'fps':>7}{'steps':>7}{'params':>11}")
     for row in cascade.info():
         print(f"{row['name']:<8}{row['kind']:<6}{row['factor']:>7}{row['frames']:>8}"
               f"{str(row['height']) + 'x' + str(row['width']):>10}{row['fps']:>7g}{row['steps']:>7}"
-              f"{row['parameters']:>11,}")
+              f"{row['parameters']:>11,}" + _latent(row))
     return 0
+
+
+def _latent(row: dict) -> str:
+    """A latent stage's latent clip (channels x frames x height x width) and its VAE's parameters."""
+    if "latent" not in row:
+        return ""
+    c, f, h, w = row["latent"]
+    return f"  latent {c}x{f}x{h}x{w}, VAE {row['vae_parameters']:,} params"

@@ -22,6 +22,7 @@ from ..sampling import make_scheduler
 from .latent import load_latent_components
 from .stage import StageDenoiser
 from .text import TextEncoder, load_text_encoder
+from .wan import load_wan_components
 
 CASCADE_FILE = "cascade.json"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "default_cascade"
@@ -100,8 +101,9 @@ class Cascade:
         config = read_config(path)
         stages = []
         for sc in config.stages:
-            if sc.latent is not None:  # a diffusers text-to-video repository's components (latent.py)
-                stages.append(Stage(sc, *load_latent_components(sc, path)))
+            if sc.latent is not None:  # a diffusers text-to-video repository's components (latent.py, wan.py)
+                load = load_wan_components if sc.latent.get("layout") == "wan" else load_latent_components
+                stages.append(Stage(sc, *load(sc, path)))
                 continue
             folder = path / sc.name
             if not folder.is_dir():
@@ -122,9 +124,17 @@ class Cascade:
         return h.hexdigest()[:16]
 
     def info(self) -> list[dict]:
-        return [dict(name=s.config.name, kind=s.config.kind, factor=s.config.factor, frames=s.config.frames,
-                     height=s.config.height, width=s.config.width, fps=s.config.fps, steps=s.config.steps,
-                     parameters=s.num_parameters) for s in self.stages]
+        """Per stage: kind, size, frames, fps, steps, parameters, and a latent stage's (C, F, H, W) and VAE size."""
+        rows = []
+        for s in self.stages:
+            c = s.config
+            row = dict(name=c.name, kind=c.kind, factor=c.factor, frames=c.frames, height=c.height, width=c.width,
+                       fps=c.fps, steps=c.steps, parameters=s.num_parameters)
+            if s.vae is not None:
+                row.update(latent=s.vae.latent_shape(c.frames, c.height, c.width),
+                           vae_parameters=sum(p.numel() for p in s.vae.parameters()))
+            rows.append(row)
+        return rows
 
 
 def read_config(path: str | Path) -> CascadeConfig:

@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel, WanTransformer3DModel
 
 from ..config import DEFAULT_REFINE_STRENGTH, DEFAULT_VAE_CHUNK_FRAMES, StageConfig
 from ..errors import UserError
 from .frame_mode import enable_frame_mode_switch, frame_mode
 from .refs import resolve_ref
 
-LAYOUTS = ("modelscope",)
-SPEC_KEYS = ("layout", "unet", "vae", "scheduler", "strength", "vae_chunk_frames")
+LAYOUTS = ("modelscope", "wan")  # wan: models/wan.py
+SPEC_KEYS = ("layout", "unet", "transformer", "vae", "scheduler", "strength", "vae_chunk_frames")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -76,6 +76,10 @@ class VideoVAE(torch.nn.Module):
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, F, H, W) of a clip's latents."""
+        return self.latent_channels, frames, height // self.scale_factor, width // self.scale_factor
 
     @torch.no_grad()
     def encode(self, video_bcfhw: torch.Tensor) -> torch.Tensor:
@@ -158,6 +162,8 @@ class LatentRuntime:
 
 def place(denoiser: LatentVideoDenoiser, vae: VideoVAE | None, runtime: LatentRuntime) -> None:
     """Device, weight dtype, autocast, attention kernel, VAE tiling and checkpointing of one latent stage."""
+    if isinstance(denoiser, WanTransformer3DModel) and runtime.attention != "sdpa":
+        raise LatentModelError(f"DREAMIX_ATTENTION={runtime.attention}: Wan stages run torch SDPA only; unset it")
     device, dtype = runtime.torch_device(), _DTYPES[runtime.dtype]
     _move(denoiser, device, dtype)
     denoiser.autocast_dtype = runtime.autocast_dtype(device)
@@ -190,7 +196,7 @@ def place_cascade(cascade, runtime: LatentRuntime | None = None) -> None:
     runtime = runtime or LatentRuntime.from_env()
     cascade.text_encoder.to(runtime.torch_device())
     for stage in cascade.stages:
-        if isinstance(stage.denoiser, LatentVideoDenoiser):
+        if isinstance(stage.denoiser, (LatentVideoDenoiser, WanTransformer3DModel)):
             place(stage.denoiser, stage.vae, runtime)
 
 
@@ -202,7 +208,8 @@ def latent_spec(sc: StageConfig) -> dict:
         raise LatentModelError(f"stage {sc.name!r}: unknown latent key(s) {unknown}; known: {list(SPEC_KEYS)}")
     if spec.get("layout", "modelscope") not in LAYOUTS:
         raise LatentModelError(f"stage {sc.name!r}: unknown latent layout {spec['layout']!r}; supported: "
-                               "modelscope (diffusers UNet3DConditionModel + AutoencoderKL + CLIP)")
+                               "modelscope (diffusers UNet3DConditionModel + AutoencoderKL + CLIP), wan "
+                               "(WanTransformer3DModel + AutoencoderKLWan + UMT5)")
     if sc.kind == "tsr":
         raise LatentModelError(f"stage {sc.name!r}: latent stages are base or ssr (SDEdit refiners), not tsr")
     try:

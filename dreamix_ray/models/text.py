@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 # The bundled MiniLM and any local T5 / CLIP must load with no hub access.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,7 +64,8 @@ class TextEncoder(torch.nn.Module):
         return tokens, pooled
 
     def _encode(self, prompts: list[str]) -> None:
-        batch = self.tokenizer(prompts, padding="max_length", truncation=True,
+        texts = [prompt_clean(p) for p in prompts] if self.kind == "umt5" else prompts
+        batch = self.tokenizer(texts, padding="max_length", truncation=True,
                                max_length=self.max_length, return_tensors="pt")
         device = next(self.model.parameters()).device
         # ModelScope-family pipelines encode CLIP prompts without the padding mask; their UNets expect that.
@@ -71,6 +73,8 @@ class TextEncoder(torch.nn.Module):
         out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
         tokens_bld = out.last_hidden_state.float()
         mask_bl1 = batch["attention_mask"].to(device).unsqueeze(-1).float()
+        if self.kind == "umt5":  # Wan's pipelines zero the embeddings past each prompt's last token
+            tokens_bld = tokens_bld * mask_bl1
         pooled_bd = getattr(out, "pooler_output", None) if self.kind == "clip" else None
         if pooled_bd is None:  # mean over real tokens, as sentence-transformers pools MiniLM
             pooled_bd = (tokens_bld * mask_bl1).sum(1) / mask_bl1.sum(1).clamp(min=1)
@@ -87,15 +91,17 @@ def _default_path(kind: str) -> str:
 
 
 def _load_model(kind: str, path: str):
-    from transformers import AutoModel, CLIPTextModel, T5EncoderModel
+    from transformers import AutoModel, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
 
+    if kind == "umt5":  # Wan 2.x
+        return UMT5EncoderModel.from_pretrained(path)
     if kind == "t5":
         return T5EncoderModel.from_pretrained(path)
     if kind == "clip":
         return CLIPTextModel.from_pretrained(path)
     if kind == "minilm":
         return AutoModel.from_pretrained(path)
-    raise ValueError(f"unknown text encoder kind {kind!r}: use minilm, t5 or clip")
+    raise ValueError(f"unknown text encoder kind {kind!r}: use minilm, t5, umt5 or clip")
 
 
 def load_text_encoder(spec: dict, root: Path | None = None) -> TextEncoder:

@@ -1,0 +1,257 @@
+"""Wan cascades (flow matching, full 3D attention): convert, load, edit, parity with diffusers, frame mode, CFG.
+
+The repository is a tiny random Wan2.1-T2V model saved in the hub's diffusers layout (model_index.json,
+transformer/, vae/, text_encoder/ UMT5, tokenizer/, scheduler/ UniPC with flow sigmas), built offline; its
+tokenizer is made with the `tokenizers` library.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
+                       WanTransformer3DModel, WanVideoToVideoPipeline)
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from dreamix_ray.cli import main
+from dreamix_ray.config import EditConfig
+from dreamix_ray.edit import StageRun, edit, generate, run_stage
+from dreamix_ray.models.cascade import Cascade
+from dreamix_ray.models.wan import WanDenoiser, WanVAE
+from dreamix_ray.sampling import draw_noise, flow_sample, seed_generators, strength_timesteps
+from dreamix_ray.video import read_video, write_video
+
+TEXT_DIM, Z_DIM, SHIFT = 16, 4, 3.0
+WORDS = "a an the red blue cat dog car moving left right naia blurry".split()
+MODEL_INDEX = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "boundary_ratio": None,
+               "expand_timesteps": False, "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+               "text_encoder": ["transformers", "UMT5EncoderModel"],
+               "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+               "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
+               "vae": ["diffusers", "AutoencoderKLWan"]}
+
+
+def write_tokenizer(folder) -> int:
+    """A word-level tokenizer ending every prompt with </s>, as T5's does; returns the vocabulary size."""
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=512).save_pretrained(folder)
+    return len(vocab)
+
+
+def write_wan_repo(path, seed: int = 0, ti2v: bool = False):
+    """A tiny random Wan2.1-T2V repository in the hub's diffusers layout; `ti2v`: Wan2.2-TI2V-5B's instead (the same
+    classes; a residual VAE with 2x2 pixel patches, 16 pixels per latent, per-token timesteps in the pipeline)."""
+    torch.manual_seed(seed)
+    z_dim = 2 * Z_DIM if ti2v else Z_DIM
+    WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=z_dim,
+                          out_channels=z_dim, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2,
+                          rope_max_seq_len=32).save_pretrained(path / "transformer")
+    gen = torch.Generator().manual_seed(seed)
+    wan22 = dict(is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12, out_channels=12,
+                 decoder_base_dim=8) if ti2v else {}
+    AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True],
+                     latents_mean=(torch.randn(z_dim, generator=gen) * 0.1).tolist(),
+                     latents_std=(torch.rand(z_dim, generator=gen) + 0.5).tolist(), **wan22).save_pretrained(path / "vae")
+    vocab = write_tokenizer(path / "tokenizer")
+    UMT5EncoderModel(UMT5Config(vocab_size=vocab, d_model=TEXT_DIM, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                decoder_start_token_id=0)).save_pretrained(path / "text_encoder")
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT,
+                            num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({**MODEL_INDEX, "expand_timesteps": ti2v}, indent=2))
+    return path
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return write_wan_repo(tmp_path_factory.mktemp("wan") / "tiny-wan2.1-t2v")
+
+
+@pytest.fixture(scope="module")
+def cascade_dir(repo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "tiny-wan"
+    assert main(["convert", str(repo), "-o", str(out), "--size", "32x32", "--frames", "5", "--fps", "8",
+                 "--steps", "4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cascade(cascade_dir):
+    return Cascade.from_pretrained(cascade_dir)
+
+
+def test_convert_writes_a_flow_stage_and_info_shows_its_latents(cascade_dir, cascade, repo, capsys):
+    spec = json.loads((cascade_dir / "cascade.json").read_text())
+    (base,) = spec["stages"]
+    assert (base["kind"], base["frames"], base["width"], base["height"], base["fps"]) == ("base", 5, 32, 32, 8.0)
+    assert base["latent"] == {"layout": "wan", "transformer": str(repo / "transformer"), "vae": str(repo / "vae"),
+                              "scheduler": str(repo / "scheduler")}
+    assert spec["text_encoder"]["kind"] == "umt5" and spec["text_encoder"]["max_length"] == 512
+    stage = cascade.base
+    assert isinstance(stage.denoiser, WanDenoiser) and isinstance(stage.vae, WanVAE)
+    assert isinstance(stage.scheduler, FlowMatchEulerDiscreteScheduler) and stage.scheduler.config.shift == SHIFT
+    assert main(["info", "--model", str(cascade_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"latent {Z_DIM}x2x4x4" in out and f"{stage.num_parameters:,}" in out and "umt5" in out
+
+
+def test_edit_command_runs_end_to_end(cascade_dir, moving_video, tmp_path):
+    write_video(tmp_path / "in.mp4", moving_video)
+    argv = ["edit", str(tmp_path / "in.mp4"), "-p", "a blue dog", "-o", str(tmp_path / "out.mp4"), "--model",
+            str(cascade_dir), "--strength", "0.6", "--guidance", "3", "--negative-prompt", "blurry", "--eta", "0.5",
+            "--quiet"]
+    assert main(argv) == 0
+    out = read_video(tmp_path / "out.mp4")
+    assert out.frames.shape == (5, 32, 32, 3) and out.fps == 8.0
+
+
+def _pixels01(x_bcfhw: torch.Tensor) -> torch.Tensor:
+    """Our [-1, 1] (B, C, F, H, W) as diffusers' output_type="pt": (B, F, C, H, W) in [0, 1]."""
+    return ((x_bcfhw + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+
+def _pipeline(cls, repo, cascade, **kwargs):
+    return cls(tokenizer=AutoTokenizer.from_pretrained(repo / "tokenizer"),
+               text_encoder=UMT5EncoderModel.from_pretrained(repo / "text_encoder"), vae=cascade.base.vae.vae,
+               transformer=WanTransformer3DModel.from_pretrained(repo / "transformer"),
+               scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), **kwargs)
+
+
+def test_text_to_video_and_edit_match_diffusers_wan_pipelines(repo, cascade):
+    """Same noise in: our strength 1 = WanPipeline, our strength 0.5 = WanVideoToVideoPipeline (its cut)."""
+    seed, prompt, negative = 7, "a red cat moving left", "blurry"
+    cfg = dict(seed=seed, guidance_scale=3.0, negative_prompt=negative)
+    x0 = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    noise = draw_noise((1, Z_DIM, 2, 4, 4), seed_generators([seed], 0))
+    t2v = _pipeline(WanPipeline, repo, cascade)
+    t2v.set_progress_bar_config(disable=True)
+    ref = t2v(prompt, negative_prompt=negative, height=32, width=32, num_frames=5, num_inference_steps=4,
+              guidance_scale=3.0, latents=noise, output_type="pt").frames
+    ours = run_stage(StageRun.of(cascade, EditConfig(strength=1.0, **cfg), [prompt], [seed]), 0, x0)
+    torch.testing.assert_close(_pixels01(ours), ref, atol=1e-4, rtol=1e-4)
+    v2v = _pipeline(WanVideoToVideoPipeline, repo, cascade)
+    v2v.set_progress_bar_config(disable=True)
+    # WanPipeline's encoder: the video-to-video pipeline's own prompt cleaning needs ftfy, which is not installed
+    embeds, negative_embeds = t2v.encode_prompt(prompt, negative, do_classifier_free_guidance=True,
+                                                max_sequence_length=512)
+    ref = v2v(video=((x0 + 1) / 2).permute(0, 2, 1, 3, 4), prompt_embeds=embeds,
+              negative_prompt_embeds=negative_embeds, height=32,
+              width=32, num_inference_steps=4, guidance_scale=3.0, strength=0.5,
+              generator=seed_generators([seed], 0), output_type="pt").frames
+    ours = run_stage(StageRun.of(cascade, EditConfig(strength=0.5, **cfg), [prompt], [seed]), 0, x0)
+    torch.testing.assert_close(_pixels01(ours), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_wan22_ti2v_layout_converts_and_matches_wan_pipeline(tmp_path):
+    """Wan2.2-TI2V-5B is the same classes: its text-to-video (per-token timesteps in WanPipeline) is our base."""
+    repo = write_wan_repo(tmp_path / "tiny-wan2.2-ti2v", seed=1, ti2v=True)
+    assert main(["convert", str(repo), "-o", str(tmp_path / "c"), "--size", "64x64", "--frames", "5",
+                 "--steps", "3"]) == 0
+    cascade = Cascade.from_pretrained(tmp_path / "c")
+    assert cascade.info()[0]["latent"] == (2 * Z_DIM, 2, 4, 4)
+    noise = draw_noise((1, 2 * Z_DIM, 2, 4, 4), seed_generators([5], 0))
+    pipe = _pipeline(WanPipeline, repo, cascade, expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a dog", height=64, width=64, num_frames=5, num_inference_steps=3, guidance_scale=2.0,
+               latents=noise, output_type="pt").frames
+    ours = run_stage(StageRun.of(cascade, EditConfig(strength=1.0, seed=5, guidance_scale=2.0), ["a dog"], [5]), 0,
+                     torch.zeros(1, 3, 5, 64, 64))
+    torch.testing.assert_close(_pixels01(ours), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_strength_one_is_text_to_video(cascade, moving_video):
+    cfg = EditConfig(strength=1.0, seed=3, guidance_scale=2.0, eta=0.5)
+    edited = edit(moving_video, "a blue car", cfg, cascade).frames
+    assert np.array_equal(edited, generate("a blue car", cfg, cascade).frames)
+    assert not np.array_equal(edited, generate("a blue car", EditConfig(strength=1.0, seed=4), cascade).frames)
+
+
+def test_strength_zero_is_the_vae_round_trip_and_batch_equals_rows(cascade):
+    x0 = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    kept = run_stage(StageRun.of(cascade, EditConfig(strength=0.0), ["a", "b"], [0, 1]), 0, x0)
+    torch.testing.assert_close(kept, cascade.base.decode(cascade.base.encode(x0)))
+    cfg = EditConfig(strength=0.75, eta=0.5, guidance_scale=2.0)
+    rows = [run_stage(StageRun.of(cascade, cfg, [p], [s]), 0, x0[i:i + 1])
+            for i, (p, s) in enumerate([("a red cat", 0), ("a dog", 1)])]
+    batch = run_stage(StageRun.of(cascade, cfg, ["a red cat", "a dog"], [0, 1]), 0, x0)
+    torch.testing.assert_close(batch, torch.cat(rows), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rows[0], kept[:1], atol=1e-3)
+
+
+def test_cfg_batched_equals_sequential(cascade):
+    x0 = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    outs = [run_stage(StageRun.of(cascade, EditConfig(strength=0.8, guidance_scale=4.0, cfg_mode=mode,
+                                                      negative_prompt="blurry"), ["a cat", "a car"], [0, 1]), 0, x0)
+            for mode in ("batched", "sequential")]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    unguided = run_stage(StageRun.of(cascade, EditConfig(strength=0.8), ["a cat", "a car"], [0, 1]), 0, x0)
+    assert not torch.allclose(outs[0], unguided, atol=1e-4)
+
+
+def _change_per_frame(model, frame_mode_on: bool, j: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    x, tokens = torch.randn(1, Z_DIM, 5, 4, 4, generator=gen), torch.randn(1, 512, TEXT_DIM, generator=gen)
+    x2 = x.clone()
+    x2[:, :, j] += 0.5
+    with torch.no_grad():
+        a, b = (model(v, torch.tensor([500.0]), tokens, frame_mode_on=frame_mode_on) for v in (x, x2))
+    return (a - b).abs().amax(dim=(0, 1, 3, 4))
+
+
+def test_frame_mode_makes_each_latent_frame_attend_only_to_itself(cascade):
+    """Paper Sec. 4.2: in frame mode perturbing latent frame j changes no output frame i != j."""
+    masked = _change_per_frame(cascade.base.denoiser, frame_mode_on=True)
+    assert masked[2] > 1e-3 and torch.all(masked[[0, 1, 3, 4]] == 0), masked
+    mixed = _change_per_frame(cascade.base.denoiser, frame_mode_on=False)
+    assert torch.all(mixed[[0, 1, 3, 4]] > 1e-6), mixed
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_flow_eta_keeps_the_marginal_and_lands_on_x0(eta):
+    """With the exact velocity of a point mass x0, every eta ends on x0, and x_sigma keeps std sigma around
+    (1 - sigma) x0: eta only trades the carried noise for fresh noise (the DDIM eta on the flow schedule)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    timesteps = strength_timesteps(scheduler, 6, 1.0)
+    target = torch.linspace(-1, 1, 64 * 64).view(1, 1, 1, 64, 64)
+    sigma_of = {float(t): float(s) for t, s in zip(scheduler.timesteps, scheduler.sigmas)}
+    seen = []
+
+    def velocity(x, t):  # eps - x0, with eps = (x - (1 - sigma) x0) / sigma
+        sigma = sigma_of[float(t[0])]
+        seen.append((sigma, x))
+        return (x - (1 - sigma) * target) / sigma - target
+
+    gens = seed_generators([0], 0)
+    out = flow_sample(velocity, draw_noise(tuple(target.shape), gens), scheduler, timesteps, eta, gens)
+    torch.testing.assert_close(out, target, atol=1e-4, rtol=1e-4)
+    for sigma, x in seen[1:]:
+        assert abs(float((x - (1 - sigma) * target).std()) / sigma - 1) < 0.05
+
+
+def test_bad_wan_repositories_get_one_line(repo, tmp_path, capsys):
+    def error_of(src, *flags) -> str:
+        assert main(["convert", str(src), "-o", str(tmp_path / "out"), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    missing = shutil.copytree(repo, tmp_path / "missing")
+    shutil.rmtree(missing / "transformer")
+    assert "no transformer/config.json" in error_of(missing)
+    mismatched = shutil.copytree(repo, tmp_path / "mismatched")
+    vae = json.loads((mismatched / "vae" / "config.json").read_text())
+    (mismatched / "vae" / "config.json").write_text(json.dumps({**vae, "z_dim": 16}))
+    assert "the VAE makes 16" in error_of(mismatched)
+    pair = shutil.copytree(repo, tmp_path / "a14b")
+    (pair / "model_index.json").write_text(json.dumps({**MODEL_INDEX, "boundary_ratio": 0.875,
+                                                       "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    assert "two-expert" in error_of(pair)
+    assert "4k + 1" in error_of(repo, "--frames", "8")
