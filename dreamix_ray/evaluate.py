@@ -16,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .config import EDIT_TYPES
 from .degrade import downsample_to_stage
 from .errors import UserError
 from .edit import StageRun, blank_input, run_cascade
 from .finetune import finetune, finetune_preset, finetuned_prompt
+from .models.cascade import load_cascade
 from .models.frame_mode import frame_mode
+from .pretrain import held_out
 from .request import EditPlan, EditRequest, resolve
 from .video import Video, contact_sheet
 from .world.analyze import analyze, object_found_fraction, trajectory_smoothness
@@ -101,8 +104,6 @@ class Scores:
 def eval_sources(n: int, seed: int = 2024, held: bool = True):
     """Source scenes, single plain object: held-out combinations (never seen in pretraining) for the
     tables, or training combinations (held=False) for tuning the finetuning presets."""
-    from .pretrain import held_out
-
     rng, scenes = np.random.default_rng(seed), []
     while len(scenes) < n:
         s = sample_scene(rng, n_objects=1, texture="plain", style="solid", size="large",
@@ -259,8 +260,6 @@ def finetune_variants(source_video: Video, cascade, s: EvalSettings, seed: int,
 def run_eval(cascade, quick: bool = False, settings: EvalSettings = EvalSettings(), progress: bool = True,
              sheets_dir: Path | None = None, n_sources: int | None = None):
     """Every method on every case; returns {method: [(case, Scores)]}."""
-    from tqdm.auto import tqdm
-
     cases = eval_cases(n_sources or (1 if quick else EVAL_SOURCES))
     results: dict[str, list] = defaultdict(list)
     by_source = defaultdict(list)
@@ -309,8 +308,6 @@ def tables(results) -> tuple[str, str, float]:
 
 
 def run_eval_cli(args) -> int:
-    from .models.cascade import load_cascade
-
     cascade = load_cascade(args.model)
     out = Path(args.output)
     sheets = out.parent / (out.stem.lower() + "_sheets")

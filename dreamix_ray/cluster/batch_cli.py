@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..request import EditRequest
-
-if TYPE_CHECKING:  # ray loads only when a batch runs, so `dreamix --help` stays fast
-    from .batch import BatchOptions
+from ..storage import S3Settings
+from .batch import BatchOptions, run_batch
 
 STAGES_HELP = "stage=value pairs by stage name or kind, e.g. base=1,tsr=1,ssr=1 (also decode, finetune, encode)"
 
@@ -78,10 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def options_from_args(args) -> "BatchOptions":
-    from ..storage import S3Settings
-    from .batch import BatchOptions
-
+def options_from_args(args) -> BatchOptions:
     # --strength, given, is every row's default, finetuned or not (a row's own strength still wins)
     request = EditRequest(prompt="", strength=args.strength, fit=args.fit,
                           **({"ssr_chunk_frames": args.ssr_chunk_frames} if args.ssr_chunk_frames else {}))
@@ -100,8 +95,6 @@ def options_from_args(args) -> "BatchOptions":
 
 def run(args) -> int:
     """0: every output done or skipped; 1: some failed (recorded in the results); 3: stopped by --max-error-rate."""
-    from .batch import run_batch
-
     summary = run_batch(options_from_args(args))
     print(summary.text(), file=sys.stderr if summary.failed else sys.stdout)
     if summary.stopped:

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from huggingface_hub import snapshot_download
+
 from ..errors import UserError
 
 HF_PREFIX = "hf://"
@@ -52,8 +54,6 @@ def resolve_ref(ref: str, root: Path | None = None) -> Path:
 
 def fetch_from_hub(repo_id: str, revision: str | None = None, patterns: list[str] | None = None) -> Path:
     """Download (or find in the cache) the files of a hub repository matching `patterns` (None: all)."""
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # offline mode, no network, unknown repo or revision: one clear line

@@ -15,7 +15,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ...animate import CAMERAS
 from ...errors import UserError
+from ...finetune import PRESETS
 from ...video import VideoError
 from .jobs import ENTRY, FINAL, KINDS, public_view, shown
 from .params import EDIT_PRESETS, ROUTES, openapi_body
@@ -103,9 +105,6 @@ def create_api(ctx) -> FastAPI:
 
     @app.get("/v1/info", tags=["service"], summary="the model, presets and limits")
     async def info(_who: str = Depends(owner)):
-        from ...animate import CAMERAS
-        from ...finetune import PRESETS
-
         return {"stages": [s.to_dict() for s in ctx.stages], "edit_presets": EDIT_PRESETS,
                 "finetune_presets": sorted(PRESETS), "cameras": list(CAMERAS), "accepted": ACCEPTED,
                 "limits": {"max_upload_mb": settings.max_upload_mb, "max_width": settings.max_width,

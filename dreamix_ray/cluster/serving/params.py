@@ -8,6 +8,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...config import EDIT_TYPES, PAPER_STRENGTH_FINETUNED, PAPER_STRENGTH_NO_FINETUNE, validate_strength
+from ...finetune import PRESETS
 from ...request import EditRequest
 from .jobs import JOB_ID, shown
 
@@ -126,8 +127,6 @@ def uris_of(kind: str, fields: BaseModel) -> list[str]:
 
 def finetune_choice(value: str | None) -> tuple[str, str | None]:
     """('none' | 'preset' | 'job', preset or job id) from the `finetune` field."""
-    from ...finetune import PRESETS
-
     text = (value or "").strip().lower()
     if text in NO:
         return "none", None

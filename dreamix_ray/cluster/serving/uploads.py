@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import AsyncIterator
 
+from PIL import Image
 from pyarrow import fs as pafs
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -184,8 +185,6 @@ def inspect_media(path: Path, expected: str, settings: ServeSettings) -> dict:
 
 
 def _image_header(path: Path, settings: ServeSettings) -> dict:
-    from PIL import Image
-
     try:
         with Image.open(path) as im:  # lazy: reads the header, not the pixels
             width, height, fmt = im.width, im.height, im.format
