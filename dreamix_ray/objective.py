@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from .degrade import downsample_for_training, upsample_condition
+from .errors import UserError
 from .models.cascade import Stage
+from .sampling import scheduler_family
 
 
 def diffusion_loss(stage: Stage, x0_bcfhw, cond_bcfhw, tokens, pooled, gen: torch.Generator,
@@ -31,6 +33,9 @@ def draw_training_noise(stage: Stage, x0_bcfhw, gen: torch.Generator) -> tuple[t
 def v_loss(stage: Stage, x0_bcfhw, cond_bcfhw, tokens, pooled, t_b, noise_bcfhw, frame_mode_on: bool,
            reduction: str = "mean") -> torch.Tensor:
     """diffusion_loss at given draws; reduction="sum" lets shards of a batch add up to its mean."""
+    if scheduler_family(stage.scheduler) == "flow":
+        raise UserError(f"stage {stage.config.name!r}: finetuning flow-matching stages (Wan) is not supported yet; "
+                        "edit with the cascade as converted (docs/REAL_MODELS.md, Wan)")
     device = stage.denoiser.device  # draws are made on the CPU, the same on any device
     x0_bcfhw, noise_bcfhw, t_b, tokens, pooled = (v.to(device) for v in (x0_bcfhw, noise_bcfhw, t_b, tokens, pooled))
     cond_bcfhw = cond_bcfhw.to(device) if cond_bcfhw is not None else None

@@ -113,6 +113,15 @@ def test_edit_command_runs_end_to_end(cascade_dir, moving_video, tmp_path):
     assert out.frames.shape == (5, 32, 32, 3) and out.fps == 8.0
 
 
+def test_finetuning_a_wan_stage_stops_with_one_line(cascade_dir, moving_video, tmp_path, capsys):
+    write_video(tmp_path / "in.mp4", moving_video)
+    argv = ["finetune", str(tmp_path / "in.mp4"), "--model", str(cascade_dir), "--ft-steps", "1", "--store",
+            str(tmp_path / "store"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "flow-matching stages (Wan) is not supported yet" in err, err
+
+
 def _pixels01(x_bcfhw: torch.Tensor) -> torch.Tensor:
     """Our [-1, 1] (B, C, F, H, W) as diffusers' output_type="pt": (B, F, C, H, W) in [0, 1]."""
     return ((x_bcfhw + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
