@@ -59,7 +59,8 @@ def write_wan_repo(path, seed: int = 0, ti2v: bool = False):
     AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                      temperal_downsample=[False, True, True],
                      latents_mean=(torch.randn(z_dim, generator=gen) * 0.1).tolist(),
-                     latents_std=(torch.rand(z_dim, generator=gen) + 0.5).tolist(), **wan22).save_pretrained(path / "vae")
+                     latents_std=(torch.rand(z_dim, generator=gen) + 0.5).tolist(),
+                     **wan22).save_pretrained(path / "vae")
     vocab = write_tokenizer(path / "tokenizer")
     UMT5EncoderModel(UMT5Config(vocab_size=vocab, d_model=TEXT_DIM, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
@@ -101,6 +102,20 @@ def test_convert_writes_a_flow_stage_and_info_shows_its_latents(cascade_dir, cas
     assert main(["info", "--model", str(cascade_dir)]) == 0
     out = capsys.readouterr().out
     assert f"latent {Z_DIM}x2x4x4" in out and f"{stage.num_parameters:,}" in out and "umt5" in out
+
+
+def test_convert_copy_and_save_keep_the_stage_self_contained(repo, cascade, tmp_path):
+    source = shutil.copytree(repo, tmp_path / "src")
+    assert main(["convert", str(source), "-o", str(tmp_path / "copied"), "--size", "32x32", "--frames", "5",
+                 "--copy"]) == 0
+    shutil.rmtree(source)
+    copied = Cascade.from_pretrained(tmp_path / "copied")  # the UniPC flow config in base/ becomes flow Euler
+    loaded = Cascade.from_pretrained(copied.save_pretrained(tmp_path / "saved"), text_encoder=copied.text_encoder)
+    assert isinstance(loaded.base.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert loaded.base.scheduler.config.shift == SHIFT
+    for other in (copied, loaded):
+        a, b = cascade.base.denoiser.state_dict(), other.base.denoiser.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_edit_command_runs_end_to_end(cascade_dir, moving_video, tmp_path):
