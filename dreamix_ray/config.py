@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError
-from .motion_guidance import MotionPrior
 
 STAGE_KINDS = ("base", "tsr", "ssr")
 
@@ -106,6 +105,10 @@ class CascadeConfig(_Dict):
         if self.sr_strength is not None and not 0.0 < self.sr_strength <= 1.0:
             raise ConfigError(f"sr_strength must be in (0, 1] (1 = from pure noise), got {self.sr_strength!r}")
         if self.motion_prior is not None:
+            # Imported here, not at the top: motion_guidance needs torch, and config must stay light for
+            # `dreamix convert` and the batch driver, which read cascade.json without loading any model.
+            from .motion_guidance import MotionPrior
+
             MotionPrior.from_dict(self.motion_prior)  # a malformed entry fails at load, naming the fix
         for preset, by_type in (self.edit_strengths or {}).items():
             if preset not in STRENGTH_PRESETS or not isinstance(by_type, dict):

@@ -112,4 +112,6 @@ def test_text_cache_stays_bounded_and_never_drops_what_a_call_reads(text_encoder
     assert len(text_encoder._cache) <= 3
     assert torch.equal(tokens[0], first[0][0]) and torch.equal(pooled[0], first[1][0])
     text_encoder._cache.clear()
-    assert torch.allclose(text_encoder(["a blue square"])[1][0], pooled[1])
+    # alone vs in a padded batch of 3: equal up to float reduction order (with 2+ threads the GEMMs split
+    # the batch differently; measured 6e-7), which is not what this test is about
+    torch.testing.assert_close(text_encoder(["a blue square"])[1][0], pooled[1], atol=1e-5, rtol=0)

@@ -16,7 +16,6 @@ from dreamix_ray.pretrain import (
     training_scenes,
 )
 from dreamix_ray.training.checkpoint import LocalCheckpoints, TrainState
-from dreamix_ray.training.engines import EngineConfig
 from dreamix_ray.training.loop import train
 from dreamix_ray.world.analyze import analyze, compare
 from dreamix_ray.world.render import render
@@ -127,22 +126,6 @@ def test_export_writes_a_cascade_with_its_fitted_motion_prior(tmp_path, text_enc
     assert prior.directions(pooled).tolist() == [[-1.0, 0.0], [0.0, 0.0]]
 
 
-def test_motion_planes_carry_text_times_position_and_vanish_in_frame_mode():
-    from dreamix_ray.models.stage import StageDenoiser
-
-    net = StageDenoiser(block_out_channels=(16, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=8, motion_planes=2)
-    x, pooled = torch.zeros(2, 3, 8, 4, 4), torch.randn(2, 384)
-    planes = net._position_planes(x, pooled, frame_mode_on=False)
-    assert planes.shape == (2, 4, 8, 4, 4)
-    gain = net.motion_gain(pooled)
-    assert torch.allclose(planes[:, 2:, -1], gain.view(2, 2, 1, 1) * planes[0, 0, -1])  # ramp x text gain
-    assert torch.allclose(planes[:, 2:, 0], -planes[:, 2:, -1])  # the ramp runs -1 .. 1 over the clip
-    assert not net._position_planes(x, pooled, frame_mode_on=True).any()
-    with pytest.raises(ValueError, match="motion_planes need frame_position"):
-        StageDenoiser(frame_position=False, motion_planes=2)
-
-
 def test_warm_start_keeps_the_trained_model_exactly_and_grows_its_input(tmp_path):
     from dreamix_ray.models.stage import StageDenoiser
     from dreamix_ray.training.warm_start import warm_start
@@ -150,11 +133,11 @@ def test_warm_start_keeps_the_trained_model_exactly_and_grows_its_input(tmp_path
     small = dict(block_out_channels=(16, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                  up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=8)
     torch.manual_seed(0)
-    trained = StageDenoiser(**small).eval()
+    trained = StageDenoiser(**small, frame_position=False).eval()
     trained.save_pretrained(tmp_path / "trained")
-    grown = StageDenoiser(**small, motion_planes=2).eval()
+    grown = StageDenoiser(**small).eval()  # two more input channels: the frame-position planes, appended
     summary = warm_start(grown, tmp_path / "trained")
-    assert "grown ['unet.conv_in.weight']" in summary and "motion_from_text.weight" in summary
+    assert "grown ['unet.conv_in.weight']" in summary
     assert grown.unet.conv_in.weight[:, -2:].abs().sum() > 0  # the new input slice keeps its random init
     with torch.no_grad():
         grown.unet.conv_in.weight[:, -2:] = 0  # without it, the grown model is the trained one exactly
@@ -172,105 +155,15 @@ def test_warm_start_keeps_the_trained_model_exactly_and_grows_its_input(tmp_path
         warm_start(grown, tmp_path)
 
 
-def test_motion_targets_follow_the_captions_of_the_step():
-    from dreamix_ray.models.embedded import EMBEDDED_STAGES
-    from dreamix_ray.pretrain import motion_targets, step_scenes, world_batch
-
-    cfg = PretrainConfig(caption_dropout=0.3)
-    words = {"left": (-0.8, 0.0), "right": (0.8, 0.0), "up": (0.0, -0.8), "down": (0.0, 0.8)}
-    seen = 0
-    for step in range(20):
-        scenes, captions, _ = step_scenes(cfg, step)
-        target, counts = motion_targets(scenes, captions)
-        assert world_batch(EMBEDDED_STAGES[0], cfg, step)[2] == captions
-        for cap, (dx, dy), counted in zip(captions, target.tolist(), counts.tolist()):
-            if cap == "":
-                assert not counted  # a dropped caption says nothing about direction
-            if not counted:
-                continue
-            named = [w for w in words if f" {w}" in cap or f"{w}wards" in cap]
-            if named:  # paraphrases ("slides to the left", "drifting upwards") name the direction word
-                assert words[named[0]] == pytest.approx((dx, dy)), cap
-                seen += 1
-    assert seen > 40
-
-
 @pytest.mark.parametrize("argv, message", [
-    (["--stages", "base", "--motion-planes", "2", "--motion-supervision", "1", "--workers", "2"],
-     "runs in one process only"),
-    (["--stages", "base", "--motion-supervision", "1"], "add --motion-planes 2"),
-    (["--stages", "base", "tsr", "--motion-planes", "2"], "base-stage options"),
     (["--stages", "base", "tsr", "--init-from", "x"], "a single --stages value"),
-    (["--stages", "tsr", "--coord-planes"], "base-stage options"),
 ])
-def test_pretrain_cli_refuses_inconsistent_motion_options(argv, message, capsys):
+def test_pretrain_cli_refuses_inconsistent_options(argv, message, capsys):
     from dreamix_ray.cluster.pretrain_cli import main
 
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
-
-
-def test_motion_planes_enter_the_pretrained_base_only():
-    from dreamix_ray.pretrain import stage_denoisers
-
-    assert stage_denoisers(PretrainConfig(stage="base", motion_planes=2))["base"]["motion_planes"] == 2
-    assert "motion_planes" not in stage_denoisers(PretrainConfig(stage="base"))["base"]
-    with pytest.raises(ValueError, match="base-stage option"):
-        stage_denoisers(PretrainConfig(stage="ssr", motion_planes=2))
-    assert stage_denoisers(PretrainConfig(stage="base", coord_planes=True))["base"]["coord_planes"] is True
-    with pytest.raises(ValueError, match="base-stage option"):
-        stage_denoisers(PretrainConfig(stage="ssr", coord_planes=True))
-
-
-def test_coord_planes_give_every_pixel_its_position_in_video_and_frame_mode(tmp_path):
-    from dreamix_ray.models.stage import StageDenoiser
-
-    small = dict(block_out_channels=(16, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                 up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=8)
-    torch.manual_seed(0)
-    net = StageDenoiser(**small, coord_planes=True).eval()
-    assert net.unet.conv_in.in_channels == StageDenoiser(**small).unet.conv_in.in_channels + 2
-    x = torch.zeros(1, 3, 2, 4, 5)
-    xy = net._coord_planes(x)
-    assert torch.allclose(xy[0, 0, 1, 2], torch.linspace(-1, 1, 5))  # x runs along a row
-    assert torch.allclose(xy[0, 1, 0, :, 3], torch.linspace(-1, 1, 4))  # y runs down a column
-    # The planes reach the network: zeroing their conv_in slice changes the output, in both modes.
-    args = (torch.randn(1, 3, 8, 8, 8), torch.tensor([500]), torch.randn(1, 4, 384), torch.randn(1, 384))
-    with torch.no_grad():
-        video, frames = net(*args), net(*args, frame_mode_on=True)
-        net.unet.conv_in.weight[:, -2:] = 0
-        assert not torch.allclose(net(*args), video) and not torch.allclose(net(*args, frame_mode_on=True), frames)
-    net.save_pretrained(tmp_path)
-    loaded = StageDenoiser.from_pretrained(tmp_path).eval()
-    assert loaded.config.coord_planes
-    with torch.no_grad():
-        # (equal up to float rounding: the loaded copy may pick a different conv kernel)
-        torch.testing.assert_close(loaded(*args), net(*args), rtol=0, atol=1e-4)
-
-
-def test_fitted_motion_projection_reads_the_direction_off_new_captions(text_encoder):
-    from dreamix_ray.models.stage import StageDenoiser
-    from dreamix_ray.pretrain import fit_motion_projection
-
-    net = StageDenoiser(block_out_channels=(16, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=8, motion_planes=2)
-    assert fit_motion_projection(net, text_encoder, PretrainConfig(), steps=60) < 0.1
-    captions = {"a blue square moving left on a white background": (-1, 0),
-                "on black, a small green disc slides to the right": (1, 0),
-                "a red triangle drifting upwards over a gray backdrop": (0, -1),
-                "a purple circle moving down on a blue background": (0, 1)}
-    with torch.no_grad():
-        gains = net.motion_gain(text_encoder(list(captions))[1])
-    for (dx, dy), (gx, gy) in zip(captions.values(), gains.tolist()):
-        assert (gx > 0.4 if dx > 0 else gx < -0.4 if dx < 0 else abs(gx) < 0.4), (dx, dy, gx, gy)
-        assert (gy > 0.4 if dy > 0 else gy < -0.4 if dy < 0 else abs(gy) < 0.4), (dx, dy, gx, gy)
-
-
-def test_distributed_engines_refuse_motion_supervision_they_would_ignore(tmp_path, text_encoder):
-    spec = pretrain_spec(PretrainConfig(motion_planes=2, motion_supervision=1.0), text_encoder)
-    with pytest.raises(ValueError, match="one process only"):
-        train([spec], LocalCheckpoints(tmp_path), EngineConfig(kind="ddp"))
 
 
 def test_the_training_layers_import_downwards_only():

@@ -48,12 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reversed-twins", type=float, default=PretrainConfig.reversed_twins,
                    help="chance a translating scene comes with its time-reversed twin in the batch (0 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--motion-planes", type=int, default=0,
-                   help="give the base this many text-driven motion planes (an experiment: BENCHMARKS.md)")
-    p.add_argument("--motion-supervision", type=float, default=0.0,
-                   help="weight of the auxiliary direction loss on a base's motion planes (single process)")
-    p.add_argument("--coord-planes", action="store_true",
-                   help="give the base x / y coordinate planes (an experiment: BENCHMARKS.md)")
     p.add_argument("--init-from", default="",
                    help="start from this trained stage folder (e.g. dreamix_ray/default_cascade/base)")
     p.add_argument("--workers", type=int, default=None,
@@ -67,12 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.init_from and len(args.stages) > 1:
         p.error("--init-from names one stage's weights: give it with a single --stages value")
-    if args.motion_supervision and args.workers:
-        p.error("--motion-supervision runs in one process only: drop --workers")
-    if (args.motion_supervision or args.motion_planes or args.coord_planes) and args.stages != ["base"]:
-        p.error("--motion-planes / --motion-supervision / --coord-planes are base-stage options: use --stages base")
-    if args.motion_supervision and not args.motion_planes:
-        p.error("--motion-supervision trains the base's motion planes: add --motion-planes 2")
     if args.threads:
         torch.set_num_threads(args.threads)
     minutes = args.minutes if len(args.minutes) == len(args.stages) else [args.minutes[0]] * len(args.stages)
@@ -80,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PretrainConfig(stage=stage, minutes=budget, batch_size=args.batch_size, lr=args.lr,
                              max_steps=args.max_steps, seed=args.seed, caption_dropout=args.caption_dropout,
                              image_fraction=args.image_fraction, reversed_twins=args.reversed_twins,
-                             init_from=args.init_from, motion_supervision=args.motion_supervision,
-                             motion_planes=args.motion_planes, coord_planes=args.coord_planes)
+                             init_from=args.init_from)
         if args.workers:
             _pretrain_on_ray(cfg, args)
         else:

@@ -18,11 +18,8 @@ class StageDenoiser(ModelMixin, ConfigMixin):
     The position planes exist because diffusers' temporal layers get no frame position and
     no text; with them the spatial path can place a moving object per frame (DESIGN.md,
     first measurement). The pooled text embedding reaches every resnet via `timestep_cond`.
-
-    `motion_planes` > 0 adds that many text-driven planes: the clip-position ramp times tanh of a
-    learned projection of the pooled text. A base without them learned the axis of a translation but
-    picked its direction by chance (BENCHMARKS.md, session 4): direction needs the product of text and
-    frame position, which the UNet only adds. These planes hand it that product as an input.
+    (Text-driven motion planes and x / y coordinate planes were tried for the base and are not shipped:
+    BENCHMARKS.md, sessions 4-6.)
     """
 
     @register_to_config
@@ -39,14 +36,9 @@ class StageDenoiser(ModelMixin, ConfigMixin):
         layers_per_block: int = 1,
         attention_head_dim: int = 8,
         norm_num_groups: int = 16,
-        motion_planes: int = 0,
-        coord_planes: bool = False,
     ):
         super().__init__()
-        if motion_planes and not frame_position:
-            raise ValueError("motion_planes need frame_position (they are the position ramp times text)")
-        extra = ((2 + motion_planes) if frame_position else 0) + (2 if coord_planes else 0)
-        self.motion_from_text = torch.nn.Linear(text_dim, motion_planes) if motion_planes else None
+        extra = 2 if frame_position else 0
         self.unet = UNet3DConditionModel(
             in_channels=video_channels + cond_channels + extra,
             out_channels=video_channels,
@@ -77,37 +69,18 @@ class StageDenoiser(ModelMixin, ConfigMixin):
                 raise ValueError("this SR stage needs the previous stage's output as cond_bcfhw")
             parts.append(cond_bcfhw.to(sample_bcfhw.dtype))
         if self.config.frame_position:
-            parts.append(self._position_planes(sample_bcfhw, text_pooled_bd, frame_mode_on or in_frame_mode()))
-        if self.config.coord_planes:
-            parts.append(self._coord_planes(sample_bcfhw))
+            parts.append(self._position_planes(sample_bcfhw, frame_mode_on or in_frame_mode()))
         x = torch.cat(parts, dim=1)
         with frame_mode(frame_mode_on):
             return self.unet(x, timestep, text_tokens_bld, timestep_cond=text_pooled_bd).sample
 
-    def motion_gain(self, text_pooled_bd: torch.Tensor) -> torch.Tensor:
-        """[B, motion_planes] in (-1, 1): how strongly each motion plane's ramp runs, from the text."""
-        return torch.tanh(self.motion_from_text(text_pooled_bd))
-
-    def _position_planes(self, sample_bcfhw: torch.Tensor, text_pooled_bd: torch.Tensor,
-                         frame_mode_on: bool) -> torch.Tensor:
+    def _position_planes(self, sample_bcfhw: torch.Tensor, frame_mode_on: bool) -> torch.Tensor:
+        """[B, 2, F, H, W]: the frame's position in the clip and a video-vs-frame flag (both 0 in frame mode)."""
         b, _, f, h, w = sample_bcfhw.shape
-        k = self.config.motion_planes
-        planes = sample_bcfhw.new_zeros(b, 2 + k, f, h, w)
+        planes = sample_bcfhw.new_zeros(b, 2, f, h, w)
         if not frame_mode_on:  # frames as images carry no position: every plane stays 0
             span = max(self.config.position_frames - 1, 1)
             pos_f = (2 * torch.arange(f, dtype=sample_bcfhw.dtype, device=sample_bcfhw.device) - (f - 1)) / span
             planes[:, 0] = pos_f.view(1, f, 1, 1)
             planes[:, 1] = 1.0
-            if k:
-                gain_bk = self.motion_gain(text_pooled_bd.to(sample_bcfhw.dtype))
-                planes[:, 2:] = gain_bk.view(b, k, 1, 1, 1) * pos_f.view(1, 1, f, 1, 1)
         return planes
-
-    @staticmethod
-    def _coord_planes(sample_bcfhw: torch.Tensor) -> torch.Tensor:
-        """x and y of every pixel in [-1, 1]; the same in frame mode (an image has positions too)."""
-        b, _, f, h, w = sample_bcfhw.shape
-        kw = dict(dtype=sample_bcfhw.dtype, device=sample_bcfhw.device)
-        x = torch.linspace(-1, 1, w, **kw).view(1, 1, 1, 1, w).expand(b, 1, f, h, w)
-        y = torch.linspace(-1, 1, h, **kw).view(1, 1, 1, h, 1).expand(b, 1, f, h, w)
-        return torch.cat([x, y], dim=1)

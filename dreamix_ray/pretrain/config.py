@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 
 from ..config import _Dict
-from ..models.embedded import EMBEDDED_DENOISERS
 
 
 @dataclass(frozen=True)
@@ -40,24 +39,9 @@ class PretrainConfig(_Dict):
     # weights both start near zero and each one's gradient is proportional to the other. Measured:
     # after 700 steps the left / right gains differed by 0.02.)
     init_from: str = ""
-    # Weight of an auxiliary loss that teaches a base's motion planes the caption's direction from the
-    # world's labels (motion_targets); 0 = the plain diffusion loss. Single-process training only.
-    motion_supervision: float = 0.0
-    motion_planes: int = 0  # text-driven motion planes for the base (StageDenoiser); 0 = the shipped design
-    coord_planes: bool = False  # x / y coordinate planes for the base (StageDenoiser); off = the shipped design
     checkpoint_every_s: float = 180.0
     checkpoint_every: int = 0  # steps, besides checkpoint_every_s; 0 = by time only
     grad_clip: float = 1.0
-
-
-def stage_denoisers(cfg: PretrainConfig) -> dict:
-    """The embedded architecture, with the base's motion / coordinate planes if this run asks for them."""
-    if not (cfg.motion_planes or cfg.coord_planes):
-        return EMBEDDED_DENOISERS
-    if cfg.stage != "base":
-        raise ValueError(f"motion and coordinate planes are base-stage options; {cfg.stage!r} has none")
-    base = {**EMBEDDED_DENOISERS["base"], "motion_planes": cfg.motion_planes, "coord_planes": cfg.coord_planes}
-    return {**EMBEDDED_DENOISERS, "base": base}
 
 
 def learning_rate(cfg: PretrainConfig, step: int) -> float:

@@ -18,35 +18,26 @@ from ..sampling import make_scheduler
 from ..training.checkpoint import LocalCheckpoints
 from ..training.loop import TrainSpec, train
 from ..training.warm_start import warm_start
-from .config import PretrainConfig, learning_rate, stage_denoisers
+from .config import PretrainConfig, learning_rate
 from .data import pretrain_batch
-from .motion import fit_motion_projection, fit_world_motion_prior, motion_supervision_loss
+from .motion import fit_world_motion_prior
 
 
 def pretrain_spec(cfg: PretrainConfig, text_encoder: TextEncoder, log=None) -> TrainSpec:
     """Stage cfg.stage of the embedded cascade as a spec of the loop, built alike on every engine and rank."""
     log = log or (lambda _: None)
-    cascade = build_cascade(embedded_config(text_encoder.spec()), stage_denoisers(cfg), text_encoder, cfg.seed)
+    cascade = build_cascade(embedded_config(text_encoder.spec()), EMBEDDED_DENOISERS, text_encoder, cfg.seed)
     stage = next(s for s in cascade.stages if s.config.name == cfg.stage)
-    if cfg.motion_supervision and getattr(stage.denoiser, "motion_from_text", None) is None:
-        raise ValueError(f"motion_supervision needs a stage with motion planes; {cfg.stage!r} has none")
 
     def init(module: torch.nn.Module) -> None:
         if cfg.init_from:
             log(f"[{cfg.stage}] warm start from {cfg.init_from}: " + warm_start(module, cfg.init_from))
-        if cfg.motion_supervision:
-            mse = fit_motion_projection(module, text_encoder, cfg)
-            log(f"[{cfg.stage}] motion planes fitted to the captions' directions (mse {mse:.3f})")
-
-    def motion_loss(stage_, batch, step):
-        return cfg.motion_supervision * motion_supervision_loss(stage_, batch.pooled, cfg, step)
 
     return TrainSpec(cfg.stage, stage, cfg.max_steps, cfg.lr, cfg.grad_clip,
                      lambda step: pretrain_batch(stage, cfg, step, text_encoder), seed=cfg.seed,
                      checkpoint_every=cfg.checkpoint_every, checkpoint_every_s=cfg.checkpoint_every_s,
                      minutes=cfg.minutes, ema_decay=cfg.ema_decay,
-                     lr_at=lambda step: learning_rate(cfg, step), init=init,
-                     extra_loss=motion_loss if cfg.motion_supervision else None)
+                     lr_at=lambda step: learning_rate(cfg, step), init=init)
 
 
 def train_stage(cfg: PretrainConfig, run_dir: str | Path, text_encoder: TextEncoder | None = None,

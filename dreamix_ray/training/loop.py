@@ -52,9 +52,6 @@ class TrainSpec:
     ema_decay: float | None = None  # pretraining exports the EMA; finetuning the weights themselves
     lr_at: Callable[[int], float] | None = None  # learning rate per step (pretraining's warmup + cosine)
     init: Callable[[torch.nn.Module], None] | None = None  # prepares fresh weights; skipped on resume
-    # An extra loss on the whole batch (pretraining's motion supervision); one process only, since it
-    # calls the module outside the engine's forward.
-    extra_loss: Callable[[Stage, TrainBatch, int], torch.Tensor] | None = None
 
 
 def train(specs: list[TrainSpec], checkpoints, engine: EngineConfig | None = None, on_step: OnStep | None = None,
@@ -118,9 +115,6 @@ class _Run:
 
     def train_spec(self, spec: TrainSpec, index: int, state: TrainState, resume: Path | None) -> bool:
         """Train (or resume) one spec to its step budget or deadline; True when it is complete."""
-        if spec.extra_loss is not None and self.cfg.kind != "torch":
-            raise ValueError(f"{spec.name}: an extra loss (motion supervision) runs in one process only, "
-                             f"not on the {self.cfg.kind} engine")
         module = spec.stage.denoiser.train().requires_grad_(True)
         device = torch.device(self.device or module.device)
         if resume is None and spec.init is not None:
@@ -192,12 +186,7 @@ class _Run:
             for k, (sub, scale) in enumerate(rank_parts(batch, self.rank, self.world, micro, device)):
                 with engine.accumulate(last=k == micro - 1):
                     sse = sub.loss(stage, reduction="sum")
-                    loss = sse * scale
-                    if spec.extra_loss is not None and k == 0:
-                        extra = spec.extra_loss(stage, batch, step)
-                        loss = loss + extra
-                        part += extra.item()
-                    engine.backward(loss)
+                    engine.backward(sse * scale)
                 part += sse.item() * scale / self.world
             norm = engine.step()
         return self._sum(part, device), norm
