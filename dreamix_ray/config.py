@@ -99,9 +99,14 @@ class CascadeConfig(_Dict):
     motion_prior: dict | None = None
     # Noise the pixel SR stages start from when an edit does not say (EditConfig.sr_strength); None = 1.
     sr_strength: float | None = None
+    # Classifier-free guidance when an edit does not say: converted text-to-video models want 5-9 (their
+    # pipelines' defaults); None = 1, off, as the paper's cascade (App. A.1).
+    guidance_scale: float | None = None
 
     def __post_init__(self):
         check_structure(self.name, self.stages)
+        if self.guidance_scale is not None and not self.guidance_scale >= 1.0:
+            raise ConfigError(f"guidance_scale must be >= 1 (1 = off), got {self.guidance_scale!r}")
         if self.sr_strength is not None and not 0.0 < self.sr_strength <= 1.0:
             raise ConfigError(f"sr_strength must be in (0, 1] (1 = from pure noise), got {self.sr_strength!r}")
         if self.motion_prior is not None:
@@ -134,6 +139,8 @@ class CascadeConfig(_Dict):
             data["motion_prior"] = dict(self.motion_prior)
         if self.sr_strength is not None:
             data["sr_strength"] = self.sr_strength
+        if self.guidance_scale is not None:
+            data["guidance_scale"] = self.guidance_scale
         return data
 
     def strength_for(self, edit_type: str, preset: str = "none") -> float | None:
@@ -148,7 +155,8 @@ class CascadeConfig(_Dict):
         return cls(stages=stages, text_encoder=dict(data.get("text_encoder", {})),
                    name=data.get("name", "cascade"), description=data.get("description", ""),
                    finetune_lr=data.get("finetune_lr"), edit_strengths=data.get("edit_strengths"),
-                   motion_prior=data.get("motion_prior"), sr_strength=data.get("sr_strength"))
+                   motion_prior=data.get("motion_prior"), sr_strength=data.get("sr_strength"),
+                   guidance_scale=data.get("guidance_scale"))
 
 
 def check_structure(name: str, stages: tuple[StageConfig, ...]) -> None:

@@ -38,6 +38,9 @@ KNOWN_MODELS = {
 DEFAULT_STEPS = 40  # zeroscope's diffusers example; ModelScope's pipeline defaults to 50
 DEFAULT_FPS = 8.0
 DEFAULT_WAN = (832, 480, 81, 16.0)  # Wan2.1-T2V-1.3B's 480p
+# Classifier-free guidance a converted cascade's edits use unless they say (CascadeConfig.guidance_scale):
+# WanPipeline's default, and the ModelScope / zeroscope pipelines'.
+WAN_GUIDANCE, MODELSCOPE_GUIDANCE = 5.0, 9.0
 
 
 class ConvertError(UserError):
@@ -163,7 +166,7 @@ def _wan_convert(src: Source, out: Path, size: str | None, frames: int | None, f
             "tokenizer": "tokenizer" if copy else src.ref("tokenizer")}
     return CascadeConfig((stage,), text, name=name or out.resolve().name, description=(
         f"Converted by `dreamix convert` from {src.label} (Wan, flow matching). The weights keep their own licence "
-        "(Wan 2.1 / 2.2: Apache-2.0); see docs/REAL_MODELS.md."))
+        "(Wan 2.1 / 2.2: Apache-2.0); see docs/REAL_MODELS.md."), guidance_scale=WAN_GUIDANCE)
 
 
 def _size(src: Source, given: str | None) -> tuple[int, int, int | None]:
@@ -236,7 +239,7 @@ def convert(sources: list[str], out: str | Path, sizes: list[str] | None = None,
     config = CascadeConfig(tuple(stages), text, name=name or out.resolve().name, description=(
         f"Converted by `dreamix convert` from {', '.join(s.label for s in srcs)}. The weights keep their "
         "own licence (ModelScope text-to-video-ms-1.7b and zeroscope_v2: CC-BY-NC-4.0, non-commercial); "
-        "see docs/REAL_MODELS.md."))
+        "see docs/REAL_MODELS.md."), guidance_scale=MODELSCOPE_GUIDANCE)
     return _write(config, srcs, out / CASCADE_FILE, copy)
 
 
@@ -285,7 +288,6 @@ def run(args) -> int:
                      args.strength, args.vae_chunk_frames, args.name, args.copy, args.force)
     for s in config.stages:
         print(f"{s.name}: {s.kind}, {s.frames} frames of {s.width}x{s.height} @ {s.fps:g} fps, {s.steps} steps")
-    guidance = 5 if config.text_encoder.get("kind") == "umt5" else 9  # WanPipeline's default, zeroscope's
-    print(f"wrote {Path(args.output) / 'cascade.json'}; these models want guidance, e.g. "
-          f"`dreamix edit IN.mp4 -p PROMPT --model {args.output} --guidance {guidance}`")
+    print(f"wrote {Path(args.output) / 'cascade.json'}; edits use guidance {config.guidance_scale:g} unless they "
+          f"say (`dreamix edit IN.mp4 -p PROMPT --model {args.output} [--guidance G]`)")
     return 0

@@ -23,7 +23,8 @@ from .errors import UserError
 from .request import EditRequest, resolve
 from .storage import S3Settings, StorageError, filesystem, join, read_bytes, write_bytes
 
-KNOWN_COLUMNS = ("id", "video", "prompts", "prompt", "strength", "seed", "finetune", "steps", "output", "edit_type")
+KNOWN_COLUMNS = ("id", "video", "prompts", "prompt", "strength", "seed", "finetune", "steps", "output", "edit_type",
+                 "guidance", "negative_prompt")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet",
            ".pq": "parquet"}
 STATUSES = ("ok", "error", "skipped")
@@ -55,6 +56,8 @@ class ManifestRow:
     extra: dict = field(default_factory=dict)
     error: str | None = None
     edit_type: str | None = None  # motion | style | object | background: the tuned strength, motion from the input
+    guidance: float | None = None  # classifier-free guidance; None: the job's, else the cascade's
+    negative_prompt: str | None = None  # guidance's unconditional text; None: the job's
 
 
 def manifest_format(uri: str) -> str:
@@ -118,6 +121,16 @@ def _int(value: Any, column: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _RowError(column, f"must be an integer, got {value!r:.60}")
     return value
+
+
+def _float(value: Any, column: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _RowError(column, f"must be a number, got {value!r:.60}") from None
+    if isinstance(value, bool) or math.isnan(number):
+        raise _RowError(column, f"must be a number, got {value!r:.60}")
+    return number
 
 
 def _prompts(raw: dict) -> tuple[str, ...]:
@@ -185,11 +198,15 @@ def _validate(index: int, raw: dict) -> ManifestRow:
     if output is not None and not output.lower().endswith(".mp4"):
         raise _RowError("output", f"must be an .mp4 URI, got {output!r:.80}")
     edit_type = _text(raw.get("edit_type"), "edit_type")
+    guidance = None if _null(raw.get("guidance")) else _float(raw["guidance"], "guidance")
+    if guidance is not None and not guidance >= 1.0:
+        raise _RowError("guidance", f"must be >= 1 (1 = off), got {guidance!r}")
     if edit_type is not None and edit_type not in EDIT_TYPES:
         raise _RowError("edit_type", f"must be one of {', '.join(EDIT_TYPES)} (or empty), got {edit_type!r:.40}")
     extra = {k: v for k, v in raw.items() if k not in KNOWN_COLUMNS}
     return ManifestRow(index, row_id, video, prompts, strength, seed, _finetune(raw.get("finetune")),
-                       _steps(raw.get("steps")), output, extra, edit_type=edit_type)
+                       _steps(raw.get("steps")), output, extra, edit_type=edit_type, guidance=guidance,
+                       negative_prompt=_text(raw.get("negative_prompt"), "negative_prompt"))
 
 
 def read_manifest(uri: str, s3: S3Settings | None = None, on_error: str = "raise") -> list[ManifestRow]:
@@ -256,6 +273,9 @@ def row_request(row: ManifestRow, job: EditRequest) -> EditRequest:
     finetuning; the prompt is not part of the plan, so one request serves all of a row's prompts."""
     return dataclasses.replace(job, strength=row.strength if row.strength is not None else job.strength,
                                seed=row.seed, steps=row.steps or job.steps, edit_type=row.edit_type,
+                               guidance_scale=row.guidance if row.guidance is not None else job.guidance_scale,
+                               negative_prompt=row.negative_prompt if row.negative_prompt is not None
+                               else job.negative_prompt,
                                finetune=finetune_name(row.finetune))
 
 

@@ -13,6 +13,8 @@ The rule (quoted in the README and the API docs):
 - motion from the input: asked for, or implied by edit type "motion" (never for text-to-video).
 - steps: none = each stage's own; one value = every stage; a list = one per stage in cascade order
   (stages past its end keep their own).
+- guidance: the request's own; else the cascade's (`guidance_scale` in cascade.json, which `dreamix
+  convert` sets for text-to-video models); else 1, off (the paper).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class EditRequest:
     seed: int = 0
     steps: tuple[int, ...] = ()
     eta: float | None = None
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None  # None: the cascade's, else 1 (off)
     num_frames: int | None = None
     fit: str = "crop"
     motion_guidance: float = 1.0
@@ -72,11 +74,11 @@ class EditRequest:
         if self.strength is not None:
             validate_strength(self.strength)
         object.__setattr__(self, "steps", tuple(int(n) for n in self.steps))
-        self._config(0.7, False)  # every other range check, with EditConfig's messages
+        self._config(0.7, False, 1.0 if self.guidance_scale is None else self.guidance_scale)  # the range checks
 
-    def _config(self, strength: float, motion_from_input: bool) -> EditConfig:
+    def _config(self, strength: float, motion_from_input: bool, guidance_scale: float) -> EditConfig:
         return EditConfig(strength=strength, seed=self.seed, steps=self.steps, eta=self.eta,
-                          guidance_scale=self.guidance_scale, num_frames=self.num_frames,
+                          guidance_scale=guidance_scale, num_frames=self.num_frames,
                           ssr_chunk_frames=self.ssr_chunk_frames, fit=self.fit, motion_guidance=self.motion_guidance,
                           motion_from_input=motion_from_input, sr_strength=self.sr_strength,
                           sr_consistency=self.sr_consistency, negative_prompt=self.negative_prompt,
@@ -104,7 +106,8 @@ def resolve(request: EditRequest, cascade: CascadeConfig) -> "EditPlan":
         raise ConfigError(f"steps: {len(request.steps)} values for a cascade of {len(cascade.stages)} stages "
                           f"({', '.join(s.name for s in cascade.stages)}); give one value, or one per stage")
     from_input = request.task != "generate" and (request.motion_from_input or request.edit_type == "motion")
-    return EditPlan.of(request._config(resolve_strength(request, cascade), from_input), cascade)
+    guidance = request.guidance_scale if request.guidance_scale is not None else (cascade.guidance_scale or 1.0)
+    return EditPlan.of(request._config(resolve_strength(request, cascade), from_input, float(guidance)), cascade)
 
 
 def chunk_bounds(num_frames: int, chunk_frames: int) -> tuple[tuple[int, int], ...]:

@@ -34,6 +34,8 @@ REQUESTS = [
     (["--steps", "3", "--seed", "5"], {"steps": 3, "seed": 5}, {"steps": 3, "seed": 5}),
     (["--strength", "0.4", "--edit-type", "style"], {"strength": 0.4, "edit_type": "style"},
      {"strength": 0.4, "edit_type": "style"}),
+    (["--guidance", "3", "--negative-prompt", "blurry"], {"guidance": 3, "negative_prompt": "blurry"},
+     {"guidance": 3, "negative_prompt": "blurry"}),
 ]
 PROMPT = "a green circle moving right"
 
@@ -71,7 +73,7 @@ def test_one_request_resolves_to_one_plan_from_every_entry_point(flags, columns,
     assert plans[0] == plans[1] == plans[2]
 
 
-def test_the_rule(tuned_config):
+def test_the_rule(tuned_config, tmp_path):
     """The documented defaults (request.py, README): the values the three entry points used to disagree on."""
     strength = {tuple(f): cli_plan(f, tuned_config).config.strength for f, _, _ in REQUESTS}
     assert strength[()] == 0.7  # no edit type, no finetuning
@@ -87,6 +89,13 @@ def test_the_rule(tuned_config):
 
     with pytest.raises(ConfigError, match="4 values for a cascade of 3 stages"):
         cli_plan(["--steps", "1", "2", "3", "4"], tuned_config)
+    # guidance: the request's, else the cascade's (convert sets it for text-to-video models), else 1
+    assert cli_plan([], tuned_config).config.guidance_scale == 1.0
+    guided = dataclasses.replace(tuned_config, guidance_scale=4.0)
+    assert cli_plan([], guided).config.guidance_scale == 4.0
+    assert manifest_plan({}, guided, tmp_path).config.guidance_scale == 4.0
+    assert serve_plan({}, guided).config.guidance_scale == 4.0
+    assert cli_plan(["--guidance", "1"], guided).config.guidance_scale == 1.0
 
 
 def test_cli_and_batch_write_the_same_bytes(tmp_path, tiny_dir, capsys):

@@ -40,7 +40,8 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None,
                    help="sampler stochasticity in [0, 1]: DDIM's eta, or its flow counterpart for Wan stages "
                         "(0 = deterministic; default: per stage)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1 = off, as the paper)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1 = off, as the paper; default: the cascade's, else 1)")
     p.add_argument("--negative-prompt", default="", metavar="TEXT",
                    help="what guidance steers away from (default: the empty prompt)")
     p.add_argument("--cfg-mode", choices=CFG_MODES, default=None,
@@ -100,7 +101,7 @@ def edit_request(args, task: str = "edit") -> EditRequest:
     return EditRequest(prompt=args.prompt, task=task, strength=getattr(args, "strength", None),
                        edit_type=getattr(args, "edit_type", None), finetune=getattr(args, "finetune", None),
                        seed=args.seed, steps=tuple(getattr(args, "steps", None) or ()), eta=getattr(args, "eta", None),
-                       guidance_scale=getattr(args, "guidance", 1.0), num_frames=getattr(args, "frames", None),
+                       guidance_scale=getattr(args, "guidance", None), num_frames=getattr(args, "frames", None),
                        fit=getattr(args, "fit", "crop"), motion_guidance=getattr(args, "motion_guidance", 1.0),
                        motion_from_input=getattr(args, "motion_from_input", False),
                        sr_strength=getattr(args, "sr_strength", None),

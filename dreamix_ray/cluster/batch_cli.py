@@ -67,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", "-s", type=float, default=None,
                    help="strength for rows without one (default: the cascade's tuned strength for the row's "
                         "edit_type, else 0.95 with finetune, else 0.7)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance for rows without a guidance column (default: the cascade's, else 1)")
+    p.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="guidance's unconditional text for rows without a negative_prompt column")
     p.add_argument("--ssr-chunk-frames", type=int, default=None,
                    help="frames per chunk of the last SSR stage (default 32, as the paper)")
     p.add_argument("--fit", choices=("crop", "pad"), default="crop", help="how inputs are fitted to the base size")
@@ -78,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args) -> BatchOptions:
     # --strength, given, is every row's default, finetuned or not (a row's own strength still wins)
-    request = EditRequest(prompt="", strength=args.strength, fit=args.fit,
+    request = EditRequest(prompt="", strength=args.strength, fit=args.fit, guidance_scale=args.guidance,
+                          negative_prompt=args.negative_prompt,
                           **({"ssr_chunk_frames": args.ssr_chunk_frames} if args.ssr_chunk_frames else {}))
     if args.batch_size < 1:
         raise FlagError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -23,6 +23,8 @@ NO, YES = {"", "0", "false", "no", "none", "off"}, {"1", "true", "yes", "on"}
 TOKEN = re.compile(r"[a-z][a-z0-9]{1,31}")  # fullmatch: `$` would accept a trailing newline
 SEED = Field(0, ge=0, le=2**31 - 1, description="random seed; the same seed and inputs give the same output")
 STEPS = Field(None, ge=1, description="sampling steps of every stage (default: each stage's own)")
+GUIDANCE = Field(None, ge=1, le=50, description="classifier-free guidance scale (1 = off; default: the model's)")
+NEGATIVE = Field(None, max_length=500, description="what guidance steers away from (default: the empty prompt)")
 
 
 class _Fields(BaseModel):
@@ -39,6 +41,8 @@ class _EditCommon(_Fields):
                                       "0.7 (animations 0.8)")
     seed: int = SEED
     steps: Optional[int] = STEPS
+    guidance: Optional[float] = GUIDANCE
+    negative_prompt: Optional[str] = NEGATIVE
     finetune: Optional[str] = Field(None, description="false, true, a finetune preset (video, mixed, frames) or "
                                                       "the id of a finished /v1/finetunes job")
     edit_type: Optional[str] = Field(None, description=f"what the prompt changes, one of {list(EDIT_TYPES)}: picks the "
@@ -79,6 +83,8 @@ class GenerationFields(_Fields):
     prompt: str = Field(min_length=1, max_length=500)
     seed: int = SEED
     steps: Optional[int] = STEPS
+    guidance: Optional[float] = GUIDANCE
+    negative_prompt: Optional[str] = NEGATIVE
     subject: Optional[str] = Field(None, description="the id of a finished /v1/subjects (or /v1/finetunes) job")
 
 
@@ -153,7 +159,8 @@ def edit_request(kind: str, params: dict) -> EditRequest:
         "custom" if params.get("finetune_id") else None)
     return EditRequest(prompt=params["prompt"], task=TASKS[kind], strength=strength,
                        edit_type=params.get("edit_type"), finetune=finetune, seed=int(params.get("seed", 0)),
-                       steps=(int(params["steps"]),) if params.get("steps") else ())
+                       steps=(int(params["steps"]),) if params.get("steps") else (),
+                       guidance_scale=params.get("guidance"), negative_prompt=params.get("negative_prompt") or "")
 
 
 def openapi_body(kind: str) -> dict:
