@@ -31,6 +31,8 @@ COMMANDS = {
 def _attach(name: str, p: argparse.ArgumentParser) -> None:
     try:
         importlib.import_module(COMMANDS[name][0]).add_arguments(p)
+        if "--quiet" not in p._option_string_actions:  # every command takes it (README), even one with no bars
+            p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     except ImportError as exc:  # batch and serve need the optional ray extra
         p.set_defaults(_missing=f"`dreamix {name}` needs the ray extra: pip install 'dreamix_ray[ray]' ({exc})")
         p.add_argument("rest", nargs=argparse.REMAINDER)
