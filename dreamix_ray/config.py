@@ -28,6 +28,9 @@ DEFAULT_REFINE_STRENGTH = 0.7
 # forwards at batch B (half the activation memory). None: batched for flow stages (Wan), sequential for DDIM
 # stages (what they always ran; their results stay bit-identical).
 CFG_MODES = ("batched", "sequential")
+# The stage networks' arithmetic: fp32, or autocast to bf16 / fp16 around each forward (weights, norms and the
+# sampler stay fp32). bf16 is 1.8x faster per SSR step on an AVX512-BF16 CPU (BENCHMARKS.md, "Faster edits").
+PRECISIONS = ("fp32", "bf16", "fp16")
 # Frames per VAE call in latent stages: bounds VAE memory, which grows with frames x pixels.
 DEFAULT_VAE_CHUNK_FRAMES = 8
 
@@ -215,9 +218,13 @@ class EditConfig(_Dict):
     # The unconditional branch of classifier-free guidance ("" = the empty prompt, as before).
     negative_prompt: str = ""
     cfg_mode: str | None = None  # batched | sequential | None = the stage family's default (CFG_MODES above)
+    # fp32 here (what every earlier EditConfig JSON meant); a request resolves to request.DEFAULT_PRECISION.
+    precision: str = "fp32"
 
     def __post_init__(self):
         validate_strength(self.strength)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.cfg_mode is not None and self.cfg_mode not in CFG_MODES:
             raise ConfigError(f"guidance mode must be one of {', '.join(CFG_MODES)}, got {self.cfg_mode!r}")
         if not isinstance(self.negative_prompt, str):
@@ -242,7 +249,7 @@ class EditConfig(_Dict):
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         # Left out at their defaults: earlier EditConfig JSON, and the rerun keys hashed from it, stay unchanged.
-        for key, default in (("negative_prompt", ""), ("cfg_mode", None)):
+        for key, default in (("negative_prompt", ""), ("cfg_mode", None), ("precision", "fp32")):
             if data[key] == default:
                 del data[key]
         return data

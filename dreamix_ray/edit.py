@@ -6,6 +6,7 @@ Serve deployments, each on its own slice of the plan (a stage, or one chunk of t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .sr_consistency import input_kept
 from .video import Video
 
 StepCallback = Callable[[str, int, int], None]  # (stage name, steps done, steps total)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # EditConfig.precision other than fp32
 
 
 @dataclass
@@ -73,11 +75,17 @@ def _denoiser(run: StageRun, index: int, cond, anchor, total: int):
     net, name, timings = stage.denoiser, stage.config.name, run.timings
     tokens, pooled, uncond = run.text()
 
+    device = next(net.parameters()).device
+    # The one place precision applies (CLI, batch and Serve alike): autocast around the network only, so the
+    # guidance, motion guidance and sampler arithmetic stay fp32.
+    autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.precision])
+                if cfg.precision != "fp32" else contextlib.nullcontext())
+
     def call(tokens_, pooled_, cond_=cond):
         def fn(x, t):
             start = time.perf_counter()
-            with torch.inference_mode():
-                out = net(x, t, tokens_, pooled_, cond_)
+            with torch.inference_mode(), autocast:
+                out = net(x, t, tokens_, pooled_, cond_).to(x.dtype)
             if timings is not None:
                 timings.network_s[name] += time.perf_counter() - start
             return out

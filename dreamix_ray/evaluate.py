@@ -59,6 +59,7 @@ class EvalSettings:
     steps: tuple[int, ...] = ()  # per-stage sampling steps; empty = the cascade's
     # motion edits move the source's middle frame at high noise (EditConfig.motion_from_input)
     motion_from_input: bool = True
+    precision: str | None = None  # the networks' arithmetic (config.PRECISIONS); None = request.DEFAULT_PRECISION
 
     def plan_for(self, method: str, edit_type: str, cascade) -> EditPlan:
         """The case's plan under the one rule (request.resolve); per-frame uses Dreamix's no-finetuning
@@ -67,7 +68,8 @@ class EvalSettings:
             cascade.config, edit_strengths=self.edit_strengths)
         preset = VARIANT_PRESET.get(method, "none")
         request = EditRequest(prompt="", task="generate" if method == "text-to-video" else "edit",
-                              edit_type=edit_type, finetune=None if preset == "none" else preset, steps=self.steps)
+                              edit_type=edit_type, finetune=None if preset == "none" else preset, steps=self.steps,
+                              precision=self.precision)
         plan = resolve(request, config)
         if plan.config.motion_from_input and not self.motion_from_input:  # the ablation
             plan = plan.replace(config, motion_from_input=False)
@@ -314,14 +316,15 @@ def run_eval_cli(args) -> int:
     start = time.perf_counter()
     if args.sources is not None and args.sources < 1:
         raise UserError(f"--sources must be >= 1, got {args.sources}")
-    settings = EvalSettings()
+    settings = EvalSettings(precision=getattr(args, "precision", None))
     results = run_eval(cascade, quick=args.quick, settings=settings, progress=not args.quiet, sheets_dir=sheets,
                        n_sources=args.sources)
     minutes = (time.perf_counter() - start) / 60
     t1, t2, best = tables(results)
     command = " ".join(["dreamix eval"] + (["--quick"] if args.quick else [])
                        + ([f"--sources {args.sources}"] if args.sources else [])
-                       + ([f"--model {args.model}"] if args.model else []))
+                       + ([f"--model {args.model}"] if args.model else [])
+                       + ([f"--precision {settings.precision}"] if settings.precision else []))
     sheet_lines = "\n".join(f"- {m}: " + ", ".join(f"[{et}]({sheets.name}/{m}-{et}.png)" for et in EDIT_TYPES)
                             for m in METHODS)
     strengths = ", ".join(f"{et} {settings.strength_for('dreamix', et, cascade):g} / "

@@ -15,6 +15,7 @@ The rule (quoted in the README and the API docs):
   (stages past its end keep their own).
 - guidance: the request's own; else the cascade's (`guidance_scale` in cascade.json, which `dreamix
   convert` sets for text-to-video models); else 1, off (the paper).
+- precision: the request's own; else DEFAULT_PRECISION.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ TASKS = ("edit", "animate", "generate")
 # Strength without finetuning when the cascade has no tuned strength for the request: the middle of the
 # paper's 0.4-0.85 for edits; animations start from a still image and need more noise to move.
 DEFAULT_STRENGTH = {"edit": 0.7, "animate": 0.8}
+# The stage networks' arithmetic when a request names none (config.PRECISIONS).
+DEFAULT_PRECISION = "fp32"
 
 
 def strength_table(finetune: str | None) -> str:
@@ -65,6 +68,7 @@ class EditRequest:
     ssr_chunk_frames: int = PAPER_SSR_CHUNK_FRAMES
     negative_prompt: str = ""  # classifier-free guidance's unconditional text
     cfg_mode: str | None = None  # batched | sequential | None = the stage family's (config.CFG_MODES)
+    precision: str | None = None  # fp32 | bf16 | fp16 | None = DEFAULT_PRECISION
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -82,7 +86,7 @@ class EditRequest:
                           ssr_chunk_frames=self.ssr_chunk_frames, fit=self.fit, motion_guidance=self.motion_guidance,
                           motion_from_input=motion_from_input, sr_strength=self.sr_strength,
                           sr_consistency=self.sr_consistency, negative_prompt=self.negative_prompt,
-                          cfg_mode=self.cfg_mode)
+                          cfg_mode=self.cfg_mode, precision=self.precision or DEFAULT_PRECISION)
 
 
 def resolve_strength(request: EditRequest, cascade: CascadeConfig) -> float:

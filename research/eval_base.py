@@ -100,6 +100,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[32], help="sampling step counts to compare")
     p.add_argument("--eta", type=float, nargs="+", default=[0.5], help="DDIM eta values to compare")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", nargs="+", default=["fp32"], help="network precisions to compare (fp32 bf16 fp16)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
                    help="classifier-free guidance scales to compare (the unconditional model is the '' prompt)")
     p.add_argument("--motion-guidance", type=float, nargs="+", default=[1.0],
@@ -138,9 +139,11 @@ def main() -> int:
     prompts = [canonical_caption(s) for s in scenes]
     sc = base.config
     x0 = torch.zeros(len(scenes), 3, sc.frames, sc.height, sc.width)
-    settings = [(g, n, e, m) for g in args.guidance for n in args.steps for e in args.eta for m in args.motion_guidance]
-    for scale, steps, eta, motion in settings:
-        cfg = EditConfig(strength=1.0, steps=(steps,), guidance_scale=scale, eta=eta, motion_guidance=motion)
+    settings = [(g, n, e, m, pr) for g in args.guidance for n in args.steps for e in args.eta
+                for m in args.motion_guidance for pr in args.precision]
+    for scale, steps, eta, motion, precision in settings:
+        cfg = EditConfig(strength=1.0, steps=(steps,), guidance_scale=scale, eta=eta, motion_guidance=motion,
+                         precision=precision)
         out = tensor_to_frames(run_stage(StageRun.of(cascade, cfg, prompts, list(range(len(scenes)))), 0, x0))
         totals, by_motion, confusion = Counter(), defaultdict(Counter), defaultdict(Counter)
         for scene, frames in zip(scenes, out):
@@ -151,7 +154,7 @@ def main() -> int:
             by_motion[scene.objects[0].motion].update(ok=int(res["motion"]), n=1)
             if not res["motion"]:  # what the analyzer saw instead (no object found counts as "none")
                 confusion[scene.objects[0].motion][est.objects[0].motion if est.objects else "none"] += 1
-        print(f"{args.weights} guidance {scale:g} steps {steps} eta {eta:g} motion guidance {motion:g}: "
+        print(f"{args.weights} guidance {scale:g} steps {steps} eta {eta:g} motion guidance {motion:g} {precision}: "
               f"n={len(scenes)} "
               + " ".join(f"{k}={v / len(scenes):.0%}" for k, v in totals.items()))
         print("  motion by direction: " + " ".join(f"{m}={c['ok']}/{c['n']}" for m, c in sorted(by_motion.items())),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import PRECISIONS
 from ..evaluate import run_eval_cli
 
 
@@ -13,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out source videos, 4 edits each (default 6; 1 with --quick)")
     p.add_argument("-o", "--output", default="EVAL.md")
     p.add_argument("--model", default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the networks' arithmetic for every edit (default: dreamix edit's)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
 
 
