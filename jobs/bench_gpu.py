@@ -93,9 +93,7 @@ def networks(cascade, device: torch.device, smoke: bool):
     tokens, pooled = tokens.to(device), pooled.to(device)
     for stage in cascade.stages:
         sc, net = stage.config, stage.denoiser
-        frames = sc.frames // sc.factor if sc.kind == "tsr" else sc.frames
-        shape = (3, sc.frames, sc.height, sc.width)
-        del frames
+        shape = (3, sc.frames, sc.height, sc.width)  # an SR stage's condition is its input upsampled to this
 
         def call(net_, b, sc=sc, shape=shape):
             x = torch.randn(b, *shape, device=device)
@@ -112,7 +110,8 @@ def networks(cascade, device: torch.device, smoke: bool):
         text = torch.randn(b, 77, kwargs["cross_attention_dim"], device=device)
         t = torch.full((b,), 500, device=device)
         return lambda: net_(x, t, text).sample
-    out.append((f"ModelScope-shaped UNet3D {latents[1]}x{latents[2] * 8}x{latents[3] * 8} (latents "
+    label = "toy UNet3D" if smoke else "ModelScope-shaped UNet3D"
+    out.append((f"{label} {latents[1]}x{latents[2] * 8}x{latents[3] * 8} (latents "
                 f"{'x'.join(map(str, latents))})", unet, call_unet))
     return out
 

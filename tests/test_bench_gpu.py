@@ -13,7 +13,7 @@ def test_bench_gpu_smoke_writes_a_report(tmp_path):
                    check=True, capture_output=True, text=True, timeout=900)
     report = out.read_text()
     assert "ran on CPU" in report
-    for name in ("tiny base", "tiny tsr", "tiny ssr", "ModelScope-shaped UNet3D"):
+    for name in ("tiny base", "tiny tsr", "tiny ssr", "toy UNet3D"):
         assert sum(name in line and "| fp32 |" in line for line in report.splitlines()) == 3  # batch 1, 2, guided
         assert sum(name in line and "| bf16 |" in line for line in report.splitlines()) == 3
     assert "sequential" in report and "SDPA" in report
