@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from .config import PAPER_FINETUNE_LR, ConfigError, _Dict
 from .degrade import frames_to_tensor
+from .models import adapters
 from .models.cascade import Cascade, Stage
 from .objective import TrainBatch, draw_training_noise, is_frame_step, sr_condition
 from .storage import ArtifactStore, StorageError
-from .training.checkpoint import LocalCheckpoints, load_exports
+from .training.checkpoint import LocalCheckpoints
 from .training.loop import TrainSpec, train
 from .video import resample
 
@@ -33,6 +34,10 @@ PRESETS = {"video": (1.0, 64), "mixed": (0.35, 250), "frames": (0.0, 100)}
 # A single rare wordpiece in MiniLM's vocabulary (DreamBooth's "sks" splits into two pieces there).
 DEFAULT_TOKEN = "naia"
 ARTIFACT_FILE = "finetune.json"  # written last: its presence marks a complete artifact
+ADAPTERS = ("lora", "full")
+# LoRA's B starts at 0 and its update is rank-limited: it needs a far larger step than the paper's
+# full-weight 6e-6 (diffusers' LoRA training scripts default to 1e-4).
+LORA_LR = 1e-4
 
 ProgressCallback = Callable[[str, int, int, float], None]  # (stage, step, total, loss)
 
@@ -54,6 +59,11 @@ class FinetuneConfig(_Dict):
     fit: str = "crop"
     checkpoint_every: int = 25
     batch_size: int = 1  # samples (clips, or frame packs in frame steps) per step, on any worker count
+    # lora: a peft LoRA adapter on each finetuned stage, and the artifact holds only it; full: every weight
+    adapter: str = "lora"
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None = the rank: the adapter's update at scale 1
+    lora_targets: str = "attention"  # attention | spatial | temporal (models/adapters.LORA_TARGETS)
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0 or math.isnan(self.alpha):
@@ -66,6 +76,28 @@ class FinetuneConfig(_Dict):
             raise ConfigError(f"the finetuning token must be one word, got {self.token!r}")
         if self.batch_size < 1:
             raise ConfigError(f"the finetuning batch size must be >= 1, got {self.batch_size}")
+        if self.adapter not in ADAPTERS:
+            raise ConfigError(f"unknown finetuning adapter {self.adapter!r}: choose one of {list(ADAPTERS)}")
+        if self.lora_rank < 1:
+            raise ConfigError(f"the LoRA rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"the LoRA alpha must be > 0, got {self.lora_alpha}")
+        if self.lora_targets not in adapters.LORA_TARGETS:
+            raise ConfigError(f"unknown LoRA targets {self.lora_targets!r}: "
+                              f"choose one of {list(adapters.LORA_TARGETS)}")
+        if self.adapter == "lora" and self.lora_targets == "temporal" and self.alpha < 1:
+            # frame steps mask the temporal layers: such a step would train nothing (and DDP would hang on it)
+            raise ConfigError(f"a temporal-only LoRA learns nothing on frame steps: use alpha 1 (preset video), "
+                              f"not {self.alpha}, or lora_targets 'attention'")
+
+    def key_fields(self) -> dict:
+        """What identifies the artifact: a full run ignores the LoRA settings, and keeps the key it had before
+        LoRA existed (so stores written then still hit)."""
+        fields = self.to_dict()
+        if self.adapter == "full":
+            for name in ("adapter", "lora_rank", "lora_alpha", "lora_targets"):
+                fields.pop(name)
+        return fields
 
     @property
     def prompt(self) -> str:
@@ -100,7 +132,7 @@ def finetuned_stage_names(cascade: Cascade, cfg: FinetuneConfig) -> list[str]:
 def artifact_key(source_bytes: bytes, cfg: FinetuneConfig, cascade: Cascade) -> str:
     """hash(input bytes, finetune config, base cascade id): same video + config -> same artifact."""
     h = hashlib.sha256(source_bytes)
-    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(cfg.key_fields(), sort_keys=True).encode())
     h.update(cascade_id(cascade).encode())
     return "ft-" + h.hexdigest()[:20]
 
@@ -157,15 +189,26 @@ def finetune_batch(stage: Stage, data: _StageData, text, cfg: FinetuneConfig, st
 
 
 def finetune_lr(cfg: FinetuneConfig, cascade: Cascade) -> float:
-    """The config's rate, else the cascade's `finetune_lr`, else the paper's 6e-6."""
-    return cfg.lr or cascade.config.finetune_lr or PAPER_FINETUNE_LR
+    """The config's rate, else LORA_LR for an adapter, else the cascade's `finetune_lr`, else the paper's 6e-6."""
+    if cfg.lr:
+        return cfg.lr
+    return LORA_LR if cfg.adapter == "lora" else cascade.config.finetune_lr or PAPER_FINETUNE_LR
 
 
 def finetune_specs(stages: list[tuple[int, Stage, _StageData]], text, cfg: FinetuneConfig, lr: float,
                    checkpoint_every: int | None = None) -> list[TrainSpec]:
     """The training loop's spec per (cascade index, stage, data): alpha * L_vid + (1 - alpha) * L_frame
-    (paper Sec. 4.2) at a constant learning rate, the base and SSR stages each on its own data."""
+    (paper Sec. 4.2) at a constant learning rate, the base and SSR stages each on its own data. The stages'
+    denoisers are private copies (copy_for_finetuning, or a Ray Train worker's own); with cfg.adapter lora
+    each gets its adapter here, drawn from (seed, stage), so every rank and every resume builds the same one."""
     every = cfg.checkpoint_every if checkpoint_every is None else checkpoint_every
+    if cfg.adapter == "lora":
+        for index, stage, _ in stages:
+            if adapters.has_adapter(stage.denoiser):
+                raise ValueError(f"stage {stage.config.name!r} already carries an adapter: pass a fresh copy")
+            config = adapters.lora_config(stage.denoiser, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank,
+                                          cfg.lora_targets, stage.config.name)
+            adapters.add_adapter(stage.denoiser, config, seed=f"{cfg.seed}:{index}")
     return [TrainSpec(stage.config.name, stage, cfg.steps, lr, cfg.grad_clip,
                       functools.partial(finetune_batch, stage, data, text, cfg, index), seed=cfg.seed,
                       checkpoint_every=every)
@@ -198,10 +241,11 @@ class _Progress:
             self.on_step(name, step, total, loss)
 
 
-def finetune(video, cfg: FinetuneConfig, cascade: Cascade, work_dir: Path | None = None, progress: bool = False,
-             on_step: ProgressCallback | None = None) -> Cascade:
-    """Finetune the configured stages on `video` in one process; `work_dir` holds resumable checkpoints
-    (a temporary folder without it)."""
+@contextlib.contextmanager
+def _trained(video, cfg: FinetuneConfig, cascade: Cascade, work_dir: Path | None, progress: bool,
+             on_step: ProgressCallback | None) -> Iterator[Path]:
+    """Finetune in this process, then yield the folder holding each finetuned stage's result (exports/ of the
+    run's last checkpoint); `work_dir` holds resumable checkpoints (a temporary folder without it)."""
     names = finetuned_stage_names(cascade, cfg)
     tuned = copy_for_finetuning(cascade, names)
     text = cascade.text_encoder([cfg.prompt])
@@ -213,16 +257,45 @@ def finetune(video, cfg: FinetuneConfig, cascade: Cascade, work_dir: Path | None
         specs = finetune_specs(stages, text, cfg, finetune_lr(cfg, cascade), None if work_dir else 0)
         train(specs, checkpoints, on_step=_Progress(progress, on_step))
         with checkpoints.latest() as last:
-            return load_exports(tuned, names, last)
+            yield last / "exports"
 
 
-def save_artifact(tuned: Cascade, cfg: FinetuneConfig, key: str, store: ArtifactStore, base: Cascade) -> str:
-    """Write the finetuned stages' weights (exact, fp32) and finetune.json to the store."""
+def finetune(video, cfg: FinetuneConfig, cascade: Cascade, work_dir: Path | None = None, progress: bool = False,
+             on_step: ProgressCallback | None = None) -> Cascade:
+    """Finetune the configured stages on `video` in one process; the result is the cascade a load of its
+    artifact gives (`attach`), bit for bit."""
+    with _trained(video, cfg, cascade, work_dir, progress, on_step) as results:
+        return attach(cascade, finetuned_stage_names(cascade, cfg), results)
+
+
+def attach(cascade: Cascade, names: list[str], results: Path) -> Cascade:
+    """`cascade` with each stage in `names` taken from results/<name>: a LoRA adapter merged onto the stage's
+    denoiser in memory (every other tensor shared, the base unchanged), or a whole denoiser (full)."""
+    stages = []
+    for s in cascade.stages:
+        denoiser, folder = s.denoiser, results / s.config.name
+        if s.config.name in names:
+            if adapters.is_adapter_dir(folder):
+                denoiser = adapters.merged_copy(s.denoiser, folder)
+            elif any(folder.glob("*.safetensors")):
+                denoiser = type(s.denoiser).from_pretrained(folder).eval().to(cascade.device)
+            else:
+                raise StorageError(f"no finetuned weights for stage {s.config.name!r} in {results}: rerun the "
+                                   "finetuning (the same run name resumes it)")
+        stages.append(Stage(s.config, denoiser, s.scheduler, s.vae))
+    return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source)
+
+
+def save_artifact(results: Path, cfg: FinetuneConfig, key: str, store: ArtifactStore, base: Cascade) -> str:
+    """Write each finetuned stage's result (a LoRA adapter, or the whole denoiser; fp32, exact) from
+    results/<stage> and finetune.json to the store."""
     names = finetuned_stage_names(base, cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        for stage in tuned.stages:
-            if stage.config.name in names:
-                stage.denoiser.save_pretrained(Path(tmp, stage.config.name))
+        for name in names:
+            if not any((results / name).glob("*.safetensors")):
+                raise StorageError(f"no finetuned weights for stage {name!r} in {results}: rerun the finetuning "
+                                   "(the same run name resumes it)")
+            shutil.copytree(results / name, Path(tmp, name))
         meta = {"id": key, "config": cfg.to_dict(), "cascade_id": cascade_id(base), "stages": names}
         Path(tmp, ARTIFACT_FILE).write_text(json.dumps(meta, indent=2))
         store.put_dir(key, tmp, marker=ARTIFACT_FILE)
@@ -230,25 +303,19 @@ def save_artifact(tuned: Cascade, cfg: FinetuneConfig, key: str, store: Artifact
 
 
 def load_finetuned(cascade: Cascade, key: str, store: ArtifactStore) -> tuple[Cascade, FinetuneConfig]:
-    """The cascade with the artifact's stages swapped in, and the config that made it."""
+    """The cascade with the artifact's stages put in (`attach`: base weights are not reloaded), and the
+    config that made it."""
     if not store.has(key, ARTIFACT_FILE):
         raise StorageError(f"no finetuned artifact {key!r} in store {store.root}: run `dreamix finetune` first")
     meta = json.loads(store.get(key, ARTIFACT_FILE))
     if meta["cascade_id"] != cascade_id(cascade):
         raise ConfigError(f"artifact {key} was finetuned from another cascade ({meta['cascade_id']}); "
                           f"load it with the same --model")
-    tmp = Path(tempfile.mkdtemp(prefix="dreamix-ft-"))
-    try:
+    # artifacts written before LoRA existed hold whole denoisers and name no adapter
+    cfg = FinetuneConfig.from_dict({"adapter": "full", **meta["config"]})
+    with tempfile.TemporaryDirectory(prefix="dreamix-ft-") as tmp:
         store.get_dir(key, tmp)
-        stages = []
-        for s in cascade.stages:
-            den = type(s.denoiser).from_pretrained(tmp / s.config.name).eval().to(cascade.device) \
-                if s.config.name in meta["stages"] else s.denoiser
-            stages.append(Stage(s.config, den, s.scheduler, s.vae))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source), FinetuneConfig.from_dict(
-        meta["config"])
+        return attach(cascade, meta["stages"], Path(tmp)), cfg
 
 
 def finetune_or_load(video, cfg: FinetuneConfig, cascade: Cascade, store: ArtifactStore, progress: bool = False,
@@ -259,8 +326,9 @@ def finetune_or_load(video, cfg: FinetuneConfig, cascade: Cascade, store: Artifa
     if store.has(key, ARTIFACT_FILE):
         return load_finetuned(cascade, key, store)[0], key
     work_dir = Path(tempfile.gettempdir(), "dreamix-finetune", key)  # survives Ctrl-C for a resume
-    tuned = finetune(video, cfg, cascade, work_dir, progress, on_step)
-    save_artifact(tuned, cfg, key, store, cascade)
+    with _trained(video, cfg, cascade, work_dir, progress, on_step) as results:
+        save_artifact(results, cfg, key, store, cascade)
+        tuned = attach(cascade, finetuned_stage_names(cascade, cfg), results)
     shutil.rmtree(work_dir, ignore_errors=True)
     return tuned, key
 

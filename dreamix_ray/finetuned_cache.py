@@ -1,5 +1,10 @@
 """One base cascade and the last few finetuned artifacts over it: what a batch step or a Serve deployment keeps
-loaded, so rows of the same artifact do not reload it and rows of the base cascade share its weights."""
+loaded, so rows of the same artifact do not reload it and rows of the base cascade share its weights.
+
+A LoRA artifact is merged onto the one base in memory (finetune.attach -> adapters.merged_copy): its cascade
+owns only the adapted layers' weights and shares everything else with the base, which never changes, so rows
+of different artifacts give the same results in any order, and bringing an evicted artifact back costs a
+merge (BENCHMARKS.md "LoRA artifacts"), not a load of the base."""
 
 from __future__ import annotations
 

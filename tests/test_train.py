@@ -7,6 +7,7 @@ DeepSpeed ZeRO-2 / ZeRO-3 on the CPU accelerator. The same loop in one process i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,8 +26,10 @@ from dreamix_ray.cluster.train import (  # noqa: E402
     TrainSettings, TrainSetupError, finetune_on_ray, load_deepspeed_config, read_state,
 )
 from dreamix_ray.finetune import (  # noqa: E402
-    ARTIFACT_FILE, _StageData, artifact_key, finetune, finetune_batch, finetune_preset, load_finetuned, video_bytes,
+    ARTIFACT_FILE, _StageData, artifact_key, copy_for_finetuning, finetune, finetune_batch, finetune_preset,
+    finetune_specs, load_finetuned, video_bytes,
 )
+from dreamix_ray.models import adapters  # noqa: E402
 from dreamix_ray.models.frame_mode import temporal_parameter_names  # noqa: E402
 from dreamix_ray.storage import ArtifactStore  # noqa: E402
 from dreamix_ray.training.checkpoint import ResumeError  # noqa: E402
@@ -95,12 +98,16 @@ def video():
     return Video(render(scene, num_frames=16, size=32, fps=8.0), 8.0)
 
 
+def _single(tiny, video, cfg):
+    """The single-process reference run of cfg: (losses, tuned cascade)."""
+    losses = []
+    tuned = finetune(video, cfg, tiny, on_step=lambda stage, step, total, loss: losses.append(loss))
+    return losses, tuned
+
+
 @pytest.fixture(scope="module")
 def single_mixed(tiny, video):
-    """The single-process reference run of MIXED: (losses, tuned cascade)."""
-    losses = []
-    tuned = finetune(video, MIXED, tiny, on_step=lambda stage, step, total, loss: losses.append(loss))
-    return losses, tuned
+    return _single(tiny, video, MIXED)
 
 
 def _update_gap(got: torch.nn.Module, want: torch.nn.Module, start: torch.nn.Module, names=None) -> float:
@@ -114,15 +121,15 @@ def _update_gap(got: torch.nn.Module, want: torch.nn.Module, start: torch.nn.Mod
 
 
 def _first_grad_norm(cascade, video, cfg) -> float:
-    """The single-process gradient norm of step 0 of the base stage: checks the loss scale end to end
-    (Adam alone would hide a constant factor)."""
-    import copy
-
-    stage = copy.deepcopy(cascade.base)
-    stage.denoiser.train().requires_grad_(True)
+    """The single-process gradient norm of step 0 of the base stage, over what the loop trains (the LoRA
+    adapter, or every weight): checks the loss scale end to end (Adam alone would hide a constant factor)."""
+    stage = copy_for_finetuning(cascade, ["base"]).base
     text = cascade.text_encoder([cfg.prompt])
+    finetune_specs([(0, stage, _StageData(video, stage, cfg))], text, cfg, 1.0)  # adds the adapter, as the loop's
+    adapters.mark_trainable(stage.denoiser.train())
     finetune_batch(stage, _StageData(video, stage, cfg), text, cfg, 0, 0).loss(stage).backward()
-    return torch.nn.utils.clip_grad_norm_(stage.denoiser.parameters(), float("inf")).item()
+    return torch.nn.utils.clip_grad_norm_([p for p in stage.denoiser.parameters() if p.requires_grad],
+                                          float("inf")).item()
 
 
 def test_rank_shards_add_up_to_the_global_batch(tiny, video):
@@ -207,13 +214,16 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_and_matches_single_process(
                         TrainSettings(zero=2, workers=1, threads=1), name="resume", storage=storage)
 
 
-def test_one_ddp_worker_runs_the_plain_loop(ray_local, tiny, video, single_mixed, tmp_path):
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_one_ddp_worker_runs_the_plain_loop(ray_local, tiny, video, single_mixed, tmp_path, adapter):
     """The worker task is the single-process loop with another engine: one DDP worker, its batch in two
-    micro-steps (gradient accumulation without an all-reduce in between), gives the same losses and weights."""
-    losses, reference = single_mixed
+    micro-steps (gradient accumulation without an all-reduce in between), gives the same losses and weights,
+    training a LoRA adapter (the default) or every weight."""
+    cfg = dataclasses.replace(MIXED, adapter=adapter)
+    losses, reference = single_mixed if adapter == MIXED.adapter else _single(tiny, video, cfg)
     store = ArtifactStore(str(tmp_path / "store"))
     settings = TrainSettings(workers=1, engine="ddp", micro_batch=1, threads=1)
-    key, result = finetune_on_ray(video, MIXED, tiny, store, settings, storage=str(tmp_path / "ray"))
+    key, result = finetune_on_ray(video, cfg, tiny, store, settings, storage=str(tmp_path / "ray"))
     state = read_state(result.checkpoint)
     assert state["layout"] == "full" and state["world"] == 1 and state["zero"] == 0
     np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-5)

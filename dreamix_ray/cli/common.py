@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..config import CFG_MODES, EDIT_TYPES, PRECISIONS
 from ..devices import resolve_device
-from ..finetune import FinetuneConfig, finetune_preset
+from ..finetune import ADAPTERS, FinetuneConfig, finetune_preset
+from ..models.adapters import LORA_TARGETS
 from ..models.cascade import Cascade, load_cascade
 from ..request import DEFAULT_PRECISION, EditRequest
 from ..storage import ArtifactStore
@@ -79,7 +80,13 @@ def add_finetune_args(p: argparse.ArgumentParser, preset_flag: bool = True) -> N
     p.add_argument("--alpha", type=float, default=None, help="weight of the video loss in [0, 1]")
     p.add_argument("--ft-steps", "--finetune-steps", dest="ft_steps", type=int, default=None,
                    help="finetuning steps per stage")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the cascade's, else 6e-6)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 1e-4 for LoRA; with --adapter full the cascade's, else 6e-6)")
+    p.add_argument("--adapter", choices=ADAPTERS, default=None,
+                   help="lora (default): the artifact holds a LoRA adapter per finetuned stage; full: every weight")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 4)")
+    p.add_argument("--lora-targets", choices=LORA_TARGETS, default=None,
+                   help="attention layers that carry the LoRA (default: attention = spatial + temporal)")
     p.add_argument("--stages", nargs="+", default=None, help="stages to finetune (default: the cascade's)")
     p.add_argument("--token", default=None, help="rare token naming the finetuned video (default: naia)")
     p.add_argument("--store", default=None, metavar="DIR|s3://...",
@@ -118,7 +125,8 @@ def finetune_config(args, preset: str) -> FinetuneConfig:
                            lr=getattr(args, "lr", None), token=getattr(args, "token", None),
                            stages=tuple(args.stages) if getattr(args, "stages", None) else None,
                            fit=getattr(args, "fit", None), seed=getattr(args, "seed", None),
-                           batch_size=getattr(args, "batch_size", None))
+                           batch_size=getattr(args, "batch_size", None), adapter=getattr(args, "adapter", None),
+                           lora_rank=getattr(args, "lora_rank", None), lora_targets=getattr(args, "lora_targets", None))
 
 
 def write_outputs(args, video: Video, original: Video | None = None, audio_from=None,

@@ -23,13 +23,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ..config import _Dict
 from ..errors import UserError
 from ..finetune import (
-    ARTIFACT_FILE, FinetuneConfig, _StageData, artifact_key, copy_for_finetuning, finetune_lr,
+    ARTIFACT_FILE, FinetuneConfig, _StageData, artifact_key, finetune_lr,
     finetuned_stage_names, save_artifact, video_bytes,
 )
 from ..models.cascade import Cascade, Stage, load_cascade
 from ..pretrain import PretrainConfig, publish_ema
 from ..storage import ArtifactStore, filesystem, is_s3, join
-from ..training.checkpoint import STATE_FILE, load_exports
+from ..training.checkpoint import STATE_FILE
 from ..training.engines import EngineConfig
 from .train_worker import train_worker_task
 
@@ -170,10 +170,8 @@ def finetune_on_ray(video, cfg: FinetuneConfig, cascade: Cascade, store: Artifac
         return key, None
     result = run_training(finetune_job(video, cfg, cascade, settings), settings, name or key,
                           storage or default_storage(store), fail_after_step)
-    names = finetuned_stage_names(cascade, cfg)
     with result.checkpoint.as_directory() as last:
-        tuned = load_exports(copy_for_finetuning(cascade, names), names, Path(last))
-    save_artifact(tuned, cfg, key, store, cascade)
+        save_artifact(Path(last) / "exports", cfg, key, store, cascade)
     return key, result
 
 

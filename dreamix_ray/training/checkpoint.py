@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..models.cascade import Cascade
 
 STATE_FILE = "state.json"
 
@@ -104,18 +102,3 @@ class LocalCheckpoints:
             for old in self._committed()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
-
-
-def load_exports(tuned: Cascade, names: list[str], checkpoint: Path) -> Cascade:
-    """Load the checkpoint's exported stages `names` into `tuned` (private copies of them); returns it."""
-    for stage in tuned.stages:
-        if stage.config.name not in names:
-            continue
-        files = sorted((checkpoint / "exports" / stage.config.name).glob("*.safetensors"))
-        if not files:
-            raise ResumeError(f"the training run's last checkpoint has no weights for stage {stage.config.name!r}: "
-                              "rerun it with the same name to finish")
-        weights = {k: v for f in files for k, v in load_file(str(f)).items()}
-        stage.denoiser.load_state_dict(weights)
-        stage.denoiser.eval().requires_grad_(False)
-    return tuned

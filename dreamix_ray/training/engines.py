@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..models import adapters
 from ..models.frame_mode import temporal_parameter_names
+from .checkpoint import ResumeError
 
 ENGINES = ("torch", "ddp", "deepspeed")
 
@@ -61,12 +63,19 @@ class MaskedAdamW(torch.optim.AdamW):
 
 
 def param_groups(module: torch.nn.Module) -> list[dict]:
-    """Spatial and temporal parameters apart; the temporal group (the names frame mode masks) is marked."""
+    """The trained parameters, spatial and temporal apart; the temporal group (the names frame mode masks,
+    LoRA layers inside them included) is marked."""
     temporal = temporal_parameter_names(module)
-    named = list(module.named_parameters())
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if n not in temporal]},
               {"params": [p for n, p in named if n in temporal], "frame_masked": True}]
     return [g for g in groups if g["params"]]
+
+
+def _trained_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state without its frozen weights (a LoRA run's base): checkpoints stay adapter-sized."""
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in module.state_dict().items() if k not in frozen}
 
 
 def memory_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -138,18 +147,27 @@ class TorchEngine:
     def save(self, folder: Path, rank: int) -> None:
         if rank == 0:  # the state is the same on every rank
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+            torch.save({"model": _trained_state(self.module), "optimizer": self.optimizer.state_dict()},
                        folder / "state.pt")
 
     def load(self, folder: Path) -> None:
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        self.module.load_state_dict(state["model"])
+        frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+        result = self.module.load_state_dict(state["model"], strict=False)  # frozen weights: the spec's own
+        missing = sorted(set(result.missing_keys) - frozen)
+        if result.unexpected_keys or missing:
+            raise ResumeError(f"{folder} was checkpointed with other finetuning settings (missing {missing[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}): use a new run name")
         self.optimizer.load_state_dict(state["optimizer"])
 
     def export(self, folder: Path, rank: int) -> None:
-        """The trained weights in diffusers format (a collective for DeepSpeed: every rank calls it)."""
+        """The trained weights in diffusers format, or the LoRA adapter alone in peft's (a collective for
+        DeepSpeed: every rank calls it)."""
         if rank == 0:
-            self.module.save_pretrained(folder)
+            if adapters.has_adapter(self.module):
+                adapters.save_adapter(self.module, folder)
+            else:
+                self.module.save_pretrained(folder)
 
     def memory(self) -> dict:
         return memory_bytes(self.module, self.optimizer)
@@ -212,6 +230,12 @@ class DeepSpeedEngine(TorchEngine):
         self.engine.load_checkpoint(str(folder), tag="ds")
 
     def export(self, folder: Path, rank: int) -> None:
+        if adapters.has_adapter(self.module):
+            trained = {n for n, p in self.module.named_parameters() if p.requires_grad}
+            weights = full_state_dict(self.module, trained)
+            if rank == 0:
+                adapters.save_adapter(self.module, folder, weights)
+            return
         weights = full_state_dict(self.module)
         if rank == 0:
             model = type(self.module).from_config(self.module.config)
@@ -228,17 +252,21 @@ def open_engine(cfg: EngineConfig, module: torch.nn.Module, lr: float, grad_clip
     return kind(cfg, module, lr, grad_clip, device)
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """fp32 weights gathered from the ZeRO partitions (a collective: every rank calls it)."""
+def full_state_dict(module: torch.nn.Module, only: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """fp32 weights gathered from the ZeRO partitions (a collective: every rank calls it); `only` = just these
+    parameters (a LoRA adapter's), without buffers."""
     from deepspeed.utils import (
         safe_get_full_fp32_param,  # optional dependency, as above
     )
 
     out = {}
     for name, p in module.named_parameters():
+        if only is not None and name not in only:
+            continue
         full = safe_get_full_fp32_param(p)
         out[name] = (p.data if full is None else full).detach().float().cpu().clone()
-    out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers()})
+    if only is None:
+        out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers()})
     return out
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..models import adapters
 from ..models.cascade import Stage
 from ..objective import TrainBatch
 from .checkpoint import ResumeError, TrainState, checkpoint_name
@@ -57,7 +58,7 @@ class TrainSpec:
 def train(specs: list[TrainSpec], checkpoints, engine: EngineConfig | None = None, on_step: OnStep | None = None,
           log: Callable[[str], None] | None = None, device: torch.device | None = None) -> TrainState:
     """Train `specs` in turn from the newest checkpoint in `checkpoints` (LocalCheckpoints, or Ray Train's);
-    each spec's result is exports/<name> of the last checkpoint (checkpoint.load_exports). `engine`
+    each spec's result is exports/<name> of the last checkpoint (finetune.attach reads it). `engine`
     defaults to plain torch in this process. Returns the run's state."""
     run = _Run(engine or EngineConfig(), checkpoints, on_step, log or (lambda _: None), device)
     try:
@@ -115,7 +116,8 @@ class _Run:
 
     def train_spec(self, spec: TrainSpec, index: int, state: TrainState, resume: Path | None) -> bool:
         """Train (or resume) one spec to its step budget or deadline; True when it is complete."""
-        module = spec.stage.denoiser.train().requires_grad_(True)
+        module = spec.stage.denoiser.train()
+        adapters.mark_trainable(module)  # a LoRA spec trains only its adapter, the base stays frozen
         device = torch.device(self.device or module.device)
         if resume is None and spec.init is not None:
             spec.init(module)
