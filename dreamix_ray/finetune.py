@@ -97,6 +97,8 @@ class FinetuneConfig(_Dict):
         if self.adapter == "full":
             for name in ("adapter", "lora_rank", "lora_alpha", "lora_targets"):
                 fields.pop(name)
+        elif self.lr is None:
+            fields["lr"] = LORA_LR  # the rate it trains at, so a new default gives new keys
         return fields
 
     @property

@@ -13,7 +13,7 @@ from dreamix_ray.animate import CAMERAS, camera_path, image_to_video
 from dreamix_ray.config import ConfigError, EditConfig
 from dreamix_ray.edit import edit
 from dreamix_ray.finetune import (
-    ARTIFACT_FILE, FinetuneConfig, _StageData, artifact_key, cascade_id, copy_for_finetuning, finetune,
+    ARTIFACT_FILE, LORA_LR, FinetuneConfig, _StageData, artifact_key, cascade_id, copy_for_finetuning, finetune,
     finetune_lr, finetune_or_load, finetune_preset, finetune_specs, finetuned_prompt, load_finetuned, video_bytes,
 )
 from dreamix_ray.finetuned_cache import FinetunedCascades
@@ -169,6 +169,8 @@ def test_artifact_keys_tell_lora_and_full_apart(tiny, moving_video):
     keys = {artifact_key(data, c, tiny) for c in (lora, full, finetune_preset("mixed", lora_rank=8),
                                                    finetune_preset("mixed", lora_targets="spatial"))}
     assert len(keys) == 4
+    assert artifact_key(data, finetune_preset("mixed", lr=LORA_LR), tiny) == artifact_key(data, lora, tiny)
+    assert artifact_key(data, finetune_preset("mixed", lr=2 * LORA_LR), tiny) != artifact_key(data, lora, tiny)
     # a full run ignores the LoRA settings, and keeps the key it had before they existed
     assert artifact_key(data, finetune_preset("mixed", adapter="full", lora_rank=8), tiny) == \
         artifact_key(data, full, tiny)
