@@ -315,6 +315,9 @@ def _when(seconds: float | None) -> datetime | None:
     return datetime.fromtimestamp(float(seconds), tz=timezone.utc) if ok else None
 
 
+PLACED = ("_node", "_ip", "_device", "_gpus")
+
+
 def results_table(records: list[dict]) -> pa.Table:
     """Result records -> a table: known columns first, the manifest's own columns kept after them."""
     out = []
@@ -326,6 +329,9 @@ def results_table(records: list[dict]) -> pa.Table:
         base.update(strength=cfg.get("strength"), seed=cfg.get("seed"), steps=list(cfg.get("steps") or []),
                     decoded_at=_when(rec.get("decoded_at")), finished_at=_when(rec.get("finished_at")))
         base.update({k: float(v) for k, v in sorted(rec.items()) if k.startswith("t_")})
+        # where and when each cascade stage ran the row (cluster.steps.placement_columns)
+        base.update({k: v for k, v in rec.items() if k.endswith(PLACED)})
+        base.update({k: _when(v) for k, v in rec.items() if k.endswith(("_started_at", "_ended_at"))})
         base.update({k: v for k, v in extra.items() if k not in base})
         out.append(base)
     return pa.Table.from_pylist(out)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
+import queue
 import re
 import sys
+import threading
 import time
 import uuid
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -22,7 +26,7 @@ from ..manifest import read_manifest, results_dir, work_items, write_results
 from ..request import EditRequest
 from ..storage import S3Settings, join, write_bytes
 from .pipeline import DEFAULT_CPUS, StepSpec, pipeline_steps, step_resource
-from .steps import cascade_config, model_tag, to_rows
+from .steps import cascade_config, model_tag, placement_columns, to_rows
 
 LOST = "lost by the pipeline: a worker failed on it repeatedly (see the Ray logs); rerun to retry"
 
@@ -76,6 +80,9 @@ class BatchSummary:
     stats: str = ""  # ds.stats() after execution
     busy_seconds: dict[str, float] = field(default_factory=dict)  # per stage: summed remote wall time
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # per stage: summed remote CPU time
+    stages: tuple[str, ...] = ()  # cascade stage names, in order
+    # per stage: (node id, node IP, accelerator, Ray's GPU ids) -> outputs it ran there
+    placement: dict[str, Counter] = field(default_factory=dict)
 
     @property
     def videos_per_minute(self) -> float:
@@ -85,10 +92,18 @@ class BatchSummary:
         lines = [f"run {self.run_id}: {self.total} outputs: {self.ok} done, {self.failed} failed, "
                  f"{self.skipped} skipped in {self.seconds:.1f} s ({self.videos_per_minute:.2f} videos/min)",
                  f"results: {self.results}"]
+        lines += [self.placement_line(stage) for stage in self.stages if self.placement.get(stage)]
         lines += [f"  failed {vid!r} {prompt!r}: {err}" for vid, prompt, err in self.errors[:10]]
         if len(self.errors) > 10:
             lines.append(f"  ... and {len(self.errors) - 10} more (see the results)")
         return "\n".join(lines + ([f"stopped: {self.stopped}"] if self.stopped else []))
+
+
+    def placement_line(self, stage: str) -> str:
+        """One line per stage: on which nodes and accelerators its outputs ran."""
+        where = [f"{n} on node {node[:8]} ({ip}, {device}" + (f", Ray GPU {gpus})" if gpus else ")")
+                 for (node, ip, device, gpus), n in self.placement[stage].most_common()]
+        return f"placement {stage}: " + "; ".join(where)
 
 
 def new_run_id() -> str:
@@ -159,21 +174,65 @@ def check_fits(opts: BatchOptions, specs: list[StepSpec]) -> None:
               file=sys.stderr)
 
 
+def _pinned(opts: BatchOptions, spec: StepSpec) -> dict[str, float]:
+    # A token amount: the resource only says which worker group may host the stage; GPUs do the counting.
+    return {f"stage_{spec.kind}": 0.001} if opts.pin_stages and spec.kind in ("base", "tsr", "ssr") else {}
+
+
+def actor_shape(opts: BatchOptions, spec: StepSpec) -> dict[str, float]:
+    """What one actor of a step asks of a node: CPUs, GPUs and, pinned, its stage_<kind> token."""
+    shape = {"CPU": step_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5)),
+             "GPU": step_resource(opts.gpus, spec, 0.0), **_pinned(opts, spec)}
+    return {k: v for k, v in shape.items() if v}
+
+
+class NodeWatch:
+    """Stops a job once no row has come out for `timeout_s` while some step's actor fits on no live node (a lost
+    node nobody replaced): Ray would wait for one forever, restarting the step's actor when a node with room
+    joins. A step whose node is gone after it finished its rows does not stop a job that still makes progress."""
+
+    def __init__(self, shapes: dict[str, dict[str, float]], timeout_s: float, period_s: float = 2.0):
+        self.shapes, self.timeout_s, self.period_s = shapes, timeout_s, period_s
+        self.since: dict[str, float] = {}
+        self.last_row = time.monotonic()
+
+    def progress(self) -> None:
+        self.last_row = time.monotonic()
+
+    def check(self) -> str:
+        """'' while every step fits somewhere or rows still come out, else why the job stops."""
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        now = time.monotonic()
+        stalled = now - self.last_row >= self.timeout_s
+        for name, shape in self.shapes.items():
+            if any(all(res.get(k, 0.0) >= v - 1e-9 for k, v in shape.items()) for res in nodes):
+                self.since.pop(name, None)
+            elif now - self.since.setdefault(name, now) >= self.timeout_s and stalled:
+                need = ", ".join(f"{k}: {v:g}" for k, v in shape.items())
+                return (f"no live node can hold a {name} actor ({need}) and none joined within {self.timeout_s:g} s "
+                        f"(a node was lost?); add a node with these resources (an autoscaler does) and rerun with "
+                        f"the same --output-prefix: finished outputs are kept and skipped")
+        return ""
+
+
 def build_dataset(items: list[dict], specs: list[StepSpec], opts: BatchOptions,
                   stage_classes: dict[str, type] | None = None) -> "ray.data.Dataset":
     """from_items -> map_batches(actor pool) per stage (lazy)."""
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
     for spec in specs:
-        cpus = step_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
-        gpus = step_resource(opts.gpus, spec, 0.0)
+        shape = actor_shape(opts, spec)
+        cpus, gpus = shape.get("CPU", 0.0), shape.get("GPU", 0.0)
         kwargs = dict(spec.kwargs)
         if spec.model:
             kwargs["threads"] = max(1, int(cpus))
             if spec.name != "finetune":
-                kwargs["gpus"] = gpus
+                kwargs.update(gpus=gpus, placement=ray_placement)
         lo, hi = _actors(opts, spec)
-        # A token amount: the resource only says which worker group may host the stage; GPUs do the counting.
-        pinned = {f"stage_{spec.kind}": 0.001} if opts.pin_stages and spec.kind in ("base", "tsr", "ssr") else None
+        pinned = _pinned(opts, spec) or None
+        # Ray Data spreads actors over every node ("SPREAD"): a decode actor on a stage's GPU node took the CPU
+        # that stage's actor needed, and the pipeline waited forever (issue 23). Ray's default policy keeps
+        # CPU-only work off GPU nodes while other nodes have room.
+        scheduling = {} if gpus else {"scheduling_strategy": "DEFAULT"}
         fn = _named((stage_classes or {}).get(spec.name, spec.fn), spec.name)
         with warnings.catch_warnings():
             # Bounded restarts need ray_remote_args (deprecated in 2.60, no named parameter yet); Ray's
@@ -183,8 +242,15 @@ def build_dataset(items: list[dict], specs: list[StepSpec], opts: BatchOptions,
                                 compute=ActorPoolStrategy(min_size=lo, max_size=hi),
                                 batch_size=opts.batch_size if spec.model else 1, num_cpus=cpus,
                                 num_gpus=gpus or None, resources=pinned, max_restarts=opts.max_restarts,
-                                max_task_retries=opts.max_task_retries)
+                                max_task_retries=opts.max_task_retries, **scheduling)
     return ds
+
+
+def ray_placement() -> dict[str, str]:
+    """The Ray node (id, IP) this actor runs on and the GPU ids Ray assigned it (logical GPUs included)."""
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+            "gpus": ",".join(map(str, ctx.get_accelerator_ids().get("GPU", [])))}
 
 
 def _named(cls: type, name: str) -> type:
@@ -246,13 +312,15 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     store = opts.store or join(opts.output_prefix, "artifacts")
     specs = pipeline_steps(config, opts.model, worker_s3 or None, store, any(r.finetune for r in rows), opts.limits)
     run_id = opts.run_id or new_run_id()
-    summary = BatchSummary(run_id, len(items), results=join(results_dir(opts.output_prefix), f"run={run_id}"))
+    summary = BatchSummary(run_id, len(items), results=join(results_dir(opts.output_prefix), f"run={run_id}"),
+                           stages=tuple(stage.name for stage in config.stages))
     started = init_ray(opts, specs)
     try:
         check_fits(opts, specs)
         with _data_context(opts):
+            watch = NodeWatch({spec.name: actor_shape(opts, spec) for spec in specs}, opts.actor_start_timeout_s)
             _execute(build_dataset(items, specs, opts, stage_classes), items, opts, summary,
-                     _ResultsWriter(opts, run_id, tag, s3))
+                     _ResultsWriter(opts, run_id, tag, s3), watch)
         summary.seconds = time.perf_counter() - start
         _write_summary(opts, summary, s3)
     finally:
@@ -261,10 +329,74 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     return summary
 
 
-def _execute(ds, items: list[dict], opts: BatchOptions, summary: BatchSummary, writer: _ResultsWriter) -> None:
-    """Consume the stream: count, write results as they come, stop on the error rate, record lost rows."""
+def _stream(ds, watch: NodeWatch | None, stop: threading.Event):
+    """The dataset's batches; with a watch, they come through a thread so the driver can check the cluster while
+    the stream waits (a step whose node was lost delivers nothing, and Ray waits for a node forever)."""
+    if watch is None:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+        return
+    out: queue.Queue = queue.Queue(maxsize=4)
+
+    def put(item) -> bool:
+        while not stop.is_set():  # the driver may have stopped reading: never block on a full queue
+            with contextlib.suppress(queue.Full):
+                out.put(item, timeout=0.5)
+                return True
+        return False
+
+    def produce():
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        try:
+            for batch in batches:
+                if not put(("batch", batch)):
+                    break
+            put(("end", None))
+        except BaseException as exc:  # handed to the driver's thread, which raises it
+            put(("error", exc))
+        finally:
+            getattr(batches, "close", lambda: None)()  # stops the streaming executor when we leave early
+
+    thread = threading.Thread(target=produce, name="dreamix-batch-stream", daemon=True)
+    thread.start()
+    while True:
+        try:
+            kind, value = out.get(timeout=watch.period_s)
+        except queue.Empty:
+            if why := watch.check():
+                _interrupt(thread)
+                raise _Unplaceable(why) from None
+            continue
+        if kind == "batch":
+            watch.progress()
+            yield value
+        elif kind == "error":
+            raise value
+        else:
+            return
+
+
+class _Unplaceable(Exception):
+    pass
+
+
+class _Interrupted(BaseException):
+    """Raised inside the stream's thread: Ray Data shuts its executor down on any BaseException from a wait."""
+
+
+def _interrupt(thread: threading.Thread, timeout_s: float = 30.0) -> None:
+    """Stop the stream's thread where it waits for a batch that cannot come (Ray Data's executor has no public
+    stop): the executor shuts down cleanly instead of failing with tracebacks once the driver leaves Ray."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Interrupted))
+    thread.join(timeout_s)
+
+
+def _execute(ds, items: list[dict], opts: BatchOptions, summary: BatchSummary, writer: _ResultsWriter,
+             watch: NodeWatch | None = None) -> None:
+    """Consume the stream: count, write results as they come, stop on the error rate or when a step has no node
+    to run on (finished rows stay recorded), record lost rows."""
     seen: set[str] = set()
-    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    stop = threading.Event()
+    batches = _stream(ds, watch, stop)
     try:
         for batch in batches:
             for row in to_rows(batch):
@@ -276,8 +408,11 @@ def _execute(ds, items: list[dict], opts: BatchOptions, summary: BatchSummary, w
                 summary.stopped = (f"{summary.failed} of {summary.total} outputs failed, over --max-error-rate "
                                    f"{opts.max_error_rate:g}; first error: {summary.errors[0][2]}")
                 break
+    except _Unplaceable as exc:
+        summary.stopped = str(exc)
     finally:
-        getattr(batches, "close", lambda: None)()  # stops the streaming executor when we leave early
+        stop.set()
+        batches.close()
     if not summary.stopped:
         for item in items:
             if item["key"] not in seen:
@@ -306,6 +441,10 @@ def busy_seconds(ds, kind: str = "wall_time") -> dict[str, float]:
 
 
 def _count(summary: BatchSummary, row: dict) -> None:
+    for stage in summary.stages:
+        if row.get(f"{stage}_node"):
+            where = tuple(row[c] for c in placement_columns(stage)[:4])
+            summary.placement.setdefault(stage, Counter())[where] += 1
     if row["status"] == "ok":
         summary.ok += 1
     elif row["status"] == "skipped":

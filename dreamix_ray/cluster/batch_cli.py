@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=3, help="restarts of a crashed stage actor (default 3)")
     p.add_argument("--object-store-mb", type=float, default=None,
                    help="Ray Data memory budget for rows in flight; smaller reads less ahead (default: Ray's)")
+    p.add_argument("--actor-start-timeout", type=float, default=1800, metavar="SECONDS",
+                   help="stop the job when a step's actors fit on no node for this long, e.g. a lost node nobody "
+                        "replaced (default 1800: time for an autoscaler)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--region", default=None, help="S3 region (default: $AWS_REGION / $AWS_DEFAULT_REGION)")
     p.add_argument("--strength", "-s", type=float, default=None,
@@ -85,6 +88,8 @@ def options_from_args(args) -> BatchOptions:
     request = EditRequest(prompt="", strength=args.strength, fit=args.fit, guidance_scale=args.guidance,
                           negative_prompt=args.negative_prompt,
                           **({"ssr_chunk_frames": args.ssr_chunk_frames} if args.ssr_chunk_frames else {}))
+    if args.actor_start_timeout <= 0:
+        raise FlagError(f"--actor-start-timeout must be > 0 seconds, got {args.actor_start_timeout:g}")
     if args.batch_size < 1:
         raise FlagError(f"--batch-size must be >= 1, got {args.batch_size}")
     return BatchOptions(
@@ -95,6 +100,7 @@ def options_from_args(args) -> BatchOptions:
         actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
         batch_size=args.batch_size, max_error_rate=args.max_error_rate, max_restarts=args.max_restarts,
         object_store_mb=args.object_store_mb, pin_stages=args.pin_stages, num_cpus=args.num_cpus,
+        actor_start_timeout_s=args.actor_start_timeout,
         run_id=args.run_id, progress=not args.quiet)
 
 

@@ -8,10 +8,12 @@ import math
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -178,6 +180,16 @@ def finetune_config(spec: str):
         raise UserError(f"finetune {spec!r:.80}: {exc}") from None
 
 
+def local_placement() -> dict[str, str]:
+    """Where this process runs, without Ray (run_in_process); batch.py passes Ray's node id and IP instead."""
+    return {"node": socket.gethostname(), "ip": "", "gpus": ""}
+
+
+def placement_columns(stage: str) -> tuple[str, ...]:
+    """A cascade stage's placement columns in the results: node id, node IP, accelerator, Ray's GPU ids, times."""
+    return tuple(f"{stage}_{c}" for c in ("node", "ip", "device", "gpus", "started_at", "ended_at"))
+
+
 # ---------------------------------------------------------------- steps
 
 
@@ -258,16 +270,20 @@ class CascadeStep:
     """
 
     def __init__(self, index: int, model: str | None = None, s3: dict | None = None, store: str | None = None,
-                 threads: int = 1, gpus: float = 0, to_frames: bool = False):
+                 threads: int = 1, gpus: float = 0, to_frames: bool = False,
+                 placement: Callable[[], dict[str, str]] = local_placement):
         torch.set_num_threads(max(1, threads))
         self.index, self.to_frames = index, to_frames
         s3_settings = _s3(s3)
         device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+        # what the results record per row: on a logical GPU (Ray's accounting, no CUDA) the stage runs on "cpu"
+        self.where = dict(placement(), device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
         # noise still comes from CPU generators: the same rows on any device
         self.models = FinetunedCascades(lambda: _load_cascade(model, s3_settings).to(device),
                                         ArtifactStore(store, s3_settings))
         self.config = cascade_config(model, s3_settings)
         self.name = self.config.stages[index].name
+        self.columns = placement_columns(self.name)
 
     def _run(self, rows: list[dict], artifact: str, cfg_json: str):
         cascade, prompt_of = self.models.get(artifact)
@@ -283,13 +299,15 @@ class CascadeStep:
     def __call__(self, batch: dict) -> dict:
         rows = to_rows(batch)
         column, groups = f"t_{self.name}", defaultdict(list)
+        node, ip, device, gpus, started, ended = self.columns
         for r in rows:
             r.setdefault(column, 0.0)
+            r.update({node: "", ip: "", device: "", gpus: "", started: math.nan, ended: math.nan})
             if r["status"] == "pending":
                 setting = json.dumps({**json.loads(r["cfg"]), "seed": 0}, sort_keys=True)
                 groups[(r["artifact"], setting, r["x"].shape)].append(r)
         for (artifact, setting, _), group in groups.items():
-            start = time.perf_counter()
+            start, began = time.perf_counter(), time.time()
             try:
                 for r, out in zip(group, self._run(group, artifact, setting)):
                     r["frames" if self.to_frames else "x"] = out
@@ -297,13 +315,17 @@ class CascadeStep:
                 for r in group:
                     r["status"], r["error"] = "error", describe(exc)
             share = (time.perf_counter() - start) / len(group)  # wall time of a batched call, split per row
+            ended_at = time.time()
             for r in group:
                 r[column] += share
+                r.update({node: self.where["node"], ip: self.where["ip"], device: self.where["device"],
+                          gpus: self.where["gpus"], started: began, ended: ended_at})
         if self.to_frames:
             for r in rows:
                 r.setdefault("frames", empty_frames())
                 r.pop("x", None)
-        columns = list(rows[0]) if rows else [c for c in batch if c != "x" or not self.to_frames] + [column]
+        columns = list(rows[0]) if rows else [c for c in batch if c != "x" or not self.to_frames] + [column,
+                                                                                                       *self.columns]
         return to_batch(rows, columns)
 
 

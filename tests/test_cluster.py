@@ -1,0 +1,166 @@
+"""Batch editing on a multi-node Ray cluster (issue 23): a head and three 1-GPU nodes shaped like infra/'s KubeRay
+worker groups, `dreamix batch --pin-stages --stage-gpus base=1,tsr=1,ssr=1`: each stage on its own node,
+stages pipelined across nodes, a node lost mid-job and replaced, a node lost for good."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+
+pytest.register_assert_rewrite("conftest_batch", "conftest_cluster")
+from conftest_batch import BIN, KEYS, shapes_clip  # noqa: E402
+from conftest_cluster import STAGE_NODES  # noqa: E402
+
+pytest_plugins = ["conftest_batch", "conftest_cluster"]
+from dreamix_ray.manifest import read_results  # noqa: E402
+
+STAGES = ("base", "tsr", "ssr")
+PIN = ["--pin-stages", "--stage-gpus", "base=1,tsr=1,ssr=1", "--batch-size", "1", "--ssr-chunk-frames", "3",
+       "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def inputs(s3_client, tmp_path_factory):
+    """Eight tiny clips on S3; `manifest(name, n)` writes a manifest of the first n."""
+    tmp = tmp_path_factory.mktemp("multinode")
+    s3_client.create_bucket(Bucket="multi")
+    for i in range(8):
+        s3_client.upload_file(str(shapes_clip(tmp / f"clip{i}.mp4", seed=i)), "multi", f"in/clip{i}.mp4")
+
+    def manifest(name: str, n: int) -> str:
+        rows = [{"id": f"{name}{i}", "video": f"s3://multi/in/clip{i}.mp4", "prompt": "a green circle", "seed": i}
+                for i in range(n)]
+        s3_client.put_object(Bucket="multi", Key=f"{name}.jsonl", Body="\n".join(map(json.dumps, rows)).encode())
+        return f"s3://multi/{name}.jsonl"
+
+    return manifest
+
+
+def batch_cmd(cluster, s3_server, tiny_dir, manifest: str, prefix: str, *extra: str) -> list[str]:
+    return [str(BIN / "dreamix"), "batch", manifest, "--output-prefix", prefix, "--model", str(tiny_dir),
+            "--address", cluster.address, "--endpoint-url", s3_server[0], *PIN, *extra]
+
+
+def driver_env() -> dict:
+    """The driver's environment: the S3 test keys (a user's own credentials), no token auth on loopback."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return dict(env, RAY_AUTH_MODE="disabled", AWS_ACCESS_KEY_ID=KEYS["access_key"],
+                AWS_SECRET_ACCESS_KEY=KEYS["secret_key"], AWS_DEFAULT_REGION=KEYS["region"])
+
+
+def stage_nodes(cluster) -> dict[str, str]:
+    """stage kind -> node id of the live node with its stage_<kind> resource."""
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        return {k[len("stage_"):]: n["NodeID"] for n in ray.nodes() if n["Alive"] for k in n["Resources"]
+                if k.startswith("stage_")}
+    finally:
+        ray.shutdown()
+
+
+def overlaps(a: tuple[datetime, datetime], b: tuple[datetime, datetime]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+@pytest.mark.slow
+def test_each_stage_runs_on_its_own_gpu_node_and_the_stages_overlap(gpu_cluster, inputs, s3_server, tiny_dir):
+    """The issue's hang: decode's actor landed on a stage's 1-CPU node (Ray Data spreads actors) and that stage's
+    actor waited for the CPU forever. Now a row of every stage is done, each stage only on its node."""
+    start = time.monotonic()
+    done = subprocess.run(batch_cmd(gpu_cluster, s3_server, tiny_dir, inputs("place", 6), "s3://multi/place",
+                                    "--run-id", "place"),
+                          capture_output=True, text=True, timeout=600, env=driver_env())
+    seconds = time.monotonic() - start
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "6 outputs: 6 done, 0 failed, 0 skipped" in done.stdout, done.stdout
+    nodes = stage_nodes(gpu_cluster)
+    rows = read_results("s3://multi/place", s3_server[1], run_id="place").to_pylist()
+    for stage in STAGES:
+        assert {r[f"{stage}_node"] for r in rows} == {nodes[stage]}, stage  # only its own node
+        assert {(r[f"{stage}_device"], r[f"{stage}_gpus"]) for r in rows} == {("cpu", "0")}  # Ray's logical GPU
+        # the summary's one line per stage names the same node
+        line = re.search(rf"^placement {stage}: (.*)$", done.stdout, re.M)
+        assert line and line.group(1).startswith(f"6 on node {nodes[stage][:8]} (") and ";" not in line.group(1)
+    base = {r["id"]: (r["base_started_at"], r["base_ended_at"]) for r in rows}
+    ssr = {r["id"]: (r["ssr_started_at"], r["ssr_ended_at"]) for r in rows}
+    # rows flowed: some row was in the SSR on one node while another was in the base on another
+    assert any(overlaps(ssr[a], base[b]) for a in ssr for b in base if a != b), (base, ssr)
+    print(f"6 rows on 3 GPU nodes in {seconds:.1f} s")
+
+
+def _outputs(s3_client, prefix: str) -> int:
+    listing = s3_client.list_objects_v2(Bucket="multi", Prefix=prefix)
+    return sum(o["Key"].endswith(".mp4") and not o["Key"].endswith(".preview.mp4") for o in listing.get("Contents", []))
+
+
+@pytest.mark.slow
+def test_a_lost_node_is_replaced_and_every_row_is_done_once(gpu_cluster, inputs, s3_server, s3_client, tiny_dir):
+    """Kill the SSR node's processes mid-job (the slowest stage: rows wait for it), then start a node with the
+    same resources (as an autoscaler would): Ray restarts the SSR actor there and retries its rows; none lost,
+    none twice; a rerun skips all."""
+    manifest = inputs("loss", 8)
+    cmd = batch_cmd(gpu_cluster, s3_server, tiny_dir, manifest, "s3://multi/loss", "--run-id", "loss")
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=driver_env())
+    try:
+        deadline = time.monotonic() + 400
+        while _outputs(s3_client, "loss/videos/") < 2:  # mid-job: some rows done, most not
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before the node loss"
+            time.sleep(1)
+        ssr = next(n for n in gpu_cluster.nodes if n.resources == {"stage_ssr": 1} and n.proc.poll() is None)
+        pids = [p.pid for p in ssr.tree()]
+        gpu_cluster.kill(ssr)
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                       for pid in pids)
+        done_at_loss = _outputs(s3_client, "loss/videos/")
+        time.sleep(5)  # the head declares the node dead (fast health checks), the SSR actor waits for a node
+        gpu_cluster.add_node({"stage_ssr": 1})
+        out, err = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    assert done_at_loss < 8, "the node was lost after the job had finished"
+    assert "8 outputs: 8 done, 0 failed, 0 skipped" in out, out + err[-2000:]
+    rows = read_results("s3://multi/loss", s3_server[1], run_id="loss").to_pylist()
+    assert sorted(r["id"] for r in rows) == [f"loss{i}" for i in range(8)]  # each row once
+    assert {r["status"] for r in rows} == {"ok"}
+    assert len({r["ssr_node"] for r in rows}) == 2  # the lost node and its replacement both ran SSR rows
+    rerun = subprocess.run(cmd[:-1] + ["loss-rerun"], capture_output=True, text=True, timeout=600, env=driver_env())
+    assert rerun.returncode == 0 and "8 outputs: 0 done, 0 failed, 8 skipped" in rerun.stdout, rerun.stdout
+
+
+@pytest.mark.slow
+def test_a_lost_node_nobody_replaces_stops_the_job_naming_the_resource(gpu_cluster, inputs, s3_server, s3_client,
+                                                                        tiny_dir):
+    manifest = inputs("gone", 8)
+    cmd = batch_cmd(gpu_cluster, s3_server, tiny_dir, manifest, "s3://multi/gone", "--run-id", "gone",
+                    "--actor-start-timeout", "20")
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=driver_env())
+    try:
+        deadline = time.monotonic() + 400
+        while _outputs(s3_client, "gone/videos/") < 2:
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before the node loss"
+            time.sleep(1)
+        ssr = next(n for n in gpu_cluster.nodes if n.resources == {"stage_ssr": 1} and n.proc.poll() is None)
+        gpu_cluster.kill(ssr)
+        lost_at = time.monotonic()
+        out, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 3, out[-2000:] + err[-2000:]
+    assert time.monotonic() - lost_at < 120
+    stopped = [line for line in (out + err).splitlines() if line.startswith("stopped:")]
+    assert len(stopped) == 1 and "no live node can hold a ssr actor (CPU: 1, GPU: 1, stage_ssr: 0.001)" in stopped[0]
+    assert "Traceback" not in out + err
+    rows = read_results("s3://multi/gone", s3_server[1], run_id="gone").to_pylist()
+    assert len(rows) >= 1 and {r["status"] for r in rows} == {"ok"}  # the rows done before the loss are recorded
