@@ -109,6 +109,7 @@ def test_a_lost_node_is_replaced_and_every_row_is_done_once(gpu_cluster, inputs,
     none twice; a rerun skips all."""
     manifest = inputs("loss", 8)
     cmd = batch_cmd(gpu_cluster, s3_server, tiny_dir, manifest, "s3://multi/loss", "--run-id", "loss")
+    begun = time.monotonic()
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=driver_env())
     try:
         deadline = time.monotonic() + 400
@@ -118,12 +119,16 @@ def test_a_lost_node_is_replaced_and_every_row_is_done_once(gpu_cluster, inputs,
         ssr = next(n for n in gpu_cluster.nodes if n.resources == {"stage_ssr": 1} and n.proc.poll() is None)
         pids = [p.pid for p in ssr.tree()]
         gpu_cluster.kill(ssr)
+        lost = time.monotonic()
         assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                        for pid in pids)
         done_at_loss = _outputs(s3_client, "loss/videos/")
         time.sleep(5)  # the head declares the node dead (fast health checks), the SSR actor waits for a node
         gpu_cluster.add_node({"stage_ssr": 1})
+        joined = time.monotonic()
         out, err = job.communicate(timeout=600)
+        print(f"node lost at {lost - begun:.0f} s, replaced at {joined - begun:.0f} s, "
+              f"job done at {time.monotonic() - begun:.0f} s")
     finally:
         if job.poll() is None:
             job.kill()
