@@ -23,7 +23,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest_batch import BIN, KEYS, free_port
 
 NODE_PORTS = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",

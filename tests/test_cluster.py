@@ -10,7 +10,6 @@ import re
 import subprocess
 import time
 from datetime import datetime
-from pathlib import Path
 
 import psutil
 import pytest
@@ -18,7 +17,6 @@ import ray
 
 pytest.register_assert_rewrite("conftest_batch", "conftest_cluster")
 from conftest_batch import BIN, KEYS, shapes_clip  # noqa: E402
-from conftest_cluster import STAGE_NODES  # noqa: E402
 
 pytest_plugins = ["conftest_batch", "conftest_cluster"]
 from dreamix_ray.manifest import read_results  # noqa: E402
