@@ -69,11 +69,9 @@ class EvalSettings:
         preset = VARIANT_PRESET.get(method, "none")
         request = EditRequest(prompt="", task="generate" if method == "text-to-video" else "edit",
                               edit_type=edit_type, finetune=None if preset == "none" else preset, steps=self.steps,
-                              precision=self.precision)
-        plan = resolve(request, config)
-        if plan.config.motion_from_input and not self.motion_from_input:  # the ablation
-            plan = plan.replace(config, motion_from_input=False)
-        return plan
+                              precision=self.precision,
+                              motion_from_input=None if self.motion_from_input else False)  # False: the ablation
+        return resolve(request, config)
 
     def strength_for(self, method: str, edit_type: str, cascade) -> float:
         return self.plan_for(method, edit_type, cascade).config.strength

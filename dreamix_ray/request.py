@@ -10,7 +10,8 @@ The rule (quoted in the README and the API docs):
   finetuning (`edit_strengths`: table "none" without finetuning, the preset's table after finetuning
   with a preset that has one, else "mixed", the paper's recipe); else 0.95 after finetuning (paper
   Sec. 4.1); else 0.7 for an edit and 0.8 for an animation. Text-to-video is always strength 1.
-- motion from the input: asked for, or implied by edit type "motion" (never for text-to-video).
+- motion from the input: as asked (on or off); unsaid, implied by edit type "motion" (never for
+  text-to-video).
 - steps: none = each stage's own; one value = every stage; a list = one per stage in cascade order
   (stages past its end keep their own).
 - guidance: the request's own; else the cascade's (`guidance_scale` in cascade.json, which `dreamix
@@ -62,7 +63,7 @@ class EditRequest:
     num_frames: int | None = None
     fit: str = "crop"
     motion_guidance: float = 1.0
-    motion_from_input: bool = False
+    motion_from_input: bool | None = None  # None: the rule (on for motion edits)
     sr_strength: float | None = None
     sr_consistency: bool = True
     ssr_chunk_frames: int = PAPER_SSR_CHUNK_FRAMES
@@ -109,7 +110,8 @@ def resolve(request: EditRequest, cascade: CascadeConfig) -> "EditPlan":
     if len(request.steps) > len(cascade.stages):
         raise ConfigError(f"steps: {len(request.steps)} values for a cascade of {len(cascade.stages)} stages "
                           f"({', '.join(s.name for s in cascade.stages)}); give one value, or one per stage")
-    from_input = request.task != "generate" and (request.motion_from_input or request.edit_type == "motion")
+    asked = request.motion_from_input
+    from_input = request.task != "generate" and (request.edit_type == "motion" if asked is None else asked)
     guidance = request.guidance_scale if request.guidance_scale is not None else (cascade.guidance_scale or 1.0)
     return EditPlan.of(request._config(resolve_strength(request, cascade), from_input, float(guidance)), cascade)
 

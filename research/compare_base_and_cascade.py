@@ -21,7 +21,6 @@ def main() -> int:
     import torch
 
     from dreamix_ray.quiet import quiet_libraries
-    from dreamix_ray.config import EditConfig
     from dreamix_ray.degrade import downsample_to_stage, tensor_to_frames
     from dreamix_ray.edit import StageRun, run_cascade, run_stage
     from dreamix_ray.evaluate import CHECKED, EDIT_TYPES, EvalSettings, _render, eval_cases, score
@@ -42,8 +41,7 @@ def main() -> int:
     wrong_counts: dict[str, Counter] = {"base": Counter(), "cascade": Counter()}
     cases = [c for c in eval_cases(args.sources, held=args.split == "held") if c.edit_type in args.types]
     for case in cases:
-        cfg = EditConfig(strength=settings.strength_for("dreamix", case.edit_type, full),
-                         motion_from_input=settings.motion_from_input and case.edit_type == "motion")
+        cfg = settings.plan_for("dreamix", case.edit_type, full).config
         x0 = downsample_to_stage(_render(case.source, full), full.base.config)
         with torch.no_grad():
             base_out = run_stage(StageRun.of(full, cfg, [case.prompt], [case.seed]), 0, x0)

@@ -59,8 +59,7 @@ def main() -> int:
     start = time.perf_counter()
     for n, case in enumerate(cases, 1):
         source, target = _render(case.source, cascade), _render(case.target, cascade).frames
-        cfg = EditConfig(strength=settings.strength_for("dreamix", case.edit_type, cascade),
-                         motion_from_input=case.edit_type == "motion")
+        cfg = settings.plan_for("dreamix", case.edit_type, cascade).config
         x0 = downsample_to_stage(source, cascade.base.config)
         with torch.no_grad():
             base_out = run_stage(StageRun.of(cascade, cfg, [case.prompt], [case.seed]), 0, x0)

@@ -83,6 +83,9 @@ def test_the_rule(tuned_config, tmp_path):
     steps = cli_plan(["--steps", "3"], tuned_config)
     assert [s.steps for s in steps.stages] == [3, 3, 3]  # one value: every stage (CLI and batch: base only)
     assert cli_plan(["--edit-type", "motion"], tuned_config).config.motion_from_input
+    off = EditRequest(prompt=PROMPT, edit_type="motion", motion_from_input=False)  # said: wins over the rule
+    assert not resolve(off, tuned_config).config.motion_from_input
+    assert resolve(off, tuned_config).config.strength == 0.9  # and the tuned motion strength still applies
     last = cli_plan(["--frames", "5"], tuned_config).stages[-1]
     assert last.frames == 10 and last.chunks == ((0, 10),)  # TSR x2; one chunk of up to 32 frames
     from dreamix_ray.config import ConfigError

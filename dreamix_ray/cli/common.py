@@ -113,7 +113,7 @@ def edit_request(args, task: str = "edit") -> EditRequest:
                        seed=args.seed, steps=tuple(getattr(args, "steps", None) or ()), eta=getattr(args, "eta", None),
                        guidance_scale=getattr(args, "guidance", None), num_frames=getattr(args, "frames", None),
                        fit=getattr(args, "fit", "crop"), motion_guidance=getattr(args, "motion_guidance", 1.0),
-                       motion_from_input=getattr(args, "motion_from_input", False),
+                       motion_from_input=getattr(args, "motion_from_input", False) or None,  # unsaid: the rule
                        sr_strength=getattr(args, "sr_strength", None),
                        sr_consistency=getattr(args, "sr_consistency", True),
                        negative_prompt=getattr(args, "negative_prompt", ""), cfg_mode=getattr(args, "cfg_mode", None),
