@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -315,6 +314,7 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     summary = BatchSummary(run_id, len(items), results=join(results_dir(opts.output_prefix), f"run={run_id}"),
                            stages=tuple(stage.name for stage in config.stages))
     started = init_ray(opts, specs)
+    threads_before = set(threading.enumerate())
     try:
         check_fits(opts, specs)
         with _data_context(opts):
@@ -324,9 +324,20 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
         summary.seconds = time.perf_counter() - start
         _write_summary(opts, summary, s3)
     finally:
+        if summary.stopped:
+            _join_threads_since(threads_before)
         if started:
             ray.shutdown()
     return summary
+
+
+def _join_threads_since(before: set[threading.Thread], timeout_s: float = 10.0) -> None:
+    """After a stop, let the dataset's prefetch threads see their stopped executor before we leave Ray: left
+    running, they call into a shut-down Ray at interpreter exit and print tracebacks over our clear message."""
+    deadline = time.monotonic() + timeout_s
+    for thread in set(threading.enumerate()) - before:
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _stream(ds, watch: NodeWatch | None, stop: threading.Event):
@@ -363,7 +374,8 @@ def _stream(ds, watch: NodeWatch | None, stop: threading.Event):
             kind, value = out.get(timeout=watch.period_s)
         except queue.Empty:
             if why := watch.check():
-                _interrupt(thread)
+                stop.set()  # the stream's thread then drops what it still gets instead of queueing it
+                _stop_executor(ds, thread)
                 raise _Unplaceable(why) from None
             continue
         if kind == "batch":
@@ -379,14 +391,14 @@ class _Unplaceable(Exception):
     pass
 
 
-class _Interrupted(BaseException):
-    """Raised inside the stream's thread: Ray Data shuts its executor down on any BaseException from a wait."""
-
-
-def _interrupt(thread: threading.Thread, timeout_s: float = 30.0) -> None:
-    """Stop the stream's thread where it waits for a batch that cannot come (Ray Data's executor has no public
-    stop): the executor shuts down cleanly instead of failing with tracebacks once the driver leaves Ray."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Interrupted))
+def _stop_executor(ds, thread: threading.Thread, timeout_s: float = 30.0) -> None:
+    """Shut the dataset's streaming executor down while Ray is still up, and wait for the stream's thread to see
+    it: a batch that cannot come then ends the stream instead of leaving prefetch threads that call into a
+    shut-down Ray at exit and print tracebacks over our message. `_current_executor` is what Ray Data's own
+    blocking calls shut down (Dataset._synchronize_progress_bar); it has no public stop."""
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        executor.shutdown(force=True)
     thread.join(timeout_s)
 
 
