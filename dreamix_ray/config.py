@@ -79,6 +79,16 @@ class StageConfig(_Dict):
         if self.latent is not None and not isinstance(self.latent, dict):
             raise ConfigError(f"stage {self.name!r}: 'latent' must be a JSON object, got {self.latent!r}")
 
+    @property
+    def latent_input(self) -> bool:
+        """An SR stage that takes the previous stage's latents, not pixels (LTX: the stages share one VAE)."""
+        return (self.latent or {}).get("input") == "latents"
+
+    @property
+    def temporal_compression(self) -> int:
+        """Pixel frames per latent frame of a latent-input stage's causal VAE (F = t (L - 1) + 1), else 1."""
+        return int((self.latent or {}).get("temporal_compression", 1))
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if data["latent"] is None:  # pixel stages keep their old cascade.json (and cascade ids) unchanged

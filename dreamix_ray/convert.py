@@ -101,14 +101,20 @@ def open_source(src: str) -> Source:
         raise ConvertError(f"{src} has no model_index.json: give a diffusers repository with model_index.json, "
                            "unet/, vae/, text_encoder/, tokenizer/ and scheduler/")
     index = json.loads((local / "model_index.json").read_text())
-    layout = "wan" if str(index.get("_class_name", "")).startswith("Wan") else "modelscope"
+    pipeline = str(index.get("_class_name", ""))
+    layout = "wan" if pipeline.startswith("Wan") else "ltx" if pipeline.startswith("LTX") else "modelscope"
     configs = {}
-    for component, filename in (WAN_FILES if layout == "wan" else CONFIG_FILES).items():
+    for component, filename in (CONFIG_FILES if layout == "modelscope" else WAN_FILES).items():
         file = local / component / filename
         if not file.is_file():
             raise ConvertError(f"{src} has no {component}/{filename}: not the "
-                               f"{'Wan' if layout == 'wan' else 'ModelScope / zeroscope'} layout")
+                               f"{ {'wan': 'Wan', 'ltx': 'LTX-Video'}.get(layout, 'ModelScope / zeroscope')} layout")
         configs[component] = json.loads(file.read_text())
+    if layout == "ltx":
+        from .convert_ltx import check_ltx_source
+
+        check_ltx_source(src, index, configs)
+        return Source(src, local, repo_id, revision, configs, layout)
     if layout == "wan":
         check_wan_source(src, index, configs)
         return Source(src, local, repo_id, revision, configs, layout)
@@ -186,15 +192,29 @@ def _size(src: Source, given: str | None) -> tuple[int, int, int | None]:
 
 def convert(sources: list[str], out: str | Path, sizes: list[str] | None = None, frames: int | None = None,
             fps: float | None = None, steps: list[int] | None = None, eta: float = 0.0,
-            strength: float = DEFAULT_REFINE_STRENGTH, vae_chunk_frames: int = DEFAULT_VAE_CHUNK_FRAMES,
-            name: str | None = None, copy: bool = False, force: bool = False) -> CascadeConfig:
-    """Write `out`/cascade.json for base + SSR refiner repositories; returns the config written."""
+            strength: float | None = None, vae_chunk_frames: int = DEFAULT_VAE_CHUNK_FRAMES,
+            name: str | None = None, copy: bool = False, force: bool = False, tsr: str | None = None,
+            ssr: str | None = None) -> CascadeConfig:
+    """Write `out`/cascade.json for base + SSR refiner repositories (or an LTX base + latent upsamplers `tsr`,
+    `ssr`); returns the config written."""
     from .models.cascade import CASCADE_FILE
 
     out = Path(out)
     if (out / CASCADE_FILE).exists() and not force:
         raise ConvertError(f"{out} already holds a cascade; pass --force to overwrite it")
     srcs = [open_source(s) for s in sources]
+    if (tsr or ssr) and not (len(srcs) == 1 and srcs[0].layout == "ltx"):
+        raise ConvertError("--tsr / --ssr take LTX latent upsamplers and need one LTX-Video repository as SRC")
+    if any(s.layout == "ltx" for s in srcs):
+        from .convert_ltx import copy_folders, ltx_convert
+
+        if len(srcs) != 1 or len(sizes or ()) > 1:
+            raise ConvertError("an LTX repository converts alone, with its upsamplers as --tsr / --ssr, and one --size")
+        config, copies = ltx_convert(srcs[0], out, tsr, ssr, (sizes or [None])[0], frames, fps, steps, eta, strength,
+                                     name, copy)
+        copy_folders(copies)
+        return _write(config, [], out / CASCADE_FILE, copy=False)
+    strength = DEFAULT_REFINE_STRENGTH if strength is None else strength
     if any(s.layout == "wan" for s in srcs):
         if len(srcs) != 1:
             raise ConvertError("a Wan repository converts alone (one base stage); give just its directory")
@@ -274,8 +294,13 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, nargs="+", default=None, help=f"sampling steps, one or per source "
                                                                       f"(default {DEFAULT_STEPS}; Wan {WAN_STEPS})")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM / flow eta (default 0, as these models' pipelines)")
-    p.add_argument("--strength", type=float, default=DEFAULT_REFINE_STRENGTH,
-                   help="SDEdit strength of the SSR refiners (zeroscope_v2_XL's card: 0.66-0.85)")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"SDEdit strength of the SSR refiners (default {DEFAULT_REFINE_STRENGTH}; zeroscope_v2_XL's card: "
+                        "0.66-0.85) or of LTX's refine passes (default 0.4; 1 = from pure noise)")
+    p.add_argument("--tsr", default=None, metavar="UPSAMPLER_REPO",
+                   help="LTX: a temporal latent upsampler (e.g. Lightricks/ltxv-temporal-upscaler-0.9.7) as the TSR")
+    p.add_argument("--ssr", default=None, metavar="UPSAMPLER_REPO",
+                   help="LTX: a spatial latent upsampler (e.g. Lightricks/ltxv-spatial-upscaler-0.9.7) as the SSR")
     p.add_argument("--vae-chunk-frames", type=int, default=DEFAULT_VAE_CHUNK_FRAMES,
                    help="frames per VAE call (lower it if decoding runs out of memory)")
     p.add_argument("--name", default=None)
@@ -285,7 +310,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     config = convert(args.sources, args.output, args.size, args.frames, args.fps, args.steps, args.eta,
-                     args.strength, args.vae_chunk_frames, args.name, args.copy, args.force)
+                     args.strength, args.vae_chunk_frames, args.name, args.copy, args.force, args.tsr, args.ssr)
     for s in config.stages:
         print(f"{s.name}: {s.kind}, {s.frames} frames of {s.width}x{s.height} @ {s.fps:g} fps, {s.steps} steps")
     print(f"wrote {Path(args.output) / 'cascade.json'}; edits use guidance {config.guidance_scale:g} unless they "

@@ -2,6 +2,9 @@
 
 `run_stage` is the one stage runner: `edit()` loops over it, and so do the Ray Data steps and the
 Serve deployments, each on its own slice of the plan (a stage, or one chunk of the last SSR).
+What passes from a stage to the next is whatever the next one takes: pixels, or the stage's latents when
+the next stage takes latents (LTX's stages share one VAE; `StageConfig.latent_input`), so only the last
+stage decodes. Callers treat it as an opaque array.
 """
 
 from __future__ import annotations
@@ -112,9 +115,10 @@ def _denoiser(run: StageRun, index: int, cond, anchor, total: int):
 
 
 def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """Stage `index` of the plan on its input, in pixels: the base on the downsampled input x0 (from the
-    plan's strength), an SR stage on the previous output or one chunk of it (from pure noise, or by SDEdit
-    from the upsampled output at its start strength)."""
+    """Stage `index` of the plan on its input: the base on the downsampled input x0 (from the plan's
+    strength), an SR stage on the previous output or one chunk of it, `plan.chunk_input(chunk)` (from pure
+    noise, or by SDEdit from the upsampled output at its start strength). Returns pixels, or this stage's
+    latents when the next stage takes latents."""
     stage, plan = run.cascade.stages[index], run.plan.stages[index]
     start = time.perf_counter()
     scheduler = fresh_scheduler(stage.scheduler)
@@ -125,6 +129,9 @@ def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0) 
         x0 = stage.encode(x_bcfhw)  # a latent stage degrades its VAE latents (models/latent.py)
         x, timesteps = noise_at_strength(x0, plan.start_strength, scheduler, plan.steps, gens)
         cond, anchor = None, x0 if run.plan.config.motion_from_input else None  # motion_guidance.py
+    elif stage.config.latent_input:  # LTX: the latent upsampler, then the refine pass by SDEdit (1 = from noise)
+        x, timesteps = noise_at_strength(stage.upsampler(x_bcfhw), plan.start_strength, scheduler, plan.steps, gens)
+        cond = anchor = None
     else:
         cond, anchor = upsample_condition(x_bcfhw, stage.config), x_bcfhw
         if plan.from_noise:
@@ -138,7 +145,10 @@ def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0) 
     denoise = _denoiser(run, index, cond, anchor, len(timesteps))
     label = f"{stage.config.name} ({stage.config.kind})" if run.progress else False
     sample = SAMPLERS[scheduler_family(scheduler)]  # the stage's family: stochastic DDIM or flow (sampling.py)
-    out = stage.decode(sample(denoise, x, scheduler, timesteps, plan.eta, gens, progress=label))
+    out = sample(denoise, x, scheduler, timesteps, plan.eta, gens, progress=label)
+    following = run.cascade.stages[index + 1] if index + 1 < len(run.cascade.stages) else None
+    if following is None or not following.config.latent_input:
+        out = stage.decode(out, plan.chunk_halo(chunk))
     if run.timings is not None:
         run.timings.stage_s[stage.config.name] += time.perf_counter() - start
     return out
@@ -146,18 +156,24 @@ def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0) 
 
 def run_cascade(run: StageRun, x_bcfhw: torch.Tensor, first: int = 0) -> np.ndarray:
     """Stages `first`.. of the plan from their input; the last stage runs chunk by chunk straight into the
-    uint8 output (B, F, H, W, C), so memory holds one chunk of it at a time (paper App. A.1)."""
+    uint8 output (B, F, H, W, C), so memory holds one chunk of it at a time (paper App. A.1). A chunk samples
+    its halo of context frames too and keeps only its own frames (StagePlan.chunk_input / chunk_halo)."""
     for plan in run.plan.stages[first:-1]:
         x_bcfhw = run_stage(run, plan.index, x_bcfhw)
     last = run.plan.stages[-1]
     if x_bcfhw.shape[2] != last.frames:
         raise ValueError(f"stage {last.name!r} planned for {last.frames} input frames, got {x_bcfhw.shape[2]}")
-    out = None  # sized by the first chunk: a latent SSR resizes to its own size, not by a factor
-    for chunk, (lo, hi) in enumerate(last.chunks):
+    out, done = None, 0  # sized by the first chunk: a latent SSR resizes to its own size, not by a factor
+    for chunk in range(len(last.chunks)):
+        lo, hi = last.chunk_input(chunk)
         frames = tensor_to_frames(run_stage(run, last.index, x_bcfhw[:, :, lo:hi], chunk))
         if out is None:
-            out = np.empty((frames.shape[0], last.frames) + frames.shape[2:], dtype=np.uint8)
-        out[:, lo:hi] = frames
+            total = run.cascade.stages[last.index].output_frames(last.frames)
+            out = np.empty((frames.shape[0], total) + frames.shape[2:], dtype=np.uint8)
+        out[:, done:done + frames.shape[1]] = frames
+        done += frames.shape[1]
+    if done != out.shape[1]:
+        raise ValueError(f"stage {last.name!r}: its chunks made {done} frames, planned {out.shape[1]}")
     return out
 
 

@@ -132,9 +132,20 @@ class StagePlan:
     start_strength: float  # base: the edit's s; pixel SR: sr_strength; latent SSR: its refine strength
     sampled_steps: int  # the timestep cut: the last `sampled_steps` of `steps` run
     eta: float
-    frames: int  # frames of the stage's input
+    frames: int  # frames of the stage's input (latent frames for a stage that takes latents: LTX's SR stages)
     chunks: tuple[tuple[int, int], ...]  # input frame ranges sampled one at a time (the last SSR's), else one
     from_noise: bool  # an SR stage that starts from pure noise (no SDEdit start)
+    halo: int = 0  # input frames of context sampled on each side of a chunk and dropped after decoding
+
+    def chunk_input(self, chunk: int) -> tuple[int, int]:
+        """The input frames chunk `chunk` samples: its own range plus the halo on each side, within the clip."""
+        lo, hi = self.chunks[chunk]
+        return max(0, lo - self.halo), min(self.frames, hi + self.halo)
+
+    def chunk_halo(self, chunk: int) -> tuple[int, int]:
+        """(left, right) frames of `chunk_input(chunk)` that are context, not the chunk's own output."""
+        (lo, hi), (a, b) = self.chunks[chunk], self.chunk_input(chunk)
+        return lo - a, b - hi
 
 
 def _start_strength(index: int, stage: StageConfig, cfg: EditConfig, cascade: CascadeConfig) -> float:
@@ -159,12 +170,16 @@ class EditPlan:
         for index, stage in enumerate(cascade.stages):
             steps, start = cfg.stage_steps(index, stage), _start_strength(index, stage, cfg, cascade)
             chunked = index == last and stage.kind == "ssr"  # the paper chunks only the final SSR
-            chunks = chunk_bounds(frames, cfg.ssr_chunk_frames) if chunked else ((0, frames),)
+            # A stage taking latents counts (and chunks) its input in latent frames: 32 pixel frames are 4 of LTX's.
+            t = stage.temporal_compression if stage.latent_input else 1
+            units = (frames - 1) // t + 1 if t > 1 else frames
+            chunks = chunk_bounds(units, max(1, cfg.ssr_chunk_frames // t)) if chunked else ((0, units),)
             plans.append(StagePlan(index, stage.name, stage.kind, steps, start, kept_steps(steps, start),
-                                   cfg.stage_eta(stage), frames, chunks,
-                                   from_noise=index > 0 and stage.latent is None and start >= 1.0))
-            if stage.kind == "tsr":
-                frames *= stage.factor
+                                   cfg.stage_eta(stage), units, chunks,
+                                   from_noise=index > 0 and stage.latent is None and start >= 1.0,
+                                   halo=int((stage.latent or {}).get("chunk_halo", 0)) if chunked else 0))
+            if stage.kind == "tsr":  # a causal (latent) TSR keeps its first frame: F -> factor (F - 1) + 1
+                frames = stage.factor * (frames - 1) + 1 if stage.latent_input else frames * stage.factor
         return cls(cfg, tuple(plans))
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,4 +31,5 @@ def _latent(row: dict) -> str:
     if "latent" not in row:
         return ""
     c, f, h, w = row["latent"]
-    return f"  latent {c}x{f}x{h}x{w}, VAE {row['vae_parameters']:,} params"
+    upsampler = f", upsampler {row['upsampler_parameters']:,} params" if "upsampler_parameters" in row else ""
+    return f"  latent {c}x{f}x{h}x{w}, VAE {row['vae_parameters']:,} params{upsampler}"

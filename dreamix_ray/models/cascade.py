@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler
 from ..config import CascadeConfig, StageConfig
 from ..sampling import make_scheduler
 from .latent import load_latent_components
+from .ltx import load_ltx_components
 from .stage import StageDenoiser
 from .text import TextEncoder, load_text_encoder
 from .wan import load_wan_components
@@ -38,6 +39,7 @@ class Stage:
     denoiser: StageDenoiser
     scheduler: DDIMScheduler
     vae: torch.nn.Module | None = None  # latent stages only (models/latent.py): samples in its latent space
+    upsampler: torch.nn.Module | None = None  # LTX SR stages (models/ltx.py): the previous latents -> this stage's
 
     @property
     def num_parameters(self) -> int:
@@ -47,9 +49,23 @@ class Stage:
         """Pixels -> the space this stage samples in (identity for pixel stages)."""
         return video_bcfhw if self.vae is None else self.vae.encode(video_bcfhw)
 
-    def decode(self, x_bcfhw: torch.Tensor) -> torch.Tensor:
-        """This stage's samples -> pixels (identity for pixel stages)."""
-        return x_bcfhw if self.vae is None else self.vae.decode(x_bcfhw)
+    def decode(self, x_bcfhw: torch.Tensor, halo: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """This stage's samples -> pixels (identity for pixel stages), without the pixels of the `halo` (frames
+        of context sampled on each side of a chunk, edit.run_cascade)."""
+        out = x_bcfhw if self.vae is None else self.vae.decode(x_bcfhw)
+        if halo == (0, 0):
+            return out
+        span = getattr(self.vae, "pixel_span", None)  # a causal VAE: the first latent frame is one pixel frame
+        lo, hi = span(x_bcfhw.shape[2], *halo) if span else (halo[0], out.shape[2] - halo[1])
+        return out[:, :, lo:hi]
+
+    def output_frames(self, input_frames: int) -> int:
+        """Pixel frames this stage makes from `input_frames` of its input (latent frames for a latent-input stage)."""
+        c = self.config
+        if c.latent_input:  # an LTX temporal upsampler makes 2L - 1 latent frames (its causal first frame)
+            latents = c.factor * (input_frames - 1) + 1 if c.kind == "tsr" else input_frames
+            return self.vae.pixel_frames(latents)
+        return input_frames * c.factor if c.kind == "tsr" else input_frames
 
 
 class Cascade:
@@ -74,8 +90,9 @@ class Cascade:
         self.text_encoder.to(device)
         for stage in self.stages:
             stage.denoiser.to(device)
-            if stage.vae is not None:
-                stage.vae.to(device)
+            for part in (stage.vae, stage.upsampler):
+                if part is not None:
+                    part.to(device)
         return self
 
     def last_ssr_index(self) -> int | None:
@@ -92,6 +109,8 @@ class Cascade:
             stage.scheduler.save_pretrained(path / stage.config.name)
             if stage.vae is not None:  # a latent stage's own folder then holds all it needs (latent.py)
                 stage.vae.save_pretrained(path / stage.config.name / "vae")
+            if stage.upsampler is not None:
+                stage.upsampler.save_pretrained(path / stage.config.name / "latent_upsampler")
         write_config(path, config)
         return path
 
@@ -102,7 +121,8 @@ class Cascade:
         stages = []
         for sc in config.stages:
             if sc.latent is not None:  # a diffusers text-to-video repository's components (latent.py, wan.py)
-                load = load_wan_components if sc.latent.get("layout") == "wan" else load_latent_components
+                load = {"wan": load_wan_components, "ltx": load_ltx_components}.get(sc.latent.get("layout"),
+                                                                                      load_latent_components)
                 stages.append(Stage(sc, *load(sc, path)))
                 continue
             folder = path / sc.name
@@ -117,8 +137,8 @@ class Cascade:
     def cascade_id(self) -> str:
         """Content hash of the config and every weight: keys finetuned artifacts to this exact cascade."""
         h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        for stage in self.stages:
-            for name, tensor in sorted(stage.denoiser.state_dict().items()):
+        for net in [n for s in self.stages for n in (s.denoiser, s.upsampler) if n is not None]:
+            for name, tensor in sorted(net.state_dict().items()):
                 h.update(name.encode())
                 h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
@@ -133,6 +153,8 @@ class Cascade:
             if s.vae is not None:
                 row.update(latent=s.vae.latent_shape(c.frames, c.height, c.width),
                            vae_parameters=sum(p.numel() for p in s.vae.parameters()))
+            if s.upsampler is not None:
+                row.update(upsampler_parameters=sum(p.numel() for p in s.upsampler.parameters()))
             rows.append(row)
         return rows
 

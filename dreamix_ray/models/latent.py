@@ -25,8 +25,9 @@ from ..errors import UserError
 from .frame_mode import enable_frame_mode_switch, frame_mode
 from .refs import resolve_ref
 
-LAYOUTS = ("modelscope", "wan")  # wan: models/wan.py
-SPEC_KEYS = ("layout", "unet", "transformer", "vae", "scheduler", "strength", "vae_chunk_frames")
+LAYOUTS = ("modelscope", "wan", "ltx")  # wan: models/wan.py, ltx: models/ltx.py
+SPEC_KEYS = ("layout", "unet", "transformer", "vae", "scheduler", "strength", "vae_chunk_frames",
+             "upsampler", "input", "temporal_compression", "chunk_halo", "adain_factor", "decode_timestep")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -198,6 +199,10 @@ def place_cascade(cascade, runtime: LatentRuntime | None = None) -> None:
     for stage in cascade.stages:
         if isinstance(stage.denoiser, (LatentVideoDenoiser, WanTransformer3DModel)):
             place(stage.denoiser, stage.vae, runtime)
+        elif hasattr(stage.denoiser, "transformer"):  # an LTX stage: its shared transformer (models/ltx.py)
+            place(stage.denoiser.transformer, stage.vae, runtime)
+            if stage.upsampler is not None:
+                _move(stage.upsampler, runtime.torch_device(), _DTYPES[runtime.dtype])
 
 
 def latent_spec(sc: StageConfig) -> dict:
@@ -209,8 +214,9 @@ def latent_spec(sc: StageConfig) -> dict:
     if spec.get("layout", "modelscope") not in LAYOUTS:
         raise LatentModelError(f"stage {sc.name!r}: unknown latent layout {spec['layout']!r}; supported: "
                                "modelscope (diffusers UNet3DConditionModel + AutoencoderKL + CLIP), wan "
-                               "(WanTransformer3DModel + AutoencoderKLWan + UMT5)")
-    if sc.kind == "tsr":
+                               "(WanTransformer3DModel + AutoencoderKLWan + UMT5), ltx (LTXVideoTransformer3DModel + "
+                               "AutoencoderKLLTXVideo + T5, LTXLatentUpsamplerModel SR stages)")
+    if sc.kind == "tsr" and spec.get("layout") != "ltx":
         raise LatentModelError(f"stage {sc.name!r}: latent stages are base or ssr (SDEdit refiners), not tsr")
     try:
         strength = float(spec.get("strength", DEFAULT_REFINE_STRENGTH))
@@ -230,7 +236,7 @@ def component_dir(sc: StageConfig, root: Path, component: str) -> Path:
     """Where a component lives: the cascade's own stage folder wins, then the spec's reference."""
     own = Path(root) / sc.name
     marker = "scheduler_config.json" if component == "scheduler" else "config.json"
-    local = own / "vae" if component == "vae" else own
+    local = own / {"vae": "vae", "upsampler": "latent_upsampler"}.get(component, "")
     if (local / marker).is_file():
         return local
     ref = latent_spec(sc).get(component)

@@ -19,7 +19,7 @@ class TextEncoder(torch.nn.Module):
     """A frozen Hugging Face text encoder with a small prompt cache."""
 
     def __init__(self, kind: str, path: str | None = None, max_length: int = 32, tokenizer: str | None = None,
-                 attention_mask: bool = True):
+                 attention_mask: bool = True, pooled: str = "mean"):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -29,6 +29,9 @@ class TextEncoder(torch.nn.Module):
         self.path = str(path) if path else _default_path(kind)
         # Diffusers repositories keep the tokenizer in its own folder; hf:// refs stay refs in spec().
         self.tokenizer_path, self.attention_mask = (str(tokenizer) if tokenizer else None), attention_mask
+        # "mask": the second output is the prompt's token mask [B, L], for denoisers that mask T5's padding
+        # themselves (LTX, models/ltx.py); else the pooled embedding [B, D]
+        self.pooled = pooled
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_ref(self.tokenizer_path or self.path))
         self.model = _load_model(kind, str(resolve_ref(self.path))).eval().requires_grad_(False)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -46,6 +49,8 @@ class TextEncoder(torch.nn.Module):
             spec["tokenizer"] = self.tokenizer_path
         if not self.attention_mask:
             spec["attention_mask"] = False
+        if self.pooled != "mean":
+            spec["pooled"] = self.pooled
         return spec
 
     @torch.no_grad()
@@ -76,7 +81,9 @@ class TextEncoder(torch.nn.Module):
         if self.kind == "umt5":  # Wan's pipelines zero the embeddings past each prompt's last token
             tokens_bld = tokens_bld * mask_bl1
         pooled_bd = getattr(out, "pooler_output", None) if self.kind == "clip" else None
-        if pooled_bd is None:  # mean over real tokens, as sentence-transformers pools MiniLM
+        if self.pooled == "mask":
+            pooled_bd = mask_bl1[..., 0]
+        elif pooled_bd is None:  # mean over real tokens, as sentence-transformers pools MiniLM
             pooled_bd = (tokens_bld * mask_bl1).sum(1) / mask_bl1.sum(1).clamp(min=1)
         for p, t, q in zip(prompts, tokens_bld, pooled_bd.float()):
             self._cache[p] = (t, q)
@@ -109,7 +116,7 @@ def load_text_encoder(spec: dict, root: Path | None = None) -> TextEncoder:
     kind = spec.get("kind", "minilm")
     path, tokenizer = (_under(spec.get(key), root) for key in ("path", "tokenizer"))
     return TextEncoder(kind, path, int(spec.get("max_length", 32)), tokenizer=tokenizer,
-                       attention_mask=bool(spec.get("attention_mask", True)))
+                       attention_mask=bool(spec.get("attention_mask", True)), pooled=spec.get("pooled", "mean"))
 
 
 def _under(ref: str | None, root: Path | None) -> str | None:

@@ -45,8 +45,8 @@ def plan_units(plan: EditPlan) -> list[dict]:
         base = dict(label=stage.name, stage=stage.index, method="denoise", source=source,
                     to_frames=stage.index == last, weight=max(1, stage.sampled_steps))
         if stage.index == last:
-            for k, (lo, hi) in enumerate(stage.chunks):
-                units.append(dict(base, output=f"{stage.name}-c{k}.npy", frames=(lo, hi), chunk=k))
+            for k in range(len(stage.chunks)):  # each chunk's input, with its halo of context frames
+                units.append(dict(base, output=f"{stage.name}-c{k}.npy", frames=stage.chunk_input(k), chunk=k))
         else:
             units.append(dict(base, output=f"{stage.name}.npy"))
             source = units[-1]["output"]
@@ -245,6 +245,10 @@ class JobRunner:
                     raise RuntimeError(f"{method} returned no result")
                 timings = run.job["timings"]
                 timings[unit["label"]] = round(timings.get(unit["label"], 0.0) + result.pop("seconds", 0.0), 3)
+                nodes = run.job.setdefault("placement", {}).setdefault(unit["label"], [])
+                if result.get("node") and result["node"] not in nodes:  # the last SSR's chunks may spread
+                    nodes.append(result["node"])
+                result.pop("node", None)
                 run.progress(unit, 1, 1)
                 await run.write()
                 return result

@@ -1,0 +1,205 @@
+"""LTX-Video cascades: base -> latent TSR -> latent SSR (LTXLatentUpsamplerModel + a refine pass), latents between
+stages, the chunked last stage, parity with diffusers' LTXPipeline + LTXLatentUpsamplePipeline, bad inputs.
+
+The repositories are tiny random LTX models in the hub's diffusers layout (model_index.json, transformer/, vae/,
+text_encoder/ T5, tokenizer/, scheduler/ with dynamic shifting; upsamplers with latent_upsampler/ and vae/), built
+offline; the tokenizer is made with the `tokenizers` library. The tiny VAE has 16 pixels per latent and 4 frames
+per latent frame (LTX's has 32 and 8), so clips are 4k + 1 frames here.
+"""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXLatentUpsamplePipeline, LTXPipeline,
+                       LTXVideoTransformer3DModel)
+from diffusers.pipelines.ltx.modeling_latent_upsampler import LTXLatentUpsamplerModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from dreamix_ray.cli import main
+from dreamix_ray.config import EditConfig
+from dreamix_ray.edit import StageRun, edit, run_cascade, run_stage
+from dreamix_ray.models.cascade import Cascade
+from dreamix_ray.models.ltx import LTXStageNet, LTXVAE
+from dreamix_ray.request import EditPlan
+from dreamix_ray.sampling import draw_noise, kept_steps, seed_generators
+
+TEXT_DIM, Z = 16, 8
+WORDS = "a an the red blue cat dog car moving left right blurry".split()
+VAE = dict(in_channels=3, out_channels=3, latent_channels=Z, block_out_channels=(8, 8, 8, 8),
+           decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+           decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+           decoder_spatio_temporal_scaling=(True, True, False, False), patch_size=4)
+SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
+                 max_image_seq_len=4096, shift_terminal=0.1)  # LTX-Video's scheduler_config
+
+
+def write_tokenizer(folder) -> int:
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=128).save_pretrained(folder)
+    return len(vocab)
+
+
+def write_vae(folder, seed: int, **overrides):
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(**{**VAE, **overrides})
+    vae.latents_mean.copy_(torch.randn(vae.config.latent_channels) * 0.1)
+    vae.latents_std.copy_(torch.rand(vae.config.latent_channels) + 0.5)
+    vae.save_pretrained(folder)
+
+
+def write_ltx_repo(path, seed: int = 0):
+    """A tiny random LTX-Video (LTXPipeline) repository."""
+    torch.manual_seed(seed)
+    LTXVideoTransformer3DModel(in_channels=Z, out_channels=Z, num_attention_heads=2, attention_head_dim=8,
+                               cross_attention_dim=16, num_layers=1, caption_channels=TEXT_DIM
+                               ).save_pretrained(path / "transformer")
+    write_vae(path / "vae", seed)
+    vocab = write_tokenizer(path / "tokenizer")
+    T5EncoderModel(T5Config(vocab_size=vocab, d_model=TEXT_DIM, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                            decoder_start_token_id=0)).save_pretrained(path / "text_encoder")
+    FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(path / "scheduler")
+    index = {"_class_name": "LTXPipeline", "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "LTXVideoTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLLTXVideo"]}
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
+def write_upsampler(path, base_repo, temporal: bool, seed: int = 1):
+    """An LTXLatentUpsamplePipeline repository (latent_upsampler/ + the base's vae/), as Lightricks ships them."""
+    torch.manual_seed(seed)
+    LTXLatentUpsamplerModel(in_channels=Z, mid_channels=32, num_blocks_per_stage=1, spatial_upsample=not temporal,
+                            temporal_upsample=temporal).save_pretrained(path / "latent_upsampler")
+    shutil.copytree(base_repo / "vae", path / "vae")
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "LTXLatentUpsamplePipeline"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ltx")
+    base = write_ltx_repo(root / "tiny-ltx")
+    return dict(base=base, tsr=write_upsampler(root / "temporal", base, temporal=True),
+                ssr=write_upsampler(root / "spatial", base, temporal=False, seed=2), root=root)
+
+
+def _convert(repos, out, *flags, steps=("3", "2", "2")) -> int:
+    return main(["convert", str(repos["base"]), "-o", str(out), "--size", "32x32", "--frames", "9", "--fps", "8",
+                 "--steps", *steps, *flags])
+
+
+@pytest.fixture(scope="module")
+def cascade_dir(repos):
+    out = repos["root"] / "cascade"
+    assert _convert(repos, out, "--tsr", str(repos["tsr"]), "--ssr", str(repos["ssr"])) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cascade(cascade_dir):
+    return Cascade.from_pretrained(cascade_dir)
+
+
+def test_convert_writes_base_tsr_ssr_sharing_one_transformer_and_info_lists_them(cascade_dir, cascade, capsys):
+    spec = json.loads((cascade_dir / "cascade.json").read_text())
+    shapes = [(s["name"], s["kind"], s["frames"], s["width"], s["fps"]) for s in spec["stages"]]
+    assert shapes == [("base", "base", 9, 32, 8.0), ("tsr", "tsr", 17, 32, 16.0), ("ssr", "ssr", 17, 64, 16.0)]
+    assert [s["latent"].get("strength") for s in spec["stages"]] == [None, 0.4, 0.4]
+    assert spec["text_encoder"]["pooled"] == "mask" and spec["guidance_scale"] == 3.0
+    base, tsr, ssr = cascade.stages
+    assert isinstance(base.denoiser, LTXStageNet) and isinstance(base.vae, LTXVAE)
+    assert tsr.denoiser.transformer is base.denoiser.transformer is ssr.denoiser.transformer  # one set of weights
+    assert tsr.vae.vae is base.vae.vae and base.upsampler is None
+    assert tsr.upsampler.model.config.temporal_upsample and ssr.upsampler.model.config.spatial_upsample
+    assert main(["info", "--model", str(cascade_dir)]) == 0
+    out = capsys.readouterr().out
+    for line in (f"latent {Z}x3x2x2", f"latent {Z}x5x2x2", f"latent {Z}x5x4x4", "upsampler"):
+        assert line in out, out
+
+
+def test_plan_counts_latent_frames_and_chunks_the_last_stage_with_a_halo(cascade):
+    plan = EditPlan.of(EditConfig(ssr_chunk_frames=8), cascade.config)
+    assert [p.frames for p in plan.stages] == [9, 3, 5]  # pixels into the base, then latent frames
+    ssr = plan.stages[-1]
+    assert ssr.chunks == ((0, 2), (2, 4), (4, 5)) and ssr.halo == 1
+    assert [ssr.chunk_input(k) for k in range(3)] == [(0, 3), (1, 5), (3, 5)]
+    assert [ssr.chunk_halo(k) for k in range(3)] == [(0, 1), (1, 1), (1, 0)]
+
+
+def test_edit_runs_the_cascade_on_latents_and_decodes_once(cascade, moving_video, monkeypatch):
+    calls = []
+    decode = LTXVAE.decode
+    monkeypatch.setattr(LTXVAE, "decode", lambda self, z: calls.append(z.shape) or decode(self, z))
+    out = edit(moving_video, "a red cat", EditConfig(strength=0.7, seed=1, ssr_chunk_frames=8), cascade)
+    assert out.frames.shape == (17, 64, 64, 3) and out.fps == 16.0
+    assert [tuple(s) for s in calls] == [(1, Z, 3, 4, 4), (1, Z, 4, 4, 4), (1, Z, 2, 4, 4)]  # the chunks only
+
+
+def _unpack(latents_bsc, f, h, w):
+    return LTXPipeline._unpack_latents(latents_bsc, f, h, w, 1, 1)
+
+
+def _pipeline_parts(repos, cascade):
+    return dict(tokenizer=AutoTokenizer.from_pretrained(repos["base"] / "tokenizer"),
+                text_encoder=T5EncoderModel.from_pretrained(repos["base"] / "text_encoder"),
+                vae=cascade.base.vae.vae, transformer=cascade.base.denoiser.transformer,
+                scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(repos["base"] / "scheduler"))
+
+
+def test_base_matches_ltx_pipeline_and_ssr_matches_ltx_latent_upsample_pipeline(repos, tmp_path):
+    """Same noise in: our base at strength 1 = LTXPipeline's latents; our SSR at refine strength 0 on them =
+    LTXLatentUpsamplePipeline (AdaIN on), decoded."""
+    out = tmp_path / "base-ssr"
+    assert _convert(repos, out, "--ssr", str(repos["ssr"]), "--strength", "0", steps=("3", "2")) == 0
+    spec = json.loads((out / "cascade.json").read_text())
+    spec["stages"][1]["latent"]["adain_factor"] = 1.0
+    (out / "cascade.json").write_text(json.dumps(spec))
+    cascade = Cascade.from_pretrained(out)
+    seed, prompt, negative = 7, "a red cat moving left", "blurry"
+    noise = draw_noise((1, Z, 3, 2, 2), seed_generators([seed], 0))
+    pipe = LTXPipeline(**_pipeline_parts(repos, cascade))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt, negative_prompt=negative, height=32, width=32, num_frames=9, frame_rate=8,
+               num_inference_steps=3, guidance_scale=3.0, latents=LTXPipeline._pack_latents(noise),
+               output_type="latent").frames
+    ref = _unpack(ref, 3, 2, 2)
+    run = StageRun.of(cascade, EditConfig(strength=1.0, seed=seed, guidance_scale=3.0, negative_prompt=negative),
+                      [prompt], [seed])
+    ours = run_stage(run, 0, torch.zeros(1, 3, 9, 32, 32))
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    up = LTXLatentUpsamplePipeline(vae=cascade.base.vae.vae, latent_upsampler=cascade.stages[1].upsampler.model)
+    up.set_progress_bar_config(disable=True)
+    ref = up(latents=ref, height=64, width=64, adain_factor=1.0, output_type="pt").frames
+    video = run_stage(run, 1, ours)
+    torch.testing.assert_close(((video + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4), ref, atol=1e-4, rtol=1e-4)
+
+
+def _with_refine(plan: EditPlan, index: int, strength: float) -> EditPlan:
+    stage = plan.stages[index]
+    stages = list(plan.stages)
+    stages[index] = dataclasses.replace(stage, start_strength=strength,
+                                        sampled_steps=kept_steps(stage.steps, strength))
+    return dataclasses.replace(plan, stages=tuple(stages))
+
+
+def test_refine_strength_zero_keeps_the_upsampled_latents_and_one_starts_from_noise(cascade):
+    base, plan = torch.randn(1, Z, 3, 2, 2), EditPlan.of(EditConfig(seed=2), cascade.config)
+    up = cascade.stages[1].upsampler(base)
+    assert up.shape == (1, Z, 5, 2, 2)  # the temporal upsampler: 2L - 1 latent frames
+    kept = run_stage(StageRun(cascade, _with_refine(plan, 1, 0.0), ["a dog"], [2]), 1, base)
+    torch.testing.assert_close(kept, up)
+    noise = draw_noise(tuple(up.shape), seed_generators([2], 1, 0))
+    fresh = [run_stage(StageRun(cascade, _with_refine(plan, 1, 1.0), ["a dog"], [2]), 1, b) for b in (base, -base)]
+    torch.testing.assert_close(fresh[0], fresh[1])  # from noise: the input does not reach the output
+    assert not torch.allclose(fresh[0], up, atol=1e-2) and not torch.allclose(fresh[0], noise, atol=1e-2)
