@@ -160,8 +160,13 @@ class _StageData:
         every = resample(video, fps=video.fps, num_frames=None, height=sc.height, width=sc.width, fit=cfg.fit)
         # Latent stages train on VAE latents, encoded once here rather than every step.
         self.clip_bcfhw = stage.encode(frames_to_tensor(clip.frames))
-        self.frames_cfhw = stage.encode(frames_to_tensor(every.frames))[0]
-        self.frames_per_step = sc.frames
+        # L_frame trains on images: each frame is encoded alone, as a one-frame clip, the way Wan trains on
+        # images through its causal VAE (per-frame VAEs and pixel stages give the same latents either way)
+        images_b3hw = frames_to_tensor(every.frames)[0].transpose(0, 1)
+        self.frames_cfhw = stage.encode(images_b3hw.unsqueeze(2))[:, :, 0].transpose(0, 1)
+        # a frame step packs as many frames as the clip has latent frames (Wan's VAE makes 4k + 1 -> k + 1)
+        self.frames_per_step = sc.frames if stage.vae is None else \
+            stage.vae.latent_shape(sc.frames, sc.height, sc.width)[1]
 
     def frame_batch(self, rng: np.random.Generator) -> torch.Tensor:
         """Frames of the whole video in random order, laid out as one clip that frame mode keeps apart."""

@@ -9,23 +9,25 @@ import torch
 import torch.nn.functional as F
 
 from .degrade import downsample_for_training, upsample_condition
-from .errors import UserError
 from .models.cascade import Stage
-from .sampling import scheduler_family
+from .sampling import fresh_scheduler, scheduler_family
 
 
 def diffusion_loss(stage: Stage, x0_bcfhw, cond_bcfhw, tokens, pooled, gen: torch.Generator,
                    frame_mode_on: bool) -> torch.Tensor:
-    """||D(z_t, t, text, c) - target||^2 at a uniform timestep; frame mode masks the temporal layers.
+    """||D(z_t, t, text, c) - target||^2 at a uniform timestep; frame mode masks the temporal layers (a Wan
+    stage folds its latent frames into the batch).
 
-    The target follows the scheduler's prediction_type: v for our stages, epsilon for ModelScope-family ones.
+    The stage's family sets the noising and the target (`training_point`): DDIM stages regress their
+    scheduler's prediction_type (v for ours, epsilon for ModelScope-family ones), flow stages the velocity.
     """
     t_b, noise_bcfhw = draw_training_noise(stage, x0_bcfhw, gen)
     return v_loss(stage, x0_bcfhw, cond_bcfhw, tokens, pooled, t_b, noise_bcfhw, frame_mode_on)
 
 
 def draw_training_noise(stage: Stage, x0_bcfhw, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The timesteps [B] and noise diffusion_loss draws from `gen`, in its order."""
+    """The training timestep indices [B] (uniform over num_train_timesteps) and noise diffusion_loss draws from
+    `gen`, in its order; the same draws for every family (`training_point` maps an index to its noise level)."""
     t_b = torch.randint(0, stage.scheduler.config.num_train_timesteps, (x0_bcfhw.shape[0],), generator=gen)
     return t_b, torch.randn(x0_bcfhw.shape, generator=gen)
 
@@ -33,16 +35,34 @@ def draw_training_noise(stage: Stage, x0_bcfhw, gen: torch.Generator) -> tuple[t
 def v_loss(stage: Stage, x0_bcfhw, cond_bcfhw, tokens, pooled, t_b, noise_bcfhw, frame_mode_on: bool,
            reduction: str = "mean") -> torch.Tensor:
     """diffusion_loss at given draws; reduction="sum" lets shards of a batch add up to its mean."""
-    if scheduler_family(stage.scheduler) == "flow":
-        raise UserError(f"stage {stage.config.name!r}: finetuning flow-matching stages (Wan) is not supported yet; "
-                        "edit with the cascade as converted (docs/REAL_MODELS.md, Wan)")
     device = stage.denoiser.device  # draws are made on the CPU, the same on any device
     x0_bcfhw, noise_bcfhw, t_b, tokens, pooled = (v.to(device) for v in (x0_bcfhw, noise_bcfhw, t_b, tokens, pooled))
     cond_bcfhw = cond_bcfhw.to(device) if cond_bcfhw is not None else None
-    x_t = stage.scheduler.add_noise(x0_bcfhw, noise_bcfhw, t_b)
-    target = prediction_target(stage.scheduler, x0_bcfhw, noise_bcfhw, t_b)
-    pred = stage.denoiser(x_t, t_b, tokens, pooled, cond_bcfhw, frame_mode_on=frame_mode_on)
+    x_t, t_net, target = training_point(stage.scheduler, x0_bcfhw, noise_bcfhw, t_b)
+    pred = stage.denoiser(x_t, t_net, tokens, pooled, cond_bcfhw, frame_mode_on=frame_mode_on)
     return F.mse_loss(pred, target, reduction=reduction)
+
+
+def training_point(scheduler, x0_bcfhw, noise_bcfhw, t_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, the timestep the network sees, its regression target) at training timestep indices `t_b`, by the
+    scheduler's family: the one place training tells DDIM stages from flow-matching ones."""
+    if scheduler_family(scheduler) == "flow":
+        return flow_training_point(scheduler, x0_bcfhw, noise_bcfhw, t_b)
+    x_t = scheduler.add_noise(x0_bcfhw, noise_bcfhw, t_b)
+    return x_t, t_b, prediction_target(scheduler, x0_bcfhw, noise_bcfhw, t_b)
+
+
+def flow_training_point(scheduler, x0_bcfhw, noise_bcfhw, t_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow matching: x_t = (1 - sigma) x0 + sigma eps, target the velocity eps - x0, the network at timestep
+    sigma * num_train_timesteps. sigma is the index's entry of a fresh scheduler's training sigmas, which carry
+    its shift: diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py (weighting_scheme "none": a uniform
+    index into `noise_scheduler_copy.timesteps`, then `get_sigmas`), and DiffSynth-Studio's Wan training (a
+    uniform timestep id of its shifted FlowMatchScheduler set for 1000 training steps; it also weights the loss
+    per timestep, which we do not). A fresh copy, since sampling's set_timesteps rewrites a scheduler's sigmas."""
+    sigma_b = fresh_scheduler(scheduler).sigmas[t_b.cpu()].to(x0_bcfhw.device, x0_bcfhw.dtype)
+    sigma = sigma_b.view(-1, *[1] * (x0_bcfhw.dim() - 1))
+    x_t = (1 - sigma) * x0_bcfhw + sigma * noise_bcfhw
+    return x_t, sigma_b * scheduler.config.num_train_timesteps, noise_bcfhw - x0_bcfhw
 
 
 def prediction_target(scheduler, x0_bcfhw, noise_bcfhw, t_b) -> torch.Tensor:

@@ -7,6 +7,7 @@ tokenizer is made with the `tokenizers` library.
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +20,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT
 from dreamix_ray.cli import main
 from dreamix_ray.config import EditConfig
 from dreamix_ray.edit import StageRun, edit, generate, run_stage
+from dreamix_ray.finetune import (_StageData, finetune_or_load, finetune_preset, finetuned_prompt,
+                                  load_finetuned)
+from dreamix_ray.models import adapters
 from dreamix_ray.models.cascade import Cascade
 from dreamix_ray.models.wan import WanDenoiser, WanVAE
+from dreamix_ray.objective import diffusion_loss, is_frame_step, training_point
 from dreamix_ray.sampling import draw_noise, flow_sample, seed_generators, strength_timesteps
-from dreamix_ray.video import read_video, write_video
+from dreamix_ray.storage import ArtifactStore
+from dreamix_ray.video import Video, read_video, write_video
 
 TEXT_DIM, Z_DIM, SHIFT = 16, 4, 3.0
 WORDS = "a an the red blue cat dog car moving left right naia blurry".split()
@@ -128,13 +134,91 @@ def test_edit_command_runs_end_to_end(cascade_dir, moving_video, tmp_path):
     assert out.frames.shape == (5, 32, 32, 3) and out.fps == 8.0
 
 
-def test_finetuning_a_wan_stage_stops_with_one_line(cascade_dir, moving_video, tmp_path, capsys):
+def test_flow_training_point_is_the_samplers_convention():
+    """x_t = (1 - sigma) x0 + sigma eps at the scheduler's shifted training sigma, the network told
+    sigma * 1000 (what the sampler passes): an oracle velocity from (x_t, t) has zero loss at every index."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    scheduler.set_timesteps(4)  # sampling rewrites a scheduler's sigmas; training must not read them
+    x0, eps = torch.randn(3, Z_DIM, 2, 4, 4), torch.randn(3, Z_DIM, 2, 4, 4)
+    index = torch.tensor([0, 500, 999])
+    x_t, t_net, target = training_point(scheduler, x0, eps, index)
+    unshifted = 1 - index / 1000
+    sigma = SHIFT * unshifted / (1 + (SHIFT - 1) * unshifted)
+    torch.testing.assert_close(t_net, sigma.float() * 1000, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(target, eps - x0)
+    oracle = (x_t - x0) / (t_net / 1000).view(-1, 1, 1, 1, 1)  # eps - x0 recovered from x_t alone
+    torch.testing.assert_close(oracle, target, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def random_video():
+    frames = (np.random.default_rng(0).random((16, 32, 32, 3)) * 255).astype(np.uint8)
+    return Video(frames, 8.0)
+
+
+@pytest.fixture(scope="module")
+def lora_run(cascade, random_video, tmp_path_factory):
+    """A mixed LoRA finetune of the tiny Wan stage into a store: (config, artifact id, tuned cascade, store, losses)."""
+    store = ArtifactStore(str(tmp_path_factory.mktemp("wan-store")))
+    cfg = finetune_preset("mixed", steps=8, lr=2e-2, seed=35)
+    losses = []
+    tuned, key = finetune_or_load(random_video, cfg, cascade, store, on_step=lambda *a: losses.append(a[-1]))
+    return cfg, key, tuned, store, losses
+
+
+def test_frames_are_encoded_as_one_frame_clips(cascade, random_video):
+    data = _StageData(random_video, cascade.base, finetune_preset("mixed"))
+    assert data.clip_bcfhw.shape == (1, Z_DIM, 2, 4, 4) and data.frames_per_step == 2
+    assert data.frames_cfhw.shape == (Z_DIM, 16, 4, 4)  # every frame of the video, one latent frame each
+    frame = torch.from_numpy(random_video.frames[5]).float().div(127.5).sub(1).permute(2, 0, 1)
+    torch.testing.assert_close(data.frames_cfhw[:, 5], cascade.base.encode(frame[None, :, None])[0, :, 0])
+
+
+def test_lora_mixed_finetune_of_a_wan_stage_edits_differently(cascade, random_video, lora_run):
+    cfg, key, tuned, store, losses = lora_run
+    assert len(losses) == cfg.steps and {is_frame_step(cfg.seed, s, cfg.alpha) for s in range(cfg.steps)} == {0, 1}
+    files = sorted(p.name for p in Path(store.root, key, "base").iterdir())
+    assert files == ["adapter_config.json", adapters.WEIGHTS_FILE]
+    targets = adapters.target_modules(cascade.base.denoiser, "attention")
+    assert {t.split(".", 2)[2] for t in targets} == {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                                                      "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+                                                      "ffn.net.0.proj", "ffn.net.2"}
+    stored = (Path(store.root, key, "base") / adapters.WEIGHTS_FILE).stat().st_size
+    modules = dict(cascade.base.denoiser.named_modules())
+    lora_params = sum(cfg.lora_rank * (modules[t].in_features + modules[t].out_features) for t in targets)
+    assert stored < 4 * lora_params + 16_000  # the adapter alone (fp32) and its header
+    # the objective at fixed draws goes down; the artifact edits differently and reloads to the same edit
+    x0 = _StageData(random_video, cascade.base, cfg).clip_bcfhw.repeat(8, 1, 1, 1, 1)
+    tokens, pooled = (e.expand(8, *e.shape[1:]) for e in cascade.text_encoder([cfg.prompt]))
+
+    def fixed_loss(stage):
+        with torch.no_grad():
+            return diffusion_loss(stage, x0, None, tokens, pooled, torch.Generator().manual_seed(1), False).item()
+
+    assert fixed_loss(tuned.base) < 0.9 * fixed_loss(cascade.base)
+    ecfg, prompt = EditConfig(strength=0.8, seed=2), finetuned_prompt("a red cat", cfg)
+    ours = edit(random_video, prompt, ecfg, tuned).frames
+    assert not np.array_equal(ours, edit(random_video, prompt, ecfg, cascade).frames)
+    loaded, loaded_cfg = load_finetuned(cascade, key, store)
+    assert loaded_cfg == cfg and np.array_equal(ours, edit(random_video, prompt, ecfg, loaded).frames)
+    steps = []
+    again, key2 = finetune_or_load(random_video, cfg, cascade, store, on_step=lambda *a: steps.append(a))
+    assert key2 == key and steps == []  # finetune once, edit many
+
+
+def test_cli_finetune_then_edit_with_the_artifact(cascade_dir, moving_video, tmp_path, capsys):
     write_video(tmp_path / "in.mp4", moving_video)
-    argv = ["finetune", str(tmp_path / "in.mp4"), "--model", str(cascade_dir), "--ft-steps", "1", "--store",
-            str(tmp_path / "store"), "--quiet"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "flow-matching stages (Wan) is not supported yet" in err, err
+    common = ["--model", str(cascade_dir), "--store", str(tmp_path / "store"), "--quiet"]
+    assert main(["finetune", str(tmp_path / "in.mp4"), "--ft-steps", "2", "--lr", "1e-2", *common]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert key.startswith("ft-")
+    outs = {}
+    for name, extra in (("tuned", ["--finetuned", key]), ("base", [])):
+        argv = ["edit", str(tmp_path / "in.mp4"), "-p", "a blue dog", "-o", str(tmp_path / f"{name}.mp4"),
+                "--strength", "0.8", *extra, *common]
+        assert main(argv) == 0
+        outs[name] = read_video(tmp_path / f"{name}.mp4").frames
+    assert outs["tuned"].shape == (5, 32, 32, 3) and not np.array_equal(outs["tuned"], outs["base"])
 
 
 def _pixels01(x_bcfhw: torch.Tensor) -> torch.Tensor:

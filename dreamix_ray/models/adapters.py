@@ -24,7 +24,8 @@ from ..config import ConfigError
 from .frame_mode import temporal_modules
 
 # Which attention projections carry the adapter. "temporal" / "spatial" split the UNet families the way
-# MotionDirector does (temporal transformers vs the per-frame attention); Wan's attention is joint.
+# MotionDirector does (temporal transformers vs the per-frame attention); Wan's attention is joint. A denoiser
+# may name FFN projections to adapt too (`lora_ffn_projections`: Wan's, where the FFN holds most weights).
 LORA_TARGETS = ("attention", "spatial", "temporal")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,9 +39,10 @@ def target_modules(denoiser: torch.nn.Module, targets: str, stage: str = "") -> 
     if targets != "attention" and not temporal:
         raise ConfigError(f"stage {stage!r} has no separate temporal layers (joint space-time attention): "
                           f"use lora_targets 'attention', not {targets!r}")
+    projections = PROJECTIONS + tuple(getattr(denoiser, "lora_ffn_projections", ()))
     names = []
     for name, m in denoiser.named_modules():
-        if not isinstance(m, torch.nn.Linear) or not any(name.endswith("." + p) for p in PROJECTIONS):
+        if not isinstance(m, torch.nn.Linear) or not any(name.endswith("." + p) for p in projections):
             continue
         in_temporal = any(name.startswith(t + ".") for t in temporal)
         if targets == "attention" or (targets == "temporal") == in_temporal:

@@ -32,6 +32,9 @@ class WanDenoiser(WanTransformer3DModel):
     """diffusers' WanTransformer3DModel behind StageDenoiser's signature; saved in the plain Wan format."""
 
     autocast_dtype: torch.dtype | None = None  # set by latent.place; None runs in the weights' dtype
+    # LoRA adapts the FFN as well as the attention (adapters.target_modules): in Wan the FFN holds over half
+    # of each block's weights, and Wan LoRA trainers (DiffSynth-Studio: q,k,v,o,ffn.0,ffn.2) adapt it too
+    lora_ffn_projections = ("ffn.net.0.proj", "ffn.net.2")
 
     def forward(self, sample_bcfhw: torch.Tensor, timestep: torch.Tensor, text_tokens_bld: torch.Tensor,
                 text_pooled_bd: torch.Tensor | None = None, cond_bcfhw: torch.Tensor | None = None,
