@@ -177,6 +177,18 @@ def run_cascade(run: StageRun, x_bcfhw: torch.Tensor, first: int = 0) -> np.ndar
     return out
 
 
+def chunk_seams(frames_bfhwc: np.ndarray, run: StageRun) -> tuple[float, float]:
+    """(mean |frame i+1 - frame i| across the last stage's chunk boundaries, the same inside chunks) of
+    run_cascade's output: a seam shows as the first number well above the second."""
+    last = run.plan.stages[-1]
+    stage = run.cascade.stages[last.index]
+    starts = {stage.output_frames(lo) for lo, _ in last.chunks[1:]}  # the first output frame of each later chunk
+    steps = np.abs(np.diff(frames_bfhwc.astype(np.float32), axis=1)).mean(axis=(0, 2, 3, 4))  # step i: i -> i+1
+    across = [steps[i - 1] for i in sorted(starts)]
+    inside = [d for i, d in enumerate(steps) if i + 1 not in starts]
+    return float(np.mean(across)) if across else float("nan"), float(np.mean(inside))
+
+
 def output_fps(cascade: Cascade) -> float:
     return cascade.stages[-1].config.fps
 

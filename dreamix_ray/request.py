@@ -156,6 +156,13 @@ def _start_strength(index: int, stage: StageConfig, cfg: EditConfig, cascade: Ca
     return cfg.stage_sr_strength(cascade)
 
 
+def _halo(stage: StageConfig) -> int:
+    """Context frames each side of a last-stage chunk: cascade.json's `chunk_halo`; at least 1 for latent chunks,
+    since a causal VAE decodes a chunk's first latent frame as one pixel frame unless the frame before it is there."""
+    halo = int((stage.latent or {}).get("chunk_halo", 0))
+    return max(1, halo) if stage.latent_input else halo
+
+
 @dataclass(frozen=True)
 class EditPlan:
     """A resolved edit: the EditConfig every process receives, and each stage's part of it."""
@@ -177,7 +184,7 @@ class EditPlan:
             plans.append(StagePlan(index, stage.name, stage.kind, steps, start, kept_steps(steps, start),
                                    cfg.stage_eta(stage), units, chunks,
                                    from_noise=index > 0 and stage.latent is None and start >= 1.0,
-                                   halo=int((stage.latent or {}).get("chunk_halo", 0)) if chunked else 0))
+                                   halo=_halo(stage) if chunked else 0))
             if stage.kind == "tsr":  # a causal (latent) TSR keeps its first frame: F -> factor (F - 1) + 1
                 frames = stage.factor * (frames - 1) + 1 if stage.latent_input else frames * stage.factor
         return cls(cfg, tuple(plans))

@@ -56,13 +56,13 @@ def write_vae(folder, seed: int, **overrides):
     vae.save_pretrained(folder)
 
 
-def write_ltx_repo(path, seed: int = 0):
-    """A tiny random LTX-Video (LTXPipeline) repository."""
+def write_ltx_repo(path, seed: int = 0, vae_channels: int = 8):
+    """A tiny random LTX-Video (LTXPipeline) repository (jobs/bench_ltx_chunks.py builds wider VAEs with it)."""
     torch.manual_seed(seed)
     LTXVideoTransformer3DModel(in_channels=Z, out_channels=Z, num_attention_heads=2, attention_head_dim=8,
                                cross_attention_dim=16, num_layers=1, caption_channels=TEXT_DIM
                                ).save_pretrained(path / "transformer")
-    write_vae(path / "vae", seed)
+    write_vae(path / "vae", seed, block_out_channels=(vae_channels,) * 4, decoder_block_out_channels=(vae_channels,) * 4)
     vocab = write_tokenizer(path / "tokenizer")
     T5EncoderModel(T5Config(vocab_size=vocab, d_model=TEXT_DIM, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
                             relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
@@ -203,3 +203,55 @@ def test_refine_strength_zero_keeps_the_upsampled_latents_and_one_starts_from_no
     fresh = [run_stage(StageRun(cascade, _with_refine(plan, 1, 1.0), ["a dog"], [2]), 1, b) for b in (base, -base)]
     torch.testing.assert_close(fresh[0], fresh[1])  # from noise: the input does not reach the output
     assert not torch.allclose(fresh[0], up, atol=1e-2) and not torch.allclose(fresh[0], noise, atol=1e-2)
+
+
+def _chunked(cascade, base_latents, chunk_frames: int, halo: int, strength: float = 0.0):
+    """The last stage (SSR) of `cascade` chunk by chunk on the TSR's latents, at refine strength `strength`."""
+    stages = list(cascade.config.stages)
+    stages[-1] = dataclasses.replace(stages[-1], latent={**stages[-1].latent, "chunk_halo": halo})
+    config = dataclasses.replace(cascade.config, stages=tuple(stages))
+    plan = EditPlan.of(EditConfig(seed=4, ssr_chunk_frames=chunk_frames), config)
+    plan = _with_refine(plan, 2, strength)
+    run = StageRun(cascade, plan, ["a blue car"], [4])
+    return run_cascade(run, base_latents, first=2), run
+
+
+def test_chunks_with_a_halo_tile_the_clip_and_the_seam_is_measured(cascade):
+    """Paper App. A.1 with the causal VAE: chunks of latent frames, each sampled and decoded with `halo` frames of
+    context, make the clip's 4 (L - 1) + 1 frames; with the whole clip as context a chunk equals the unchunked
+    stage; the seam statistic compares steps across chunk boundaries with steps inside chunks."""
+    from dreamix_ray.edit import chunk_seams
+
+    tsr_latents = torch.randn(1, Z, 5, 2, 2, generator=torch.Generator().manual_seed(0))
+    whole, _ = _chunked(cascade, tsr_latents, 10 ** 6, 1)
+    tiled, run = _chunked(cascade, tsr_latents, 8, 4)  # every chunk sees the clip: the same decode as whole
+    assert whole.shape == tiled.shape == (1, 17, 64, 64, 3) and len(run.plan.stages[-1].chunks) == 3
+    assert np.abs(whole.astype(int) - tiled).max() <= 1
+    near, run = _chunked(cascade, tsr_latents, 8, 1)
+    assert near.shape == whole.shape and np.abs(whole.astype(int) - near).mean() > 0.5  # less context
+    across, inside = chunk_seams(near, run)
+    assert np.isfinite(across) and inside > 0
+    assert chunk_seams(whole, run)[1] > 0
+
+
+def test_bad_ltx_inputs_get_one_line(repos, cascade, moving_video, tmp_path, capsys):
+    def error_of(*argv) -> str:
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    other = write_upsampler(tmp_path / "other-vae", repos["base"], temporal=False)
+    config = json.loads((other / "vae" / "config.json").read_text())
+    (other / "vae" / "config.json").write_text(json.dumps({**config, "latent_channels": 16}))
+    convert = ["convert", str(repos["base"]), "-o", str(tmp_path / "out"), "--size", "32x32"]
+    assert "its VAE does not match the base's (latent_channels differ)" in error_of(*convert, "--frames", "9",
+                                                                                   "--ssr", str(other))
+    assert "is a temporal upsampler" in error_of(*convert, "--frames", "9", "--ssr", str(repos["tsr"]))
+    assert "4k + 1 frames" in error_of(*convert, "--frames", "8")
+    from dreamix_ray.video import write_video
+
+    write_video(tmp_path / "in.mp4", moving_video)
+    err = error_of("edit", str(tmp_path / "in.mp4"), "-p", "a dog", "-o", str(tmp_path / "o.mp4"), "--model",
+                   str(repos["root"] / "cascade"), "--frames", "8", "--quiet")
+    assert "LTX's VAE takes 4k + 1 frames" in err and "--frames 5" in err
