@@ -255,3 +255,39 @@ def test_bad_ltx_inputs_get_one_line(repos, cascade, moving_video, tmp_path, cap
     err = error_of("edit", str(tmp_path / "in.mp4"), "-p", "a dog", "-o", str(tmp_path / "o.mp4"), "--model",
                    str(repos["root"] / "cascade"), "--frames", "8", "--quiet")
     assert "LTX's VAE takes 4k + 1 frames" in err and "--frames 5" in err
+
+
+def test_batch_steps_carry_latents_between_stages_and_equal_edit(cascade_dir, cascade, moving_video, tmp_path):
+    """The Ray Data steps (run here in one process, as Ray runs each in its actor): rows carry the base's and the
+    TSR's latents, not frames, and the output equals edit()'s; Serve's units read the same chunk inputs."""
+    from dreamix_ray.cluster.pipeline import pipeline_steps
+    from dreamix_ray.cluster.serving.runner import plan_units
+    from dreamix_ray.cluster.steps import cascade_config, to_batch, to_rows
+    from dreamix_ray.manifest import read_manifest, work_items
+    from dreamix_ray.request import EditRequest
+    from dreamix_ray.video import read_video, write_video
+
+    write_video(tmp_path / "in.mp4", moving_video)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "v", "video": str(tmp_path / "in.mp4"), "prompt": "a red cat",
+                                                  "seed": 5, "strength": 0.6}))
+    job = EditRequest(prompt="", ssr_chunk_frames=8)
+    config = cascade_config(str(cascade_dir))
+    rows = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / "out"), job, "ltx", config)
+    carried = {}
+    for spec in pipeline_steps(config, str(cascade_dir), None, None, False):
+        step = spec.fn(**spec.kwargs)
+        rows = to_rows(step(to_batch(rows, list(rows[0]))))
+        if "x" in rows[0]:
+            carried[spec.name] = rows[0]["x"].shape
+    assert rows[0]["status"] == "ok", rows[0].get("error")
+    assert carried == {"decode": (3, 9, 32, 32), "base": (Z, 3, 2, 2), "tsr": (Z, 5, 2, 2)}  # latents, not frames
+    plan = EditPlan.from_dict(json.loads(to_rows(to_batch(work_items(read_manifest(str(tmp_path / "m.jsonl")),
+                                                                     str(tmp_path / "o2"), job, "ltx", config),
+                                                          ["cfg"]))[0]["cfg"]), cascade.config)
+    expected = edit(read_video(tmp_path / "in.mp4"), "a red cat", plan, cascade)
+    got = read_video(rows[0]["output"])
+    assert got.frames.shape == expected.frames.shape == (17, 64, 64, 3)
+    torch.testing.assert_close(torch.from_numpy(got.frames).float(), torch.from_numpy(
+        read_video(write_video(tmp_path / "e.mp4", expected)).frames).float(), atol=2.0, rtol=0)
+    chunks = [u["frames"] for u in plan_units(plan) if u.get("to_frames")]
+    assert chunks == [plan.stages[-1].chunk_input(k) for k in range(3)] == [(0, 3), (1, 5), (3, 5)]
