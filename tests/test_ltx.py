@@ -291,3 +291,21 @@ def test_batch_steps_carry_latents_between_stages_and_equal_edit(cascade_dir, ca
         read_video(write_video(tmp_path / "e.mp4", expected)).frames).float(), atol=2.0, rtol=0)
     chunks = [u["frames"] for u in plan_units(plan) if u.get("to_frames")]
     assert chunks == [plan.stages[-1].chunk_input(k) for k in range(3)] == [(0, 3), (1, 5), (3, 5)]
+
+
+def test_convert_copy_is_self_contained_and_shares_the_transformer(tmp_path):
+    base = write_ltx_repo(tmp_path / "b", seed=3)
+    ssr = write_upsampler(tmp_path / "s", base, temporal=False)
+    assert main(["convert", str(base), "-o", str(tmp_path / "c"), "--size", "32x32", "--frames", "5", "--steps", "2",
+                 "--ssr", str(ssr), "--copy", "--quiet"]) == 0
+    shutil.rmtree(base)
+    shutil.rmtree(ssr)
+    copied = Cascade.from_pretrained(tmp_path / "c")
+    assert copied.stages[1].denoiser.transformer is copied.base.denoiser.transformer
+    assert edit(write_video_clip(), "a dog", EditConfig(strength=0.5, seed=1), copied).frames.shape == (5, 64, 64, 3)
+
+
+def write_video_clip():
+    from dreamix_ray.video import Video
+
+    return Video(np.random.default_rng(0).integers(0, 255, (8, 40, 40, 3), dtype=np.uint8), 8.0)
