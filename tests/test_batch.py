@@ -335,3 +335,47 @@ def test_error_rate_stops_the_job_and_missing_rows_are_reported_lost(ray_driver,
     _execute(ray.data.from_items(items[:7]), items, opts, summary, _ResultsWriter(opts, "lost", "m", None))
     rows = read_results(str(tmp_path), run_id="lost").to_pylist()
     assert [r["error"] for r in rows if r["id"] in ("r7", "r8", "r9")] == [LOST] * 3 and not summary.stopped
+
+
+@pytest.mark.slow
+def test_a_wan_cascade_runs_the_same_pipeline(ray_driver, s3_client, s3_server, tmp_path):
+    """The tiny Wan cascade (one flow-matching base, 5 frames of 32x32) through the same Ray Data steps, manifest
+    and results on S3: each row equals the single-process edit byte for byte. (Wan finetune rows take the same
+    Finetune step as above; the Serve test finetunes a Wan stage through its deployment.)"""
+    from wan_repo import tiny_wan_cascade
+
+    from dreamix_ray.cluster.batch import BatchOptions, run_batch
+    from dreamix_ray.edit import edit
+    from dreamix_ray.manifest import read_results
+    from dreamix_ray.models.cascade import Cascade
+    from dreamix_ray.video import read_video, write_video
+
+    model = tiny_wan_cascade(tmp_path)
+    clip = shapes_clip(tmp_path / "clip.mp4", seed=3)
+    s3_client.create_bucket(Bucket="wan")
+    s3_client.upload_file(str(clip), "wan", "clip.mp4")
+    rows = [{"id": "plain", "video": "s3://wan/clip.mp4", "prompt": "a blue dog", "seed": 1, "strength": 0.6,
+             "guidance": 3},
+            {"id": "other", "video": "s3://wan/clip.mp4", "prompt": "a red cat", "seed": 2, "strength": 0.8}]
+    s3_client.put_object(Bucket="wan", Key="m.jsonl", Body="\n".join(json.dumps(r) for r in rows).encode())
+    cpus = {"decode": 0.25, "base": 0.5, "encode": 0.25}
+    summary = run_batch(BatchOptions(manifest="s3://wan/m.jsonl", output_prefix="s3://wan/out", model=str(model),
+                                     s3=s3_server[1], request=EditRequest(prompt=""), cpus=cpus,
+                                     actors={k: (1, 1) for k in cpus}, batch_size=2, progress=False, run_id="wan"))
+    assert (summary.ok, summary.failed) == (2, 0), summary.text()
+    done = {r["id"]: r for r in read_results("s3://wan/out", s3_server[1], run_id="wan").to_pylist()}
+
+    def output(row_id: str) -> bytes:
+        return s3_client.get_object(Bucket="wan", Key=done[row_id]["output"][len("s3://wan/"):])["Body"].read()
+
+    cascade, video = Cascade.from_pretrained(model), read_video(clip)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actors run
+    try:
+        plain = edit(video, "a blue dog", EditConfig(strength=0.6, seed=1, guidance_scale=3.0), cascade)
+        assert_same_edit(output("plain"), write_video(tmp_path / "plain.mp4", plain).read_bytes(), tmp_path)
+        # no guidance given: the cascade's (convert writes 5 for Wan), as the rule says
+        other = edit(video, "a red cat", EditConfig(strength=0.8, seed=2, guidance_scale=5.0), cascade)
+        assert_same_edit(output("other"), write_video(tmp_path / "other.mp4", other).read_bytes(), tmp_path)
+    finally:
+        torch.set_num_threads(threads)

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
-                       WanTransformer3DModel, WanVideoToVideoPipeline)
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel, WanVideoToVideoPipeline
+from transformers import AutoTokenizer, UMT5EncoderModel
+from wan_repo import MODEL_INDEX, SHIFT, TEXT_DIM, Z_DIM, write_wan_repo
 
 from dreamix_ray.cli import main
 from dreamix_ray.config import EditConfig
@@ -29,53 +28,6 @@ from dreamix_ray.objective import diffusion_loss, is_frame_step, training_point
 from dreamix_ray.sampling import draw_noise, flow_sample, seed_generators, strength_timesteps
 from dreamix_ray.storage import ArtifactStore
 from dreamix_ray.video import Video, read_video, write_video
-
-TEXT_DIM, Z_DIM, SHIFT = 16, 4, 3.0
-WORDS = "a an the red blue cat dog car moving left right naia blurry".split()
-MODEL_INDEX = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "boundary_ratio": None,
-               "expand_timesteps": False, "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-               "text_encoder": ["transformers", "UMT5EncoderModel"],
-               "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-               "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
-               "vae": ["diffusers", "AutoencoderKLWan"]}
-
-
-def write_tokenizer(folder) -> int:
-    """A word-level tokenizer ending every prompt with </s>, as T5's does; returns the vocabulary size."""
-    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=512).save_pretrained(folder)
-    return len(vocab)
-
-
-def write_wan_repo(path, seed: int = 0, ti2v: bool = False):
-    """A tiny random Wan2.1-T2V repository in the hub's diffusers layout; `ti2v`: Wan2.2-TI2V-5B's instead (the same
-    classes; a residual VAE with 2x2 pixel patches, 16 pixels per latent, per-token timesteps in the pipeline)."""
-    torch.manual_seed(seed)
-    z_dim = 2 * Z_DIM if ti2v else Z_DIM
-    WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=z_dim,
-                          out_channels=z_dim, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2,
-                          rope_max_seq_len=32).save_pretrained(path / "transformer")
-    gen = torch.Generator().manual_seed(seed)
-    wan22 = dict(is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12, out_channels=12,
-                 decoder_base_dim=8) if ti2v else {}
-    AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                     temperal_downsample=[False, True, True],
-                     latents_mean=(torch.randn(z_dim, generator=gen) * 0.1).tolist(),
-                     latents_std=(torch.rand(z_dim, generator=gen) + 0.5).tolist(),
-                     **wan22).save_pretrained(path / "vae")
-    vocab = write_tokenizer(path / "tokenizer")
-    UMT5EncoderModel(UMT5Config(vocab_size=vocab, d_model=TEXT_DIM, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-                                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                decoder_start_token_id=0)).save_pretrained(path / "text_encoder")
-    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT,
-                            num_train_timesteps=1000).save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps({**MODEL_INDEX, "expand_timesteps": ti2v}, indent=2))
-    return path
-
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
