@@ -571,3 +571,50 @@ def test_serve_config_and_rayservice_manifest_are_valid():
         assert app.import_path == "dreamix_ray.cluster.serving.app:build_app"
         assert {d.name for d in app.deployments} == expected
         assert all(d.autoscaling_config and d.ray_actor_options for d in app.deployments)
+
+
+@pytest.fixture(scope="module")
+def served_wan(served, tmp_path_factory):
+    """The same application on the tiny Wan cascade, a second Serve app under /wan on the same Ray instance, with
+    its own job store (the first app's recovery loop must never take its jobs)."""
+    from ray import serve
+    from wan_repo import tiny_wan_cascade
+
+    from dreamix_ray.cluster.serving.app import build_app
+
+    model = tiny_wan_cascade(tmp_path_factory.mktemp("wan"))
+    args = dict(model=str(model), store="s3://dreamix-jobs/serve-wan", allowed_buckets=["inputs"], max_replicas=1,
+                torch_threads=1, heartbeat_s=1.0, lease_s=4.0, recover_every_s=1.0, stage_num_cpus=0.5,
+                **LIMITS)
+    serve.run(build_app(args), name="dreamix-wan", route_prefix="/wan")
+    yield Served(served.url + "/wan", served.metrics_port, model)
+    serve.delete("dreamix-wan")
+
+
+def test_a_wan_cascade_serves_edits_and_finetunes(served_wan):
+    """The same endpoint over the Wan cascade: an edit round trip, then finetune (LoRA, mixed) and edit by its id:
+    the same request (the token in the prompt, so only the adapter differs) gives another video."""
+    h = served_wan.http
+    fields = {"prompt": "naia a red cat", "strength": "0.8", "seed": "3", "guidance": "3"}
+    r = h.post("/v1/edits", headers=auth(), files={"video": ("clip.mp4", clip_bytes())}, data=fields)
+    assert r.status_code == 202, r.text
+    plain = served_wan.wait("/v1/edits", r.json()["id"])
+    assert plain["status"] == "done" and {"base", "encode"} <= set(plain["timings"]), plain
+    r = h.post("/v1/finetunes", headers=auth(), files={"video": ("clip.mp4", clip_bytes())},
+               data={"preset": "mixed", "steps": "6"})
+    assert r.status_code == 202, r.text
+    finetune = served_wan.wait("/v1/finetunes", r.json()["id"])
+    assert finetune["status"] == "done" and finetune["result"]["finetune_id"].startswith("ft-"), finetune
+    r = h.post("/v1/edits", headers=auth(), files={"video": ("clip.mp4", clip_bytes())},
+               data={**fields, "finetune": finetune["id"]})
+    tuned = served_wan.wait("/v1/edits", r.json()["id"])
+    assert tuned["status"] == "done" and tuned["params"]["finetune_id"] == finetune["result"]["finetune_id"]
+    videos = []
+    for job in (plain, tuned):
+        got = h.get(job["result"]["video_url"], headers=auth())
+        assert got.status_code == 200, (job["result"]["video_url"], got.status_code)
+        videos.append(got.content)
+    assert videos[0] != videos[1]  # x264 is deterministic here (tests/test_determinism.py): pixels differ
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "out.mp4").write_bytes(videos[1])
+        assert read_video(Path(tmp, "out.mp4")).frames.shape == (5, 32, 32, 3)
