@@ -1,6 +1,6 @@
 """The chunked last stage of an LTX cascade (issue 20, item 3): the seam at chunk boundaries and peak RSS.
 
-Random-weight LTX cascades (tests/test_ltx.py's builders: base -> temporal upsampler -> spatial upsampler), so the
+Random-weight LTX cascades (tests/ltx_repo.py's builders: base -> temporal upsampler -> spatial upsampler), so the
 numbers say what chunking does to continuity and memory, not how good a picture is.
 - seam: one edit per halo (context latent frames sampled on each side of a chunk), and one unchunked; the mean
   absolute step between consecutive output frames across chunk boundaries against inside chunks (uint8 levels),
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def build(root: Path, size: int, frames: int, channels: int) -> Path:
-    from test_ltx import write_ltx_repo, write_upsampler
+    from ltx_repo import write_ltx_repo, write_upsampler
 
     from dreamix_ray.cli import main
 

@@ -1,10 +1,8 @@
 """LTX-Video cascades: base -> latent TSR -> latent SSR (LTXLatentUpsamplerModel + a refine pass), latents between
 stages, the chunked last stage, parity with diffusers' LTXPipeline + LTXLatentUpsamplePipeline, bad inputs.
 
-The repositories are tiny random LTX models in the hub's diffusers layout (model_index.json, transformer/, vae/,
-text_encoder/ T5, tokenizer/, scheduler/ with dynamic shifting; upsamplers with latent_upsampler/ and vae/), built
-offline; the tokenizer is made with the `tokenizers` library. The tiny VAE has 16 pixels per latent and 4 frames
-per latent frame (LTX's has 32 and 8), so clips are 4k + 1 frames here.
+The repositories are tiny random LTX models in the hub's diffusers layout, built offline (tests/ltx_repo.py). The
+tiny VAE has 16 pixels per latent and 4 frames per latent frame (LTX's has 32 and 8), so clips are 4k + 1 frames.
 """
 
 import dataclasses
@@ -14,11 +12,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXLatentUpsamplePipeline, LTXPipeline,
-                       LTXVideoTransformer3DModel)
-from diffusers.pipelines.ltx.modeling_latent_upsampler import LTXLatentUpsamplerModel
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from diffusers import FlowMatchEulerDiscreteScheduler, LTXLatentUpsamplePipeline, LTXPipeline
+from ltx_repo import Z, write_ltx_repo, write_upsampler
+from transformers import AutoTokenizer, T5EncoderModel
 
 from dreamix_ray.cli import main
 from dreamix_ray.config import EditConfig
@@ -27,64 +23,6 @@ from dreamix_ray.models.cascade import Cascade
 from dreamix_ray.models.ltx import LTXStageNet, LTXVAE
 from dreamix_ray.request import EditPlan
 from dreamix_ray.sampling import draw_noise, kept_steps, seed_generators
-
-TEXT_DIM, Z = 16, 8
-WORDS = "a an the red blue cat dog car moving left right blurry".split()
-VAE = dict(in_channels=3, out_channels=3, latent_channels=Z, block_out_channels=(8, 8, 8, 8),
-           decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-           decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
-           decoder_spatio_temporal_scaling=(True, True, False, False), patch_size=4)
-SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
-                 max_image_seq_len=4096, shift_terminal=0.1)  # LTX-Video's scheduler_config
-
-
-def write_tokenizer(folder) -> int:
-    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=128).save_pretrained(folder)
-    return len(vocab)
-
-
-def write_vae(folder, seed: int, **overrides):
-    torch.manual_seed(seed)
-    vae = AutoencoderKLLTXVideo(**{**VAE, **overrides})
-    vae.latents_mean.copy_(torch.randn(vae.config.latent_channels) * 0.1)
-    vae.latents_std.copy_(torch.rand(vae.config.latent_channels) + 0.5)
-    vae.save_pretrained(folder)
-
-
-def write_ltx_repo(path, seed: int = 0, vae_channels: int = 8):
-    """A tiny random LTX-Video (LTXPipeline) repository (jobs/bench_ltx_chunks.py builds wider VAEs with it)."""
-    torch.manual_seed(seed)
-    LTXVideoTransformer3DModel(in_channels=Z, out_channels=Z, num_attention_heads=2, attention_head_dim=8,
-                               cross_attention_dim=16, num_layers=1, caption_channels=TEXT_DIM
-                               ).save_pretrained(path / "transformer")
-    write_vae(path / "vae", seed, block_out_channels=(vae_channels,) * 4, decoder_block_out_channels=(vae_channels,) * 4)
-    vocab = write_tokenizer(path / "tokenizer")
-    T5EncoderModel(T5Config(vocab_size=vocab, d_model=TEXT_DIM, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-                            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                            decoder_start_token_id=0)).save_pretrained(path / "text_encoder")
-    FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(path / "scheduler")
-    index = {"_class_name": "LTXPipeline", "_diffusers_version": "0.42.1",
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
-             "transformer": ["diffusers", "LTXVideoTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLLTXVideo"]}
-    (path / "model_index.json").write_text(json.dumps(index))
-    return path
-
-
-def write_upsampler(path, base_repo, temporal: bool, seed: int = 1):
-    """An LTXLatentUpsamplePipeline repository (latent_upsampler/ + the base's vae/), as Lightricks ships them."""
-    torch.manual_seed(seed)
-    LTXLatentUpsamplerModel(in_channels=Z, mid_channels=32, num_blocks_per_stage=1, spatial_upsample=not temporal,
-                            temporal_upsample=temporal).save_pretrained(path / "latent_upsampler")
-    shutil.copytree(base_repo / "vae", path / "vae")
-    (path / "model_index.json").write_text(json.dumps({"_class_name": "LTXLatentUpsamplePipeline"}))
-    return path
-
 
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):

@@ -618,3 +618,63 @@ def test_a_wan_cascade_serves_edits_and_finetunes(served_wan):
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "out.mp4").write_bytes(videos[1])
         assert read_video(Path(tmp, "out.mp4")).frames.shape == (5, 32, 32, 3)
+
+
+@pytest.fixture(scope="module")
+def served_ltx(served, tmp_path_factory):
+    """The same application on the tiny LTX cascade (base 33 frames of 32x32 -> latent SSR to 64x64, whose two
+    chunks of latent frames are units of their own), a Serve app under /ltx on the same Ray instance with its own
+    job store."""
+    from ltx_repo import tiny_ltx_cascade
+    from ray import serve
+
+    from dreamix_ray.cluster.serving.app import build_app
+
+    model = tiny_ltx_cascade(tmp_path_factory.mktemp("ltx"), frames=33)
+    args = dict(model=str(model), store="s3://dreamix-jobs/serve-ltx", allowed_buckets=["inputs"], max_replicas=1,
+                torch_threads=1, heartbeat_s=1.0, lease_s=4.0, recover_every_s=1.0, stage_num_cpus=0.25,
+                **LIMITS)
+    serve.run(build_app(args), name="dreamix-ltx", route_prefix="/ltx")
+    yield Served(served.url + "/ltx", served.metrics_port, model)
+    serve.delete("dreamix-ltx")
+
+
+def test_an_ltx_cascade_serves_edits_equal_to_edit_in_process(served_ltx, tmp_path):
+    """Base -> latent SSR through the endpoint (latents in the job store between the stages, the SSR's chunks with
+    their halo as separate units): the mp4 is edit()'s in this process, byte for byte."""
+    import torch
+
+    from dreamix_ray.edit import edit
+    from dreamix_ray.models.cascade import Cascade
+    from dreamix_ray.request import EditPlan, EditRequest, resolve
+
+    h = served_ltx.http
+    r = h.post("/v1/edits", headers=auth(), files={"video": ("clip.mp4", clip_bytes(), "video/mp4")},
+               data={"prompt": "a red cat moving left", "strength": "0.7", "seed": "3"})
+    assert r.status_code == 202, r.text
+    job = served_ltx.wait("/v1/edits", r.json()["id"])
+    assert job["status"] == "done", job
+    assert {"prepare", "base", "ssr", "encode"} <= set(job["timings"]) and "tsr" not in job["timings"], job
+    got = h.get(f"/v1/edits/{job['id']}/video", headers=auth())
+    assert got.status_code == 200, got.text
+    cascade = Cascade.from_pretrained(served_ltx.model)
+    plan = resolve(EditRequest(prompt="a red cat moving left", strength=0.7, seed=3), cascade.config)
+    assert EditPlan.from_dict(job["params"]["edit"], cascade.config) == plan and len(plan.stages[-1].chunks) == 2  # guidance: the cascade's 3
+    (tmp_path / "clip.mp4").write_bytes(clip_bytes())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the replicas run (torch_threads=1)
+    try:
+        expected = edit(read_video(tmp_path / "clip.mp4"), "a red cat moving left", plan, cascade)
+    finally:
+        torch.set_num_threads(threads)
+    assert expected.frames.shape == (33, 64, 64, 3)
+    assert got.content == write_video(tmp_path / "expected.mp4", expected).read_bytes()
+    # What passed between the replicas: the base's latents (8 channels x 9 latent frames x 2 x 2), and the SSR's two
+    # chunks as pixel frames (1 + 7 x 4 and 4; each chunk decoded its halo frame too and dropped its pixels).
+    from dreamix_ray.cluster.serving.jobs import JobStore
+    from dreamix_ray.cluster.serving.workers import npy_load
+    from dreamix_ray.storage import ArtifactStore
+
+    store = JobStore(ArtifactStore("s3://dreamix-jobs/serve-ltx"))
+    shapes = [npy_load(store.get(job["id"], name)).shape for name in ("base.npy", "ssr-c0.npy", "ssr-c1.npy")]
+    assert shapes == [(1, 8, 9, 2, 2), (1, 29, 64, 64, 3), (1, 4, 64, 64, 3)], shapes
