@@ -379,3 +379,54 @@ def test_a_wan_cascade_runs_the_same_pipeline(ray_driver, s3_client, s3_server, 
         assert_same_edit(output("other"), write_video(tmp_path / "other.mp4", other).read_bytes(), tmp_path)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_an_ltx_cascade_runs_the_same_pipeline(ray_driver, s3_client, s3_server, tmp_path):
+    """The tiny LTX cascade (base 9 frames of 32x32 -> latent SSR to 64x64 in chunks of one latent frame with a halo)
+    through the same Ray Data steps, manifest and results on S3, the base's latents passed to the SSR's actor in the
+    rows (tests/test_ltx.py checks what they carry): each row equals the single-process edit byte for byte (a row
+    without guidance takes the cascade's 3)."""
+    from ltx_repo import tiny_ltx_cascade
+
+    from dreamix_ray.cluster.batch import BatchOptions, run_batch
+    from dreamix_ray.edit import edit
+    from dreamix_ray.manifest import read_results
+    from dreamix_ray.models.cascade import Cascade
+    from dreamix_ray.request import resolve
+    from dreamix_ray.video import read_video, write_video
+
+    model = tiny_ltx_cascade(tmp_path, frames=9)
+    clip = shapes_clip(tmp_path / "clip.mp4", seed=4)
+    s3_client.create_bucket(Bucket="ltx")
+    s3_client.upload_file(str(clip), "ltx", "clip.mp4")
+    rows = [{"id": "plain", "video": "s3://ltx/clip.mp4", "prompt": "a blue dog", "seed": 1, "strength": 0.6},
+            {"id": "guided", "video": "s3://ltx/clip.mp4", "prompt": "a red cat moving left", "seed": 2,
+             "strength": 0.8, "guidance": 2, "negative_prompt": "blurry"}]
+    s3_client.put_object(Bucket="ltx", Key="m.jsonl", Body="\n".join(json.dumps(r) for r in rows).encode())
+    job = EditRequest(prompt="", ssr_chunk_frames=4)  # 4 pixel frames = 1 latent frame: the SSR runs 3 chunks
+    cpus = {"decode": 0.25, "degrade": 0.25, "base": 0.5, "ssr": 0.5, "encode": 0.25}
+    summary = run_batch(BatchOptions(manifest="s3://ltx/m.jsonl", output_prefix="s3://ltx/out", model=str(model),
+                                     s3=s3_server[1], request=job, cpus=cpus, actors={k: (1, 1) for k in cpus},
+                                     batch_size=2, progress=False, run_id="ltx"))
+    assert (summary.ok, summary.failed) == (2, 0), summary.text()
+    done = {r["id"]: r for r in read_results("s3://ltx/out", s3_server[1], run_id="ltx").to_pylist()}
+
+    def output(row_id: str) -> bytes:
+        return s3_client.get_object(Bucket="ltx", Key=done[row_id]["output"][len("s3://ltx/"):])["Body"].read()
+
+    cascade, video = Cascade.from_pretrained(model), read_video(clip)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actors run
+    try:
+        for row, guidance in zip(rows, (None, 2.0)):
+            request = EditRequest(prompt=row["prompt"], strength=row["strength"], seed=row["seed"],
+                                  guidance_scale=guidance, negative_prompt=row.get("negative_prompt", ""),
+                                  ssr_chunk_frames=4)
+            plan = resolve(request, cascade.config)
+            assert len(plan.stages[-1].chunks) == 3 and plan.config.guidance_scale == (guidance or 3.0)
+            expected = write_video(tmp_path / f"{row['id']}.mp4", edit(video, row["prompt"], plan, cascade))
+            assert read_video(expected).frames.shape == (9, 64, 64, 3)
+            assert_same_edit(output(row["id"]), expected.read_bytes(), tmp_path)
+    finally:
+        torch.set_num_threads(threads)
