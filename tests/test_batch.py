@@ -120,36 +120,67 @@ def test_flag_and_manifest_errors_are_one_line(tmp_path, capsys):
     assert "--stage-actors" in capsys.readouterr().err
 
 
-def test_infra_manifests_parse_and_their_entrypoints_exist():
+def _infra_docs(pattern: str) -> list[dict]:
     import yaml
 
-    def docs(pattern):
-        return [d for f in sorted((REPO / "infra").glob(pattern)) for d in yaml.safe_load_all(f.read_text()) if d]
+    return [d for f in sorted((REPO / "infra").glob(pattern)) for d in yaml.safe_load_all(f.read_text()) if d]
 
-    for job in (d for d in docs("*.yaml") if d["kind"] == "RayJob"):  # every RayJob here, not only ours
+
+def _check_stage_groups(cluster: dict, kinds=("base", "tsr", "ssr")) -> dict:
+    """A KubeRay cluster spec gives each stage kind a GPU worker group marked stage_<kind> (--pin-stages), plus a
+    CPU group; every pod mounts a memory-backed /dev/shm for the object store. Returns the groups by name."""
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert {*kinds, "cpu"} <= set(groups), groups.keys()
+    for name, group in groups.items():
+        pod = group["template"]["spec"]
+        shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+        assert shm and shm[0]["emptyDir"]["sizeLimit"]
+        mounts = pod["containers"][0]["volumeMounts"]
+        assert any(m["mountPath"] == "/dev/shm" and m["name"] == shm[0]["name"] for m in mounts)
+        if name == "cpu":
+            continue
+        assert int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        resources = json.loads(group["rayStartParams"]["resources"])
+        resources = json.loads(resources) if isinstance(resources, str) else resources  # KubeRay's quoting
+        assert resources[f"stage_{name}"] >= 1
+    return groups
+
+
+def test_infra_manifests_parse_and_their_entrypoints_exist():
+    for job in (d for d in _infra_docs("*.yaml") if d["kind"] == "RayJob"):  # every RayJob here, not only ours
         script = next(a for a in shlex.split(job["spec"]["entrypoint"]) if a.endswith(".py"))
         assert (REPO / script).is_file(), script
-    batch = {d["kind"]: d["spec"] for d in docs("*-batch.yaml") if d["kind"] in ("RayJob", "RayCluster")}
+    batch = {d["kind"]: d["spec"] for d in _infra_docs("*-batch.yaml") if d["kind"] in ("RayJob", "RayCluster")}
     assert set(batch) == {"RayJob", "RayCluster"}
     assert "--pin-stages" in batch["RayJob"]["entrypoint"]
     for cluster in (batch["RayJob"]["rayClusterSpec"], batch["RayCluster"]):
-        groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-        assert {"base", "tsr", "ssr", "cpu"} <= set(groups), groups.keys()
-        for name, group in groups.items():
-            pod = group["template"]["spec"]
-            shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
-            assert shm and shm[0]["emptyDir"]["sizeLimit"]
-            mounts = pod["containers"][0]["volumeMounts"]
-            assert any(m["mountPath"] == "/dev/shm" and m["name"] == shm[0]["name"] for m in mounts)
-            if name == "cpu":
-                continue
-            assert int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-            resources = json.loads(group["rayStartParams"]["resources"])
-            resources = json.loads(resources) if isinstance(resources, str) else resources  # KubeRay's quoting
-            assert resources[f"stage_{name}"] >= 1
+        _check_stage_groups(cluster)
     dockerfile = (REPO / "infra" / "Dockerfile").read_text()
     assert "COPY --chown=ray:users jobs ./jobs" in dockerfile and "rayproject/ray:2.60.0" in dockerfile
 
+
+def test_the_ltx_rayjob_gives_each_stage_of_an_ltx_cascade_a_gpu_group(tmp_path):
+    """infra/rayjob-ltx.yaml: its entrypoint parses as `dreamix batch` flags (pinned stages, a GPU per stage), and
+    an LTX cascade as `dreamix convert --tsr --ssr` writes it has exactly the stage kinds its worker groups serve."""
+    import argparse
+
+    from ltx_repo import tiny_ltx_cascade
+
+    from dreamix_ray.cluster.batch_cli import add_arguments, options_from_args
+    from dreamix_ray.cluster.steps import cascade_config
+
+    (job,) = [d["spec"] for d in _infra_docs("rayjob-ltx.yaml") if d["kind"] == "RayJob"]
+    argv = shlex.split(job["entrypoint"])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    opts = options_from_args(parser.parse_args(argv[argv.index("jobs/edit_batch.py") + 1:]))
+    kinds = [s.kind for s in cascade_config(str(tiny_ltx_cascade(tmp_path, frames=9, tsr=True))).stages]
+    assert kinds == ["base", "tsr", "ssr"] and opts.pin_stages and opts.gpus == {k: 1.0 for k in kinds}
+    assert opts.model.startswith("s3://") and opts.request.ssr_chunk_frames == 32
+    groups = _check_stage_groups(job["rayClusterSpec"], kinds)
+    for kind in kinds:  # bf16 weights: each stage actor holds the 13B transformer and T5 (edit-only workers)
+        env = {e["name"]: e.get("value") for e in groups[kind]["template"]["spec"]["containers"][0]["env"]}
+        assert env["DREAMIX_DTYPE"] == "bfloat16"
 
 # ---------------------------------------------------------------- Ray Data on a real cluster
 
