@@ -114,9 +114,10 @@ def _denoiser(run: StageRun, index: int, cond, anchor, total: int):
     return denoise
 
 
-def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0, encoded: bool = False
+              ) -> torch.Tensor:
     """Stage `index` of the plan on its input: the base on the downsampled input x0 (from the plan's
-    strength), an SR stage on the previous output or one chunk of it, `plan.chunk_input(chunk)` (from pure
+    strength; `encoded`: x0 is already in the base's latents, from the batch's degrade step), an SR stage on the previous output or one chunk of it, `plan.chunk_input(chunk)` (from pure
     noise, or by SDEdit from the upsampled output at its start strength). Returns pixels, or this stage's
     latents when the next stage takes latents."""
     stage, plan = run.cascade.stages[index], run.plan.stages[index]
@@ -126,7 +127,7 @@ def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0) 
     gens = seed_generators(run.seeds, 0) if index == 0 else seed_generators(run.seeds, index, chunk)
     x_bcfhw = x_bcfhw.to(run.cascade.device)
     if index == 0:
-        x0 = stage.encode(x_bcfhw)  # a latent stage degrades its VAE latents (models/latent.py)
+        x0 = x_bcfhw if encoded else stage.encode(x_bcfhw)  # a latent base degrades its VAE latents (latent.py)
         x, timesteps = noise_at_strength(x0, plan.start_strength, scheduler, plan.steps, gens)
         cond, anchor = None, x0 if run.plan.config.motion_from_input else None  # motion_guidance.py
     elif stage.config.latent_input:  # LTX: the latent upsampler, then the refine pass by SDEdit (1 = from noise)
@@ -154,19 +155,21 @@ def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0) 
     return out
 
 
-def run_cascade(run: StageRun, x_bcfhw: torch.Tensor, first: int = 0) -> np.ndarray:
+def run_cascade(run: StageRun, x_bcfhw: torch.Tensor, first: int = 0, encoded: bool = False) -> np.ndarray:
     """Stages `first`.. of the plan from their input; the last stage runs chunk by chunk straight into the
     uint8 output (B, F, H, W, C), so memory holds one chunk of it at a time (paper App. A.1). A chunk samples
     its halo of context frames too and keeps only its own frames (StagePlan.chunk_input / chunk_halo)."""
     for plan in run.plan.stages[first:-1]:
-        x_bcfhw = run_stage(run, plan.index, x_bcfhw)
+        x_bcfhw = run_stage(run, plan.index, x_bcfhw, encoded=encoded and plan.index == 0)
     last = run.plan.stages[-1]
-    if x_bcfhw.shape[2] != last.frames:
+    encoded = encoded and last.index == 0  # a one-stage cascade's base takes the degraded latents whole
+    if not encoded and x_bcfhw.shape[2] != last.frames:
         raise ValueError(f"stage {last.name!r} planned for {last.frames} input frames, got {x_bcfhw.shape[2]}")
     out, done = None, 0  # sized by the first chunk: a latent SSR resizes to its own size, not by a factor
     for chunk in range(len(last.chunks)):
         lo, hi = last.chunk_input(chunk)
-        frames = tensor_to_frames(run_stage(run, last.index, x_bcfhw[:, :, lo:hi], chunk))
+        part = x_bcfhw if encoded else x_bcfhw[:, :, lo:hi]  # the base is one chunk
+        frames = tensor_to_frames(run_stage(run, last.index, part, chunk, encoded=encoded))
         if out is None:
             total = run.cascade.stages[last.index].output_frames(last.frames)
             out = np.empty((frames.shape[0], total) + frames.shape[2:], dtype=np.uint8)

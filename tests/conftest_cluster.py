@@ -69,10 +69,10 @@ class LocalCluster:
         self.address = f"127.0.0.1:{ports['port']}"
         self.dashboard = f"http://127.0.0.1:{ports['dashboard-port']}" if dashboard else None
         # the dashboard only serves `ray job submit`; without it the head starts in half the time
-        self.head = self._wait(self._launch("head", ["--head", f"--num-cpus={head_cpus}", "--num-gpus=0",
-                                                     f"--include-dashboard={str(dashboard).lower()}",
-                                                     "--dashboard-host=127.0.0.1"]
-                                            + [f"--{k}={v}" for k, v in ports.items()], {}))
+        head_args = (["--head", f"--num-cpus={head_cpus}", "--num-gpus=0",
+                      f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1"]
+                     + [f"--{k}={v}" for k, v in ports.items()])
+        self.head = self._ready(self._launch("head", head_args, {}), lambda: self._launch("head", head_args, {}))
 
     def add_node(self, resources: dict, num_cpus: int = 1, num_gpus: int = 1) -> Node:
         """A worker node with `resources` (e.g. {"stage_base": 1}), as a KubeRay worker group's pod."""
@@ -80,10 +80,24 @@ class LocalCluster:
 
     def add_nodes(self, shapes: list[dict], num_cpus: int = 1, num_gpus: int = 1) -> list[Node]:
         """Worker nodes started side by side (each `ray start` spends most of its time waiting on Python)."""
-        started = [self._launch("-".join(r) or f"node{len(self.nodes)}",
+        def launch(r: dict) -> Node:
+            return self._launch("-".join(r) or f"node{len(self.nodes)}",
                                 [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-                                 f"--resources={json.dumps(r)}"], r) for r in shapes]
-        return [self._wait(node) for node in started]
+                                 f"--resources={json.dumps(r)}"], r)
+
+        started = [launch(r) for r in shapes]
+        return [self._ready(node, lambda r=node.resources: launch(r)) for node in started]
+
+    def _ready(self, node: Node, relaunch) -> Node:
+        """`node` once up; started once more if it missed Ray's fixed raylet start window (a starved machine)."""
+        try:
+            return self._wait(node)
+        except RuntimeError as exc:
+            if "timed out during startup" not in str(exc):
+                raise
+            self.nodes.remove(node)
+            shutil.rmtree(node.temp, ignore_errors=True)
+            return self._wait(relaunch())
 
     def _launch(self, name: str, args: list[str], resources: dict) -> Node:
         temp = tempfile.mkdtemp(prefix="dxc-")  # short: Ray's socket paths must stay under ~107 characters

@@ -371,7 +371,8 @@ def test_error_rate_stops_the_job_and_missing_rows_are_reported_lost(ray_driver,
 @pytest.mark.slow
 def test_a_wan_cascade_runs_the_same_pipeline(ray_driver, s3_client, s3_server, tmp_path):
     """The tiny Wan cascade (one flow-matching base, 5 frames of 32x32) through the same Ray Data steps, manifest
-    and results on S3: each row equals the single-process edit byte for byte. (Wan finetune rows take the same
+    and results on S3, its VAE encode in a degrade step of its own: each row equals the single-process edit
+    byte for byte. (Wan finetune rows take the same
     Finetune step as above; the Serve test finetunes a Wan stage through its deployment.)"""
     from wan_repo import tiny_wan_cascade
 
@@ -389,12 +390,13 @@ def test_a_wan_cascade_runs_the_same_pipeline(ray_driver, s3_client, s3_server, 
              "guidance": 3},
             {"id": "other", "video": "s3://wan/clip.mp4", "prompt": "a red cat", "seed": 2, "strength": 0.8}]
     s3_client.put_object(Bucket="wan", Key="m.jsonl", Body="\n".join(json.dumps(r) for r in rows).encode())
-    cpus = {"decode": 0.25, "base": 0.5, "encode": 0.25}
+    cpus = {"decode": 0.25, "degrade": 0.25, "base": 0.5, "encode": 0.25}
     summary = run_batch(BatchOptions(manifest="s3://wan/m.jsonl", output_prefix="s3://wan/out", model=str(model),
                                      s3=s3_server[1], request=EditRequest(prompt=""), cpus=cpus,
                                      actors={k: (1, 1) for k in cpus}, batch_size=2, progress=False, run_id="wan"))
     assert (summary.ok, summary.failed) == (2, 0), summary.text()
     done = {r["id"]: r for r in read_results("s3://wan/out", s3_server[1], run_id="wan").to_pylist()}
+    assert all(r["t_degrade"] > 0 for r in done.values())  # a latent base: its VAE encode is a step of its own
 
     def output(row_id: str) -> bytes:
         return s3_client.get_object(Bucket="wan", Key=done[row_id]["output"][len("s3://wan/"):])["Body"].read()

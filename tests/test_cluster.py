@@ -4,6 +4,7 @@ stages pipelined across nodes, a node lost mid-job and replaced, a node lost for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,7 +17,8 @@ import pytest
 import ray
 
 pytest.register_assert_rewrite("conftest_batch", "conftest_cluster")
-from conftest_batch import BIN, KEYS, shapes_clip  # noqa: E402
+from conftest_batch import BIN, KEYS, free_port, shapes_clip  # noqa: E402
+from conftest_cluster import STAGE_NODES  # noqa: E402
 
 pytest_plugins = ["conftest_batch", "conftest_cluster"]
 from dreamix_ray.manifest import read_results  # noqa: E402
@@ -141,9 +143,128 @@ def test_a_lost_node_is_replaced_and_every_row_is_done_once(gpu_cluster, inputs,
     assert rerun.returncode == 0 and "8 outputs: 0 done, 0 failed, 8 skipped" in rerun.stdout, rerun.stdout
 
 
+def live_stage_nodes(cluster) -> None:
+    """Start a node for every stage_<kind> group that has no live one (a test before may have lost it)."""
+    for resources in STAGE_NODES:
+        if not any(n.resources == resources and n.proc.poll() is None for n in cluster.nodes):
+            cluster.add_node(resources)
+
+
+def node_of(cluster, node_id: str):
+    """The LocalCluster node behind a Ray node id (matched by its stage_<kind> resource)."""
+    kind = next(k for k, n in stage_nodes(cluster).items() if n == node_id)
+    return next(n for n in cluster.nodes if n.resources == {f"stage_{kind}": 1} and n.proc.poll() is None)
+
+
+def wait_job(http, job_id: str, timeout: float = 400, until=lambda job: job["status"] in ("done", "failed")) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/edits/{job_id}").json()
+        if until(job) or job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"{job_id} still {job['status']} after {timeout} s: {job}")
+
+
+@pytest.mark.slow
+def test_serve_puts_each_stage_on_its_own_gpu_node_and_a_job_outlives_losing_one(gpu_cluster, tiny_dir, tmp_path):
+    """`dreamix serve --address` on the 3-GPU cluster: one replica per stage, each asking for a GPU, so each stage on
+    its own node (the job records where its units ran). Then the SSR node is lost while a job is in its SSR, and a
+    node with the same resources joins: the job's SSR call is retried on the replacement and the job is done."""
+    httpx = pytest.importorskip("httpx")
+    live_stage_nodes(gpu_cluster)
+    port = free_port()
+    deploy = subprocess.run([str(BIN / "dreamix"), "serve", "--address", gpu_cluster.address, "--model", str(tiny_dir),
+                             "--store", str(tmp_path / "store"), "--no-auth", "--num-gpus", "1", "--proxies", "head",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            capture_output=True, text=True, timeout=400, env=driver_env())
+    assert deploy.returncode == 0 and "deployed" in deploy.stdout, deploy.stdout[-2000:] + deploy.stderr[-3000:]
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    clip = shapes_clip(tmp_path / "clip.mp4", seed=5).read_bytes()
+
+    def submit(seed: int, steps: int) -> str:
+        r = http.post("/v1/edits", files={"video": ("clip.mp4", clip, "video/mp4")},
+                      data={"prompt": "a green circle", "seed": str(seed), "steps": str(steps)})
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    try:
+        first = wait_job(http, submit(1, 2))
+        assert first["status"] == "done", first
+        nodes = stage_nodes(gpu_cluster)
+        placed = {stage: first["placement"][stage] for stage in STAGES}
+        assert sorted(n for ids in placed.values() for n in ids) == sorted(nodes.values()), (placed, nodes)
+        lost_node = placed["ssr"][0]
+        job_id = submit(2, 250)  # the most the service takes: long enough for the loss to land inside its SSR
+        job = wait_job(http, job_id, until=lambda j: j["stage"] == "ssr")
+        assert job["status"] == "running", job
+        lost = node_of(gpu_cluster, lost_node)  # Serve places by GPUs alone: any of the three stage_<kind> nodes
+        gpu_cluster.kill(lost)
+        time.sleep(5)  # the head declares the node dead; the SSR replica waits for a node with a GPU
+        gpu_cluster.add_node(lost.resources)
+        job = wait_job(http, job_id)
+        assert job["status"] == "done", job
+        replacement = set(stage_nodes(gpu_cluster).values()) - set(nodes.values())
+        # the SSR's units after the loss ran on the replacement (a chunk done before it may name the lost node)
+        assert set(job["placement"]["ssr"]) - {lost_node} == replacement, (job["placement"], lost_node, replacement)
+        print(f"job timings {job['timings']}, placement {job['placement']}")
+        video = http.get(f"/v1/edits/{job_id}/video")
+        assert video.status_code == 200 and video.content[4:8] == b"ftyp"
+    finally:
+        ray.init(address=gpu_cluster.address, log_to_driver=False)
+        try:
+            from ray import serve
+
+            serve.shutdown()  # frees the GPUs for the tests after this one
+        finally:
+            ray.shutdown()
+
+
+def train_worker_nodes(cluster) -> list:
+    """The live worker nodes (not the head) running a Ray Train worker process."""
+    def runs_worker(node) -> bool:
+        for proc in node.tree():
+            with contextlib.suppress(psutil.Error):
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    return True
+        return False
+
+    return [n for n in cluster.nodes if n is not cluster.head and n.proc.poll() is None and runs_worker(n)]
+
+
+@pytest.mark.slow
+def test_finetune_workers_on_two_nodes_resume_after_losing_one(gpu_cluster, tiny_dir, tmp_path):
+    """`dreamix finetune --workers 2 --spread --max-failures 1`: the two Ray Train workers run on two nodes; one
+    node is lost after the first checkpoint, and the worker group restarts from that checkpoint on the nodes left."""
+    live_stage_nodes(gpu_cluster)
+    clip, store = shapes_clip(tmp_path / "clip.mp4", seed=4), tmp_path / "store"
+    cmd = [str(BIN / "dreamix"), "finetune", str(clip), "--model", str(tiny_dir), "--store", str(store),
+           "--workers", "2", "--spread", "--max-failures", "1", "--address", gpu_cluster.address,
+           "--ft-steps", "120", "--run-name", "spread"]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=driver_env())
+    try:
+        deadline = time.monotonic() + 400
+        while not list((store / "_train" / "spread").glob("checkpoint_*")):  # the first one, at step 25
+            assert job.poll() is None and time.monotonic() < deadline, "the run ended before a checkpoint"
+            time.sleep(0.5)
+        nodes = train_worker_nodes(gpu_cluster)
+        workers = len(nodes) + any("RayTrainWorker" in " ".join(p.cmdline()) for p in gpu_cluster.head.tree())
+        assert workers == 2 and nodes, "the two workers should be on two nodes"
+        gpu_cluster.kill(nodes[0])
+        out, err = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    assert re.search(r"^resumed from a checkpoint: .*at step \d+", out, re.M), out
+    assert re.search(r"^base: 120 steps", out, re.M), out
+    assert (store / out.strip().splitlines()[-1]).is_dir()  # the artifact id, alone on the last line
+
+
 @pytest.mark.slow
 def test_a_lost_node_nobody_replaces_stops_the_job_naming_the_resource(gpu_cluster, inputs, s3_server, s3_client,
                                                                         tiny_dir):
+    live_stage_nodes(gpu_cluster)  # a test before may have lost one
     manifest = inputs("gone", 8)
     cmd = batch_cmd(gpu_cluster, s3_server, tiny_dir, manifest, "s3://multi/gone", "--run-id", "gone",
                     "--actor-start-timeout", "20")

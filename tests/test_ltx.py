@@ -218,7 +218,8 @@ def test_batch_steps_carry_latents_between_stages_and_equal_edit(cascade_dir, ca
         if "x" in rows[0]:
             carried[spec.name] = rows[0]["x"].shape
     assert rows[0]["status"] == "ok", rows[0].get("error")
-    assert carried == {"decode": (3, 9, 32, 32), "base": (Z, 3, 2, 2), "tsr": (Z, 5, 2, 2)}  # latents, not frames
+    assert carried == {"decode": (3, 9, 32, 32), "degrade": (Z, 3, 2, 2), "base": (Z, 3, 2, 2),
+                       "tsr": (Z, 5, 2, 2)}  # latents, not frames, from the degrade step's VAE encode on
     plan = EditPlan.from_dict(json.loads(to_rows(to_batch(work_items(read_manifest(str(tmp_path / "m.jsonl")),
                                                                      str(tmp_path / "o2"), job, "ltx", config),
                                                           ["cfg"]))[0]["cfg"]), cascade.config)

@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, metavar="DIR|s3://...",
                    help="Ray Train checkpoint storage with --workers (default: <store>/_train)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker (NCCL, bf16 if supported)")
+    p.add_argument("--spread", action="store_true",
+                   help="Ray Train workers on different nodes where possible (default: packed onto few nodes)")
+    p.add_argument("--max-failures", type=int, default=0, metavar="N",
+                   help="with --workers, restart the workers up to N times from the newest checkpoint when one "
+                        "(or its node) is lost (default 0: the run stops; rerunning it resumes too)")
     p.add_argument("--deepspeed-config", default=None, metavar="JSON",
                    help="DeepSpeed config over the defaults with --workers (e.g. infra/deepspeed_zero3.json)")
     p.add_argument("--micro-batch", type=int, default=None,

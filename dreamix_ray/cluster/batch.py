@@ -225,7 +225,9 @@ def build_dataset(items: list[dict], specs: list[StepSpec], opts: BatchOptions,
         if spec.model:
             kwargs["threads"] = max(1, int(cpus))
             if spec.name != "finetune":
-                kwargs.update(gpus=gpus, placement=ray_placement)
+                kwargs["gpus"] = gpus
+            if spec.kind in ("base", "tsr", "ssr"):  # cascade stages record where they ran
+                kwargs["placement"] = ray_placement
         lo, hi = _actors(opts, spec)
         pinned = _pinned(opts, spec) or None
         # Ray Data spreads actors over every node ("SPREAD"): a decode actor on a stage's GPU node took the CPU

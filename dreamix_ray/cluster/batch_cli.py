@@ -10,7 +10,7 @@ from ..request import EditRequest
 from ..storage import S3Settings
 from .batch import BatchOptions, run_batch
 
-STAGES_HELP = "stage=value pairs by stage name or kind, e.g. base=1,tsr=1,ssr=1 (also decode, finetune, encode)"
+STAGES_HELP = "stage=value pairs by stage name or kind, e.g. base=1,tsr=1,ssr=1 (also decode, degrade, finetune, encode)"
 
 
 class FlagError(UserError):

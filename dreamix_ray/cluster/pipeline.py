@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import CascadeConfig
-from .steps import CascadeStep, Decode, Encode, Finetune, to_batch, to_rows
+from .steps import CascadeStep, Decode, Degrade, Encode, Finetune, to_batch, to_rows
 
 # Per-step CPUs when --stage-cpus names none: model steps get a core, I/O steps a share of one.
-DEFAULT_CPUS = {"decode": 0.5, "finetune": 1.0, "base": 1.0, "tsr": 1.0, "ssr": 1.0, "encode": 0.5}
+DEFAULT_CPUS = {"decode": 0.5, "degrade": 1.0, "finetune": 1.0, "base": 1.0, "tsr": 1.0, "ssr": 1.0, "encode": 0.5}
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,10 @@ class StepSpec:
 
 def pipeline_steps(config: CascadeConfig, model: str | None, s3: dict | None, store: str | None,
                     finetune: bool, limits: dict | None = None) -> list[StepSpec]:
-    """decode -> [finetune] -> base -> SR stages (the last one chunk by chunk, inside its step) -> encode.
+    """decode -> [degrade] -> [finetune] -> base -> SR stages (the last one chunk by chunk, inside its step) -> encode.
+
+    A latent base gets a degrade step (its VAE encoder, steps.Degrade) with its own actors and resources; a pixel
+    base samples the decoded input as it is.
 
     The last stage runs a row's chunks itself (edit.run_cascade, paper App. A.1) rather than as rows of their
     own: no reassembly step holds the chunks of every video in flight (a memory ceiling and a single point
@@ -37,12 +40,16 @@ def pipeline_steps(config: CascadeConfig, model: str | None, s3: dict | None, st
     """
     common = dict(model=model, s3=s3)
     specs = [StepSpec("decode", "decode", Decode, dict(common, limits=limits))]
+    encoded = config.stages[0].latent is not None
+    if encoded:
+        specs.append(StepSpec("degrade", "degrade", Degrade, dict(common), model=True))
     if finetune:
         specs.append(StepSpec("finetune", "finetune", Finetune, dict(common, store=store, limits=limits),
                                model=True))
     for index, stage in enumerate(config.stages):
         specs.append(StepSpec(stage.name, stage.kind, CascadeStep,
-                               dict(common, index=index, store=store, to_frames=index == len(config.stages) - 1),
+                               dict(common, index=index, store=store, to_frames=index == len(config.stages) - 1,
+                                    encoded=encoded and index == 0),
                                model=True))
     specs.append(StepSpec("encode", "encode", Encode, dict(fps=config.stages[-1].fps, s3=s3, limits=limits)))
     return specs

@@ -25,7 +25,7 @@ from ..edit import StageRun, run_cascade, run_stage
 from ..errors import UserError
 from ..finetune import finetune_or_load, finetune_preset
 from ..finetuned_cache import FinetunedCascades
-from ..models.cascade import CASCADE_FILE, EMBEDDED_DIR, CascadeError, load_cascade
+from ..models.cascade import CASCADE_FILE, EMBEDDED_DIR, CascadeError, load_base_vae, load_cascade
 from ..models.embedded import embedded_config
 from ..quiet import quiet_libraries
 from ..request import EditPlan
@@ -224,6 +224,40 @@ class Decode:
         return to_batch(rows, list(rows[0]) if rows else list(batch) + ["x", "t_decode", "decoded_at"])
 
 
+class Degrade:
+    """The degrade of a latent base (paper Sec. 4.1) as a step of its own: each row's downsampled input into the
+    base's VAE latents, which the base step noises at the row's strength and samples from. It holds the base's
+    VAE alone, so it can have a GPU of its own; a pixel base needs no encoding and the pipeline has no such step.
+    Encoding is per row (the VAEs encode one clip at a time), so results stay the in-process edit's."""
+
+    def __init__(self, model: str | None = None, s3: dict | None = None, threads: int = 1, gpus: float = 0):
+        torch.set_num_threads(max(1, threads))
+        quiet_libraries()
+        device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+        self.vae = load_base_vae(model_dir(model, _s3(s3)), device)
+        self.cache = _Lru(4)  # a row's prompts arrive together: encode its input once
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.vae.encode(torch.from_numpy(x)[None])[0].float().cpu().numpy()
+
+    def __call__(self, batch: dict) -> dict:
+        rows = to_rows(batch)
+        for r in rows:
+            r["t_degrade"] = 0.0
+            if r["status"] != "pending":
+                continue
+            start = time.perf_counter()
+            try:
+                cfg = json.loads(r["cfg"])
+                key = (r["video"], cfg.get("num_frames"), cfg.get("fit"))
+                r["x"] = self.cache.get_or(key, lambda: self._encode(r["x"]))
+            except Exception as exc:
+                r["status"], r["error"] = "error", describe(exc)
+            r["t_degrade"] = time.perf_counter() - start
+        return to_batch(rows, list(rows[0]) if rows else list(batch) + ["t_degrade"])
+
+
 class Finetune:
     """Finetune on each row's video (or load the stored artifact) once per (video, preset) (paper Sec. 4.2)."""
 
@@ -270,10 +304,11 @@ class CascadeStep:
     """
 
     def __init__(self, index: int, model: str | None = None, s3: dict | None = None, store: str | None = None,
-                 threads: int = 1, gpus: float = 0, to_frames: bool = False,
+                 threads: int = 1, gpus: float = 0, to_frames: bool = False, encoded: bool = False,
                  placement: Callable[[], dict[str, str]] = local_placement):
         torch.set_num_threads(max(1, threads))
         self.index, self.to_frames = index, to_frames
+        self.encoded = encoded  # the base's rows come from the degrade step, already in its latents
         s3_settings = _s3(s3)
         device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
         # what the results record per row: on a logical GPU (Ray's accounting, no CUDA) the stage runs on "cpu"
@@ -293,8 +328,8 @@ class CascadeStep:
         x = torch.from_numpy(np.stack([r["x"] for r in rows]))
         with torch.inference_mode():
             if self.to_frames:  # the last stage: chunk by chunk into the uint8 output, as edit() (App. A.1)
-                return list(run_cascade(run, x, first=self.index))
-            return list(run_stage(run, self.index, x).float().cpu().numpy())
+                return list(run_cascade(run, x, first=self.index, encoded=self.encoded))
+            return list(run_stage(run, self.index, x, encoded=self.encoded).float().cpu().numpy())
 
     def __call__(self, batch: dict) -> dict:
         rows = to_rows(batch)

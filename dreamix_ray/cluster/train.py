@@ -52,6 +52,7 @@ class TrainSettings(_Dict):
     threads: int | None = None  # torch threads per worker
     deepspeed_config: str | None = None  # a DeepSpeed JSON (e.g. infra/deepspeed_zero3.json) over the defaults
     max_failures: int = 0  # worker-group restarts from the last checkpoint within one run
+    spread: bool = False  # workers on different nodes where possible (Ray's SPREAD), else packed (PACK)
     keep_checkpoints: int = 2
 
     def __post_init__(self):
@@ -63,6 +64,8 @@ class TrainSettings(_Dict):
             raise TrainSetupError(f"--zero must be 2 or 3, got {self.zero}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise TrainSetupError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.max_failures < 0:
+            raise TrainSetupError(f"--max-failures must be >= 0, got {self.max_failures}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise TrainSetupError(f"the micro-batch must be >= 1 clip, got {self.micro_batch}")
 
@@ -125,7 +128,8 @@ def run_training(job: dict, settings: TrainSettings, name: str, storage: str, fa
         train_worker_task, train_loop_config=job,
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
-                                               resources_per_worker={"CPU": settings.cpus_per_worker}),
+                                               resources_per_worker={"CPU": settings.cpus_per_worker},
+                                               placement_strategy="SPREAD" if settings.spread else "PACK"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             worker_runtime_env=None if settings.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
@@ -198,7 +202,9 @@ def distributed_finetune(args, video, cfg: FinetuneConfig, source_bytes: bytes) 
     settings = TrainSettings(workers=args.workers, zero=getattr(args, "zero", 2) or 2,
                              use_gpu=bool(getattr(args, "gpu", False)),
                              deepspeed_config=getattr(args, "deepspeed_config", None),
-                             micro_batch=getattr(args, "micro_batch", None))
+                             micro_batch=getattr(args, "micro_batch", None),
+                             max_failures=getattr(args, "max_failures", 0) or 0,
+                             spread=bool(getattr(args, "spread", False)))
     cascade = load_cascade(getattr(args, "model", None))
     store = ArtifactStore(getattr(args, "store", None))
     ensure_ray(getattr(args, "address", None))
@@ -208,4 +214,7 @@ def distributed_finetune(args, video, cfg: FinetuneConfig, source_bytes: bytes) 
         state = read_state(result.checkpoint)
         for stage, losses in state["losses"].items():
             print(f"{stage}: {len(losses)} steps, last loss {losses[-1]:.4f}")
+        resumed = [f"{stage} at step {step}" for stage, step in state.get("starts", [])[1:]]
+        if resumed:  # a worker (or its node) was lost and the group restarted from the newest checkpoint
+            print(f"resumed from a checkpoint: {', '.join(resumed)}")
     return key

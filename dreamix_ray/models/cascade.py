@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import AutoencoderKL, AutoencoderKLLTXVideo, AutoencoderKLWan, DDIMScheduler
 
 from ..config import CascadeConfig, StageConfig
 from ..sampling import make_scheduler
-from .latent import load_latent_components
-from .ltx import load_ltx_components
+from .latent import (_DTYPES, DEFAULT_VAE_CHUNK_FRAMES, LatentModelError, LatentRuntime, VideoVAE, component_dir,
+                     load_latent_components)
+from .ltx import LTXVAE, load_ltx_components
 from .stage import StageDenoiser
 from .text import TextEncoder, load_text_encoder
-from .wan import load_wan_components
+from .wan import WanVAE, load_wan_components
 
 CASCADE_FILE = "cascade.json"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "default_cascade"
@@ -121,9 +122,7 @@ class Cascade:
         stages = []
         for sc in config.stages:
             if sc.latent is not None:  # a diffusers text-to-video repository's components (latent.py, wan.py)
-                load = {"wan": load_wan_components, "ltx": load_ltx_components}.get(sc.latent.get("layout"),
-                                                                                      load_latent_components)
-                stages.append(Stage(sc, *load(sc, path)))
+                stages.append(Stage(sc, *STAGE_LOADERS.get(sc.latent.get("layout"), load_latent_components)(sc, path)))
                 continue
             folder = path / sc.name
             if not folder.is_dir():
@@ -157,6 +156,34 @@ class Cascade:
                 row.update(upsampler_parameters=sum(p.numel() for p in s.upsampler.parameters()))
             rows.append(row)
         return rows
+
+
+# A latent stage's loader by its layout (cascade.json `latent.layout`; none = ModelScope / Zeroscope).
+STAGE_LOADERS = {"wan": load_wan_components, "ltx": load_ltx_components}
+# Its VAE alone: (diffusers class, our wrapper from (model, stage config)).
+VAE_CLASSES = {
+    "wan": (AutoencoderKLWan, lambda model, sc: WanVAE(model)),
+    "ltx": (AutoencoderKLLTXVideo, lambda model, sc: LTXVAE(model)),  # encoding takes no decode timestep
+    None: (AutoencoderKL, lambda model, sc: VideoVAE(model, int(sc.latent.get("vae_chunk_frames",
+                                                                               DEFAULT_VAE_CHUNK_FRAMES)))),
+}
+
+
+def load_base_vae(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module | None:
+    """The base stage's VAE alone (None for a pixel base): what the batch's degrade step holds, without the
+    denoiser. Built as the stage loaders build it, so it encodes the same latents."""
+    path = Path(path)
+    sc = read_config(path).stages[0]
+    if sc.latent is None:
+        return None
+    layout = sc.latent.get("layout")
+    model_class, wrap = VAE_CLASSES.get(layout, VAE_CLASSES[None])
+    try:
+        model = model_class.from_pretrained(component_dir(sc, path, "vae"),
+                                            torch_dtype=_DTYPES[LatentRuntime.from_env().dtype])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LatentModelError(f"stage {sc.name!r}: cannot load its VAE: {str(exc).splitlines()[0]}") from None
+    return wrap(model, sc).to(device)
 
 
 def read_config(path: str | Path) -> CascadeConfig:

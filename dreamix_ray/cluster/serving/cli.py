@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an S3 bucket whose s3:// URIs requests may name (repeatable)")
     parser.add_argument("--max-replicas", type=int, default=None, help="autoscaling ceiling of every deployment")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved per stage replica")
+    parser.add_argument("--proxies", choices=("every-node", "head"), default="every-node",
+                        help="where HTTP proxies run: every node with a replica (Ray's default), or the head only "
+                             "(one entry point; also what several Ray nodes on one machine need, since their "
+                             "proxies would share --port)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus export port of the local Ray node (default: Ray picks one)")
     parser.add_argument("--header-timeout", type=float, default=None, metavar="S",
@@ -82,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     # With --address the cluster must hold the keys (a Secret in infra/rayservice.yaml) and the proxy settings.
     start_or_join(args.address, {"num_cpus": max(os.cpu_count() or 1, need), "_metrics_export_port": args.metrics_port},
                   logging_level="WARNING")
-    serve.start(http_options=http_options(settings, args.host, args.port))
+    serve.start(http_options=http_options(settings, args.host, args.port),
+                proxy_location="HeadOnly" if args.proxies == "head" else "EveryNode")
     try:
         serve.run(build_app(fields), name=APP_NAME, route_prefix="/")
     except RuntimeError as exc:

@@ -54,6 +54,7 @@ def public_view(job: dict, base_url: str) -> dict:
         if "preview" in result:
             result["preview_url"] = f"{route}/preview"
             result["preview_png_url"] = f"{route}/preview?format=png"
+    view["placement"] = job.get("placement", {})  # unit label -> the Ray node ids that ran it
     view["params"] = {k: v for k, v in job["params"].items() if k != "finetune_weight"}
     view["result"] = {k: v for k, v in result.items() if k not in ("video", "preview", "preview_png")}
     return view

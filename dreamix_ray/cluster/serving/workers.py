@@ -93,12 +93,18 @@ async def stream_work(fn: Callable[[Report], dict], min_interval_s: float = 0.25
     yield {"result": {**result, "seconds": time.perf_counter() - start}}
 
 
+def on_node(replica: "_Replica", work: Callable[[Report], dict]) -> Callable[[Report], dict]:
+    """`work` whose result names the Ray node it ran on (the job's placement)."""
+    return lambda report: {**work(report), "node": replica.node}
+
+
 class _Replica:
     """What every worker shares: settings, the cascade, the store, torch threads."""
 
     def __init__(self, settings: dict):
         self.settings = ServeSettings.from_args(settings)
         bind_replica_grpc_to_loopback()
+        self.node = ray.get_runtime_context().get_node_id()  # a job records where each of its units ran
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         threads = self.settings.torch_threads or max(1, int(cpus))
         torch.set_num_threads(threads)  # several replicas share a node: never oversubscribe its cores
@@ -155,7 +161,7 @@ class StageDeployment(_Replica):
             report(1, 1)
             return {"output": spec["output"]}
 
-        async for event in stream_work(work):
+        async for event in stream_work(on_node(self, work)):
             yield event
 
     async def denoise(self, spec: dict) -> AsyncIterator[dict]:
@@ -174,7 +180,7 @@ class StageDeployment(_Replica):
             self.jobs.put(spec["job_id"], spec["output"], npy_bytes(array))
             return {"output": spec["output"], "shape": list(array.shape)}
 
-        async for event in stream_work(work):
+        async for event in stream_work(on_node(self, work)):
             yield event
 
     async def finish(self, spec: dict) -> AsyncIterator[dict]:
@@ -198,7 +204,7 @@ class StageDeployment(_Replica):
             report(1, 1)
             return result
 
-        async for event in stream_work(work):
+        async for event in stream_work(on_node(self, work)):
             yield event
 
 
@@ -220,7 +226,7 @@ class FinetuneDeployment(_Replica):
             report(total, total)
             return {"finetune_id": key, "token": cfg.token}
 
-        async for event in stream_work(work):
+        async for event in stream_work(on_node(self, work)):
             yield event
 
     async def subject(self, spec: dict) -> AsyncIterator[dict]:
@@ -235,5 +241,5 @@ class FinetuneDeployment(_Replica):
             report(1, 1)
             return {"finetune_id": key, "token": cfg.token}
 
-        async for event in stream_work(work):
+        async for event in stream_work(on_node(self, work)):
             yield event
