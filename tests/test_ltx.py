@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, LTXLatentUpsamplePipeline, LTXPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline, LTXLatentUpsamplePipeline, LTXPipeline
 from ltx_repo import Z, write_ltx_repo, write_upsampler
 from transformers import AutoTokenizer, T5EncoderModel
 
@@ -22,7 +22,7 @@ from dreamix_ray.edit import StageRun, edit, run_cascade, run_stage
 from dreamix_ray.models.cascade import Cascade
 from dreamix_ray.models.ltx import LTXStageNet, LTXVAE
 from dreamix_ray.request import EditPlan
-from dreamix_ray.sampling import draw_noise, kept_steps, seed_generators
+from dreamix_ray.sampling import draw_noise, fresh_scheduler, kept_steps, seed_generators
 
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
@@ -121,6 +121,48 @@ def test_base_matches_ltx_pipeline_and_ssr_matches_ltx_latent_upsample_pipeline(
     ref = up(latents=ref, height=64, width=64, adain_factor=1.0, output_type="pt").frames
     video = run_stage(run, 1, ours)
     torch.testing.assert_close(((video + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_refine_pass_matches_ltx_condition_pipeline_denoise_strength(repos, cascade, monkeypatch):
+    """Our TSR's refine (SDEdit at start strength 0.4 from the upsampled latents, 10 steps) = LTXConditionPipeline's
+    refine (`latents` + `denoise_strength`, no conditions) on the same noise, given our schedule and our two
+    LTXPipeline conventions where LTXConditionPipeline has its own (docs/REAL_MODELS.md): T5 run without its mask,
+    and rope frame coordinates i * 8 / fps without its causal shift (8 i - 7)^+ / fps. Without them it differs."""
+    seed, prompt, negative = 5, "a red cat moving left", "blurry"
+    plan = EditPlan.of(EditConfig(seed=seed, steps=(3, 10, 2), guidance_scale=3.0, negative_prompt=negative),
+                       cascade.config)
+    assert (plan.stages[1].start_strength, plan.stages[1].sampled_steps, plan.stages[1].eta) == (0.4, 4, 0.0)
+    z = torch.randn(1, Z, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    ours = run_stage(StageRun.of(cascade, plan, [prompt], [seed]), 1, z)  # the TSR returns latents: SSR follows
+    ours_schedule = fresh_scheduler(cascade.stages[1].scheduler)
+    ours_schedule.set_timesteps(10)
+    # our shifted sigmas given as timesteps, to a scheduler that shifts no further (shift_terminal keeps them)
+    plain = FlowMatchEulerDiscreteScheduler.from_config({**ours_schedule.config, "shift": 1.0,
+                                                         "use_dynamic_shifting": False})
+    pipe = LTXConditionPipeline(**{**_pipeline_parts(repos, cascade), "scheduler": plain})
+    pipe.set_progress_bar_config(disable=True)
+
+    def refine():
+        latents = pipe(prompt=prompt, negative_prompt=negative, height=32, width=32, num_frames=17, frame_rate=16.0,
+                       num_inference_steps=10, timesteps=ours_schedule.timesteps.tolist(), guidance_scale=3.0,
+                       latents=cascade.stages[1].upsampler(z), denoise_strength=0.4,
+                       generator=seed_generators([seed], 1, 0)[0], max_sequence_length=128,
+                       output_type="latent").frames
+        return _unpack(latents, 5, 2, 2) if latents.dim() == 3 else latents
+
+    assert (ours - refine()).abs().max() > 1e-2  # its own conventions
+    scale_ids = pipe._scale_video_ids
+
+    def no_causal_shift(video_ids, scale_factor, scale_factor_t, frame_index, device):
+        scaled = scale_ids(video_ids, scale_factor, scale_factor_t, frame_index, device)
+        scaled[:, 0] = video_ids[:, 0] * scale_factor_t
+        return scaled
+
+    monkeypatch.setattr(pipe, "_scale_video_ids", no_causal_shift)
+    encode = pipe.text_encoder.forward
+    monkeypatch.setattr(pipe.text_encoder, "forward",
+                        lambda input_ids=None, attention_mask=None, **kw: encode(input_ids, **kw))
+    torch.testing.assert_close(ours, refine(), atol=1e-4, rtol=1e-4)
 
 
 def _with_refine(plan: EditPlan, index: int, strength: float) -> EditPlan:
