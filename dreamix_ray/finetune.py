@@ -224,8 +224,8 @@ def finetune_specs(stages: list[tuple[int, Stage, _StageData]], text, cfg: Finet
 
 def copy_for_finetuning(cascade: Cascade, names: list[str]) -> Cascade:
     """A cascade sharing every untouched stage and the text encoder, with private copies of `names`."""
-    stages = [Stage(s.config, copy.deepcopy(s.denoiser) if s.config.name in names else s.denoiser, s.scheduler,
-                    s.vae) for s in cascade.stages]
+    stages = [dataclasses.replace(s, denoiser=copy.deepcopy(s.denoiser)) if s.config.name in names else s
+              for s in cascade.stages]
     return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source)
 
 
@@ -289,7 +289,7 @@ def attach(cascade: Cascade, names: list[str], results: Path) -> Cascade:
             else:
                 raise StorageError(f"no finetuned weights for stage {s.config.name!r} in {results}: rerun the "
                                    "finetuning (the same run name resumes it)")
-        stages.append(Stage(s.config, denoiser, s.scheduler, s.vae))
+        stages.append(dataclasses.replace(s, denoiser=denoiser))  # the rest (VAE, an LTX upsampler) shared
     return Cascade(cascade.config, cascade.text_encoder, stages, cascade.source)
 
 

@@ -290,3 +290,38 @@ def write_video_clip():
     from dreamix_ray.video import Video
 
     return Video(np.random.default_rng(0).integers(0, 255, (8, 40, 40, 3), dtype=np.uint8), 8.0)
+
+
+def test_finetune_the_base_and_optionally_a_refine_pass(repos, tmp_path):
+    """LoRA finetuning on an LTX cascade: the base by default (the refine passes keep the shared, untuned transformer);
+    `stages=("base", "ssr")` finetunes the SSR's refine pass too, on a transformer of its own. The base cascade is
+    untouched, and the finetuned cascades keep their upsamplers, so they edit."""
+    from dreamix_ray.finetune import finetune_or_load, finetune_preset
+    from dreamix_ray.storage import ArtifactStore
+
+    assert main(["convert", str(repos["base"]), "-o", str(tmp_path / "c"), "--size", "32x32", "--frames", "5",
+                 "--steps", "2", "1", "--ssr", str(repos["ssr"]), "--quiet"]) == 0
+    base = Cascade.from_pretrained(tmp_path / "c")  # base 5 frames -> SSR 64x64
+    shared = base.base.denoiser.transformer
+    video, store = write_video_clip(), ArtifactStore(str(tmp_path / "store"))
+    x, t, tokens, mask = torch.randn(1, Z, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 128, 16), torch.ones(1, 128)
+
+    def out(cascade, index: int) -> torch.Tensor:
+        with torch.no_grad():
+            return cascade.stages[index].denoiser(x, t, tokens, mask)
+
+    def moved(tuned, index: int) -> float:
+        return float((out(tuned, index) - out(base, index)).abs().max())
+
+    before = out(base, 0)
+
+    ft = finetune_preset("mixed", steps=2)
+    tuned, _ = finetune_or_load(video, ft, base, store)
+    assert tuned.base.denoiser.transformer is not shared and moved(tuned, 0) > 0
+    assert tuned.stages[1].denoiser.transformer is shared
+    refined, _ = finetune_or_load(video, dataclasses.replace(ft, stages=("base", "ssr")), base, store)
+    ssr = refined.stages[1].denoiser.transformer
+    assert ssr is not shared and ssr is not refined.base.denoiser.transformer and moved(refined, 1) > 0
+    assert all(a.upsampler is b.upsampler for a, b in zip(refined.stages, base.stages))
+    assert torch.equal(out(base, 0), before)  # the shared transformer trained nothing in place
+    assert edit(video, "naia a red cat", EditConfig(strength=0.7, seed=1), refined).frames.shape == (5, 64, 64, 3)

@@ -164,6 +164,14 @@ class LTXStageNet(torch.nn.Module):
         self.transformer, self.fps = transformer, float(fps)
         self.ratios = (vae.temporal_factor, vae.scale_factor)
 
+    @property
+    def device(self) -> torch.device:  # as a diffusers ModelMixin says where it is (the training loop asks)
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
     def forward(self, sample_bcfhw: torch.Tensor, timestep: torch.Tensor, text_tokens_bld: torch.Tensor,
                 text_pooled_bd: torch.Tensor | None = None, cond_bcfhw: torch.Tensor | None = None,
                 frame_mode_on: bool = False) -> torch.Tensor:

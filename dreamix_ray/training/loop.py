@@ -14,6 +14,7 @@ optimizer layout must match (DeepSpeed cuts it by world size and ZeRO stage).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import tempfile
@@ -130,7 +131,7 @@ class _Run:
             self.log(f"[{spec.name}] resumed at step {state.step}")
         step = first = state.step if resume is not None else 0
         state.spec, state.step = index, step
-        stage = Stage(spec.stage.config, engine.denoiser, spec.stage.scheduler, spec.stage.vae)
+        stage = dataclasses.replace(spec.stage, denoiser=engine.denoiser)
         losses = state.losses[spec.name] = state.losses.get(spec.name, [])[:step]
         norms = state.grad_norms[spec.name] = state.grad_norms.get(spec.name, [])[:step]
         state.starts.append([spec.name, step])
