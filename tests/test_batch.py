@@ -167,6 +167,7 @@ def test_the_ltx_rayjob_gives_each_stage_of_an_ltx_cascade_a_gpu_group(tmp_path)
     from ltx_repo import tiny_ltx_cascade
 
     from dreamix_ray.cluster.batch_cli import add_arguments, options_from_args
+    from dreamix_ray.cluster.pipeline import pipeline_steps
     from dreamix_ray.cluster.steps import cascade_config
 
     (job,) = [d["spec"] for d in _infra_docs("rayjob-ltx.yaml") if d["kind"] == "RayJob"]
@@ -174,8 +175,11 @@ def test_the_ltx_rayjob_gives_each_stage_of_an_ltx_cascade_a_gpu_group(tmp_path)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     opts = options_from_args(parser.parse_args(argv[argv.index("jobs/edit_batch.py") + 1:]))
-    kinds = [s.kind for s in cascade_config(str(tiny_ltx_cascade(tmp_path, frames=9, tsr=True))).stages]
+    config = cascade_config(str(tiny_ltx_cascade(tmp_path, frames=9, tsr=True)))
+    kinds = [s.kind for s in config.stages]
     assert kinds == ["base", "tsr", "ssr"] and opts.pin_stages and opts.gpus == {k: 1.0 for k in kinds}
+    steps = [s.name for s in pipeline_steps(config, None, None, None, False)]  # with the latent base's degrade step
+    assert steps == ["decode", "degrade", *kinds, "encode"] and set(steps) == set(opts.cpus) == set(opts.actors)
     assert opts.model.startswith("s3://") and opts.request.ssr_chunk_frames == 32
     groups = _check_stage_groups(job["rayClusterSpec"], kinds)
     for kind in kinds:  # bf16 weights: each stage actor holds the 13B transformer and T5 (edit-only workers)
