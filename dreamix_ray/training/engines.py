@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from ..models import adapters
@@ -79,7 +81,8 @@ def _trained_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def memory_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Bytes this rank holds for parameters (ZeRO-3: its partition) and optimizer (fp32 master + moments)."""
+    """Bytes this rank holds for parameters (ZeRO-3: its partition), gradients (ZeRO-3: its partition's flat
+    buffer; torch / DDP: the trained weights' .grad) and optimizer (fp32 master + moments)."""
     def nbytes(t):
         return t.numel() * t.element_size()
 
@@ -95,7 +98,10 @@ def memory_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
                or [p for g in base.param_groups for p in g["params"]])
     opt = sum(nbytes(m) for m in masters if m.data_ptr() not in seen)  # torch / DDP: the weights themselves
     opt += sum(nbytes(v) for st in base.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
-    return {"params": params, "optimizer": opt}
+    flat = getattr(optimizer, "grad_partitions_flat_buffer", None)  # ZeRO-3 reduces each rank's part into it
+    grads = nbytes(flat) if flat is not None else sum(nbytes(p.grad) for p in module.parameters()
+                                                      if p.grad is not None)
+    return {"params": params, "grads": grads, "optimizer": opt}
 
 
 class _Wrapped:
@@ -236,11 +242,15 @@ class DeepSpeedEngine(TorchEngine):
             if rank == 0:
                 adapters.save_adapter(self.module, folder, weights)
             return
-        weights = full_state_dict(self.module)
+        # only rank 0 keeps the gathered weights, and writes them as save_pretrained does (one safetensors file
+        # + config.json) without building a second copy of the model: at 0.5B+ parameters that copy is GBs
+        weights = full_state_dict(self.module, keep=rank == 0)
         if rank == 0:
-            model = type(self.module).from_config(self.module.config)
-            model.load_state_dict({k: weights[k] for k in model.state_dict()})  # persistent buffers only
-            model.save_pretrained(folder)
+            persistent = self.module.state_dict().keys()  # names only (ZeRO-3 leaves empty placeholders)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({k: weights[k].contiguous() for k in persistent}, str(folder / SAFETENSORS_WEIGHTS_NAME),
+                      metadata={"format": "pt"})
+            self.module.save_config(folder)
 
     def close(self) -> None:
         self.engine.destroy()
@@ -252,9 +262,10 @@ def open_engine(cfg: EngineConfig, module: torch.nn.Module, lr: float, grad_clip
     return kind(cfg, module, lr, grad_clip, device)
 
 
-def full_state_dict(module: torch.nn.Module, only: set[str] | None = None) -> dict[str, torch.Tensor]:
+def full_state_dict(module: torch.nn.Module, only: set[str] | None = None, keep: bool = True
+                    ) -> dict[str, torch.Tensor]:
     """fp32 weights gathered from the ZeRO partitions (a collective: every rank calls it); `only` = just these
-    parameters (a LoRA adapter's), without buffers."""
+    parameters (a LoRA adapter's), without buffers; keep=False takes part in the gathers and keeps nothing."""
     from deepspeed.utils import (
         safe_get_full_fp32_param,  # optional dependency, as above
     )
@@ -264,8 +275,9 @@ def full_state_dict(module: torch.nn.Module, only: set[str] | None = None) -> di
         if only is not None and name not in only:
             continue
         full = safe_get_full_fp32_param(p)
-        out[name] = (p.data if full is None else full).detach().float().cpu().clone()
-    if only is None:
+        if keep:
+            out[name] = (p.data if full is None else full).detach().float().cpu().clone()
+    if only is None and keep:
         out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers()})
     return out
 
