@@ -573,10 +573,11 @@ def test_serve_config_and_rayservice_manifest_are_valid():
         assert all(d.autoscaling_config and d.ray_actor_options for d in app.deployments)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def served_wan(served, tmp_path_factory):
     """The same application on the tiny Wan cascade, a second Serve app under /wan on the same Ray instance, with
-    its own job store (the first app's recovery loop must never take its jobs)."""
+    its own job store (the first app's recovery loop must never take its jobs); deleted after its test, so its
+    replicas do not stay beside the apps of later tests."""
     from ray import serve
     from wan_repo import tiny_wan_cascade
 
