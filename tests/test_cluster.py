@@ -1,6 +1,7 @@
-"""Batch editing on a multi-node Ray cluster (issue 23): a head and three 1-GPU nodes shaped like infra/'s KubeRay
-worker groups, `dreamix batch --pin-stages --stage-gpus base=1,tsr=1,ssr=1`: each stage on its own node,
-stages pipelined across nodes, a node lost mid-job and replaced, a node lost for good."""
+"""The system on a multi-node Ray cluster (issue 23): a head and three 1-GPU nodes shaped like infra/'s KubeRay
+worker groups. `dreamix batch --pin-stages --stage-gpus base=1,tsr=1,ssr=1`: each stage on its own node, stages
+pipelined across nodes, a node lost mid-job and replaced, a node lost for good; `dreamix serve --address`: a
+stage per GPU node, a stage's node lost and replaced; `dreamix finetune --workers 2`: two nodes, one lost."""
 
 from __future__ import annotations
 
@@ -71,42 +72,20 @@ def overlaps(a: tuple[datetime, datetime], b: tuple[datetime, datetime]) -> bool
     return a[0] < b[1] and b[0] < a[1]
 
 
-@pytest.mark.slow
-def test_each_stage_runs_on_its_own_gpu_node_and_the_stages_overlap(gpu_cluster, inputs, s3_server, tiny_dir):
-    """The issue's hang: decode's actor landed on a stage's 1-CPU node (Ray Data spreads actors) and that stage's
-    actor waited for the CPU forever. Now a row of every stage is done, each stage only on its node."""
-    start = time.monotonic()
-    done = subprocess.run(batch_cmd(gpu_cluster, s3_server, tiny_dir, inputs("place", 6), "s3://multi/place",
-                                    "--run-id", "place"),
-                          capture_output=True, text=True, timeout=600, env=driver_env())
-    seconds = time.monotonic() - start
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "6 outputs: 6 done, 0 failed, 0 skipped" in done.stdout, done.stdout
-    nodes = stage_nodes(gpu_cluster)
-    rows = read_results("s3://multi/place", s3_server[1], run_id="place").to_pylist()
-    for stage in STAGES:
-        assert {r[f"{stage}_node"] for r in rows} == {nodes[stage]}, stage  # only its own node
-        assert {(r[f"{stage}_device"], r[f"{stage}_gpus"]) for r in rows} == {("cpu", "0")}  # Ray's logical GPU
-        # the summary's one line per stage names the same node
-        line = re.search(rf"^placement {stage}: (.*)$", done.stdout, re.M)
-        assert line and line.group(1).startswith(f"6 on node {nodes[stage][:8]} (") and ";" not in line.group(1)
-    base = {r["id"]: (r["base_started_at"], r["base_ended_at"]) for r in rows}
-    ssr = {r["id"]: (r["ssr_started_at"], r["ssr_ended_at"]) for r in rows}
-    # rows flowed: some row was in the SSR on one node while another was in the base on another
-    assert any(overlaps(ssr[a], base[b]) for a in ssr for b in base if a != b), (base, ssr)
-    print(f"6 rows on 3 GPU nodes in {seconds:.1f} s")
-
-
 def _outputs(s3_client, prefix: str) -> int:
     listing = s3_client.list_objects_v2(Bucket="multi", Prefix=prefix)
     return sum(o["Key"].endswith(".mp4") and not o["Key"].endswith(".preview.mp4") for o in listing.get("Contents", []))
 
 
 @pytest.mark.slow
-def test_a_lost_node_is_replaced_and_every_row_is_done_once(gpu_cluster, inputs, s3_server, s3_client, tiny_dir):
-    """Kill the SSR node's processes mid-job (the slowest stage: rows wait for it), then start a node with the
-    same resources (as an autoscaler would): Ray restarts the SSR actor there and retries its rows; none lost,
-    none twice; a rerun skips all."""
+def test_each_stage_runs_on_its_own_gpu_node_and_a_lost_node_is_replaced(gpu_cluster, inputs, s3_server, s3_client,
+                                                                        tiny_dir):
+    """`dreamix batch --pin-stages --stage-gpus base=1,tsr=1,ssr=1`: each stage runs only on its own GPU node and
+    rows flow through the stages concurrently. (The issue's hang: decode's actor landed on a stage's 1-CPU node,
+    Ray Data spreads actors, and that stage's actor waited for the CPU forever.) Mid-job the SSR node's processes
+    are killed (the slowest stage: rows wait for it) and a node with the same resources starts, as an autoscaler
+    would: Ray restarts the SSR actor there and retries its rows; none lost, none twice; a rerun skips all."""
+    nodes = stage_nodes(gpu_cluster)
     manifest = inputs("loss", 8)
     cmd = batch_cmd(gpu_cluster, s3_server, tiny_dir, manifest, "s3://multi/loss", "--run-id", "loss")
     begun = time.monotonic()
@@ -139,6 +118,18 @@ def test_a_lost_node_is_replaced_and_every_row_is_done_once(gpu_cluster, inputs,
     assert sorted(r["id"] for r in rows) == [f"loss{i}" for i in range(8)]  # each row once
     assert {r["status"] for r in rows} == {"ok"}
     assert len({r["ssr_node"] for r in rows}) == 2  # the lost node and its replacement both ran SSR rows
+    replacement = stage_nodes(gpu_cluster)["ssr"]
+    for stage in STAGES:  # each stage only on its own node(s): the SSR on the lost one and its replacement
+        own = {nodes[stage], replacement} if stage == "ssr" else {nodes[stage]}
+        assert {r[f"{stage}_node"] for r in rows} <= own, stage
+        assert {(r[f"{stage}_device"], r[f"{stage}_gpus"]) for r in rows} == {("cpu", "0")}  # Ray's logical GPU
+    for stage in ("base", "tsr"):  # the summary's one line per stage names the same node
+        line = re.search(rf"^placement {stage}: (.*)$", out, re.M)
+        assert line and line.group(1).startswith(f"8 on node {nodes[stage][:8]} (") and ";" not in line.group(1)
+    base = {r["id"]: (r["base_started_at"], r["base_ended_at"]) for r in rows}
+    ssr = {r["id"]: (r["ssr_started_at"], r["ssr_ended_at"]) for r in rows}
+    # rows flowed: some row was in the SSR on one node while another was in the base on another
+    assert any(overlaps(ssr[a], base[b]) for a in ssr for b in base if a != b), (base, ssr)
     rerun = subprocess.run(cmd[:-1] + ["loss-rerun"], capture_output=True, text=True, timeout=600, env=driver_env())
     assert rerun.returncode == 0 and "8 outputs: 0 done, 0 failed, 8 skipped" in rerun.stdout, rerun.stdout
 
