@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 from diffusers.pipelines.ltx.modeling_latent_upsampler import LTXLatentUpsamplerModel
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import T5Config, T5EncoderModel
+from wan_repo import write_tokenizer as wan_tokenizer
 
 TEXT_DIM, Z = 16, 8
 WORDS = "a an the red blue cat dog car moving left right blurry".split()
@@ -29,13 +29,8 @@ SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, bas
 
 
 def write_tokenizer(folder) -> int:
-    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=128).save_pretrained(folder)
-    return len(vocab)
+    """wan_repo's T5-style word-level tokenizer over LTX's words, at LTX's 128 tokens."""
+    return wan_tokenizer(folder, WORDS, max_length=128)
 
 
 def write_vae(folder, seed: int, **overrides):

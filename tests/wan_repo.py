@@ -19,14 +19,14 @@ MODEL_INDEX = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "bo
                "vae": ["diffusers", "AutoencoderKLWan"]}
 
 
-def write_tokenizer(folder) -> int:
+def write_tokenizer(folder, words: list[str] = WORDS, max_length: int = 512) -> int:
     """A word-level tokenizer ending every prompt with </s>, as T5's does; returns the vocabulary size."""
-    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=512).save_pretrained(folder)
+                            model_max_length=max_length).save_pretrained(folder)
     return len(vocab)
 
 
