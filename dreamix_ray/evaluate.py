@@ -73,7 +73,8 @@ class EvalSettings:
                               motion_from_input=None if self.motion_from_input else False)  # False: the ablation
         return resolve(request, config)
 
-    def strength_for(self, method: str, edit_type: str, cascade) -> float:
+    def planned_strength(self, method: str, edit_type: str, cascade) -> float:
+        """The strength `plan_for` resolves (request.resolve; no table lookup of its own)."""
         return self.plan_for(method, edit_type, cascade).config.strength
 
 
@@ -325,8 +326,8 @@ def run_eval_cli(args) -> int:
                        + ([f"--precision {settings.precision}"] if settings.precision else []))
     sheet_lines = "\n".join(f"- {m}: " + ", ".join(f"[{et}]({sheets.name}/{m}-{et}.png)" for et in EDIT_TYPES)
                             for m in METHODS)
-    strengths = ", ".join(f"{et} {settings.strength_for('dreamix', et, cascade):g} / "
-                          f"{settings.strength_for('dreamix+mixed-ft', et, cascade):g}" for et in EDIT_TYPES)
+    strengths = ", ".join(f"{et} {settings.planned_strength('dreamix', et, cascade):g} / "
+                          f"{settings.planned_strength('dreamix+mixed-ft', et, cascade):g}" for et in EDIT_TYPES)
     out.write_text(EVAL_TEMPLATE.format(command=command, strengths=strengths, minutes=minutes,
                                         cascade=cascade.config.name, t1=t1, motion_note=MOTION_NOTE
                                         if settings.motion_from_input and cascade.config.motion_prior else "",

@@ -74,9 +74,9 @@ def test_edit_strengths_validated_and_looked_up(tiny):
         with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
             CascadeConfig(tiny.config.stages, edit_strengths=bad)
     settings = EvalSettings(edit_strengths=table)
-    assert settings.strength_for("dreamix", "style", tiny) == 0.6
-    assert settings.strength_for("per-frame", "motion", tiny) == 1.0  # per-frame uses Dreamix's strengths
-    assert settings.strength_for("dreamix+video-ft", "motion", tiny) == 0.95  # the rule's finetuned default
+    assert settings.planned_strength("dreamix", "style", tiny) == 0.6
+    assert settings.planned_strength("per-frame", "motion", tiny) == 1.0  # per-frame uses Dreamix's strengths
+    assert settings.planned_strength("dreamix+video-ft", "motion", tiny) == 0.95  # the rule's finetuned default
 
 
 def test_run_method_batches_by_strength_without_changing_any_row(tiny):
