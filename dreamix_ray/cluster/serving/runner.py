@@ -245,10 +245,10 @@ class JobRunner:
                     raise RuntimeError(f"{method} returned no result")
                 timings = run.job["timings"]
                 timings[unit["label"]] = round(timings.get(unit["label"], 0.0) + result.pop("seconds", 0.0), 3)
+                node = result.pop("node", None)
                 nodes = run.job.setdefault("placement", {}).setdefault(unit["label"], [])
-                if result.get("node") and result["node"] not in nodes:  # the last SSR's chunks may spread
-                    nodes.append(result["node"])
-                result.pop("node", None)
+                if node and node not in nodes:  # the last SSR's chunks may spread over replicas
+                    nodes.append(node)
                 run.progress(unit, 1, 1)
                 await run.write()
                 return result
