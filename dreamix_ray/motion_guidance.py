@@ -129,8 +129,9 @@ def motion_guided(denoise: Denoise, scheduler, prior: MotionPrior, pooled_bd: to
 
     def fn(x, t):
         out = denoise(x, t)
-        if int(t.reshape(-1)[0]) < prior.from_t:
-            return out
+        # Guided only at t >= from_t, chosen per row on the device: a Python `if` on t would read it back to
+        # the host every step. Below from_t the rows get `out` itself, as if unguided.
+        early = (t >= prior.from_t).view(-1, 1, 1, 1, 1)
         a, s = signal_noise_scales(scheduler, t, x)
         x0, eps = a * x - s * out, s * x + a * out  # from v = a * eps - s * x0 and x = a * x0 + s * eps
         layout = moving_layout(x0, directions.to(x.device, x.dtype), prior.travel,
@@ -139,6 +140,6 @@ def motion_guided(denoise: Denoise, scheduler, prior: MotionPrior, pooled_bd: to
         x0 = torch.where(keep, (1 - weight) * x0 + weight * layout, x0)
         # v from the base's noise estimate and the guided x0: DDIM then steps from a^2 * x0_base + s^2 * x0,
         # which is nearly all guided x0 at this noise (s^2 >= 0.9 for t >= 800) and fades as a grows
-        return a * eps - s * x0
+        return torch.where(early, a * eps - s * x0, out)
 
     return fn

@@ -71,14 +71,30 @@ def seed_generators(seeds: list[int], *salt: int) -> list[torch.Generator]:
 
 def draw_noise(shape: tuple[int, ...], generators: list[torch.Generator], dtype=torch.float32,
                device: torch.device | str = "cpu") -> torch.Tensor:
-    """Row b's noise comes from generators[b] alone (CPU generators, moved to `device`: device-independent)."""
-    return randn_tensor(shape, generator=generators, dtype=dtype, device=torch.device(device))
+    """Row b's noise comes from generators[b] alone (CPU generators, moved to `device`: device-independent).
+    The copy to a GPU goes through pinned memory without blocking: a pageable copy would wait for the GPU
+    to drain its queue once per sampling step."""
+    noise = randn_tensor(shape, generator=generators, dtype=dtype, device=torch.device("cpu"))
+    device = torch.device(device)
+    if device.type == "cpu":
+        return noise
+    return noise.pin_memory().to(device, non_blocking=True)
 
 
 def signal_noise_scales(scheduler, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) per row, shaped and placed to multiply `like` (B, C, F, H, W)."""
-    alpha_bar = scheduler.alphas_cumprod[t.cpu()].view(-1, 1, 1, 1, 1)  # the scheduler's table stays on the CPU
+    alpha_bar = _alphas_cumprod_on(scheduler, t.device)[t].view(-1, 1, 1, 1, 1)
     return alpha_bar.sqrt().to(like.device, like.dtype), (1 - alpha_bar).sqrt().to(like.device, like.dtype)
+
+
+def _alphas_cumprod_on(scheduler, device: torch.device) -> torch.Tensor:
+    """The scheduler's alpha_bar table on `device`, copied once per scheduler: indexing the CPU table with a
+    GPU timestep would read the timestep back to the host every step. Stages sample on a private scheduler
+    (fresh_scheduler), so the copy lives as long as one stage run."""
+    copies = scheduler.__dict__.setdefault("_dreamix_alphas_cumprod", {})
+    if device not in copies:
+        copies[device] = scheduler.alphas_cumprod.to(device)
+    return copies[device]
 
 
 def ddim_sample(
@@ -115,15 +131,18 @@ def flow_sample(
     (alpha' sigma))^2) per step, so eta 1 samples the posterior q(x' | x, x0) as ancestral DDPM does."""
     if len(timesteps) == 0:  # strength 0: nothing to sample
         return x_bcfhw
-    sigmas, first = scheduler.sigmas, scheduler.index_for_timestep(timesteps[0])
+    # Host values are read once, before the loop: sigmas as floats, and the timesteps copied to the device
+    # in one go, so a step reads nothing back from the device (the scheduler keeps its CPU copy).
+    sigmas, first = scheduler.sigmas.tolist(), scheduler.index_for_timestep(timesteps[0])
+    on_device = timesteps.to(x_bcfhw.device)
     desc = progress if isinstance(progress, str) else "sampling"
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False, unit="step")):
-        t_b = t.expand(x_bcfhw.shape[0]).to(x_bcfhw.device)
+        t_b = on_device[i].expand(x_bcfhw.shape[0])
         v_bcfhw = denoise(x_bcfhw, t_b)  # the network predicts the velocity eps - x0
         if eta <= 0:
             x_bcfhw = scheduler.step(v_bcfhw, t, x_bcfhw).prev_sample
             continue
-        sigma, sigma_next = float(sigmas[first + i]), float(sigmas[first + i + 1])
+        sigma, sigma_next = sigmas[first + i], sigmas[first + i + 1]
         x0_bcfhw, eps_bcfhw = x_bcfhw - sigma * v_bcfhw, x_bcfhw + (1 - sigma) * v_bcfhw
         ratio = (1 - sigma) * sigma_next / ((1 - sigma_next) * sigma)
         c = eta * sigma_next * max(0.0, 1 - ratio ** 2) ** 0.5

@@ -7,6 +7,8 @@ from dreamix_ray.config import EditConfig
 from dreamix_ray.degrade import downsample_to_stage
 from dreamix_ray.edit import StageRun, run_stage
 
+from host_syncs import HostReads
+
 
 def test_batched_guidance_on_a_unet_stage_equals_sequential(tiny, moving_video):
     """cfg_mode batched (cond + uncond as one forward at batch 2) is the same guidance as two forwards."""
@@ -24,3 +26,32 @@ def test_stage_attention_is_sdpa(tiny):
     for stage in tiny.stages:
         processors = stage.denoiser.unet.attn_processors
         assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+
+
+def _stage_reads(cascade, index: int, x, steps: int, **settings):
+    """(output, HostReads) of stage `index` run for `steps` steps, the text encoded beforehand."""
+    stage_steps = tuple(steps for _ in cascade.stages)
+    run = StageRun.of(cascade, EditConfig(steps=stage_steps, seed=3, **settings), ["a red circle moving left"], [3])
+    run.text()
+    if index == len(cascade.stages) - 1:  # the last stage runs chunk by chunk: its first chunk
+        lo, hi = run.plan.stages[index].chunk_input(0)
+        x = x[:, :, lo:hi]
+    with HostReads() as reads:
+        out = run_stage(run, index, x)
+    return out, reads
+
+
+def test_no_stage_of_the_default_edit_reads_the_device_back_per_step(moving_video):
+    """Per-step host syncs (GPU item 3): a sampling step of the embedded cascade's stages, with its default
+    guidance, motion guidance on the base and the TSR's kept keyframes, reads no tensor back to the host; what
+    is read is read once per stage (the timestep list), so doubling the steps adds no reads."""
+    from dreamix_ray.models.cascade import load_cascade
+
+    cascade = load_cascade()
+    assert cascade.config.motion_prior  # so the base's run below includes motion guidance
+    settings = dict(strength=1.0, motion_guidance=1.0, guidance_scale=2.0)
+    x = downsample_to_stage(moving_video, cascade.base.config)
+    for index in range(len(cascade.stages)):
+        (out, few), (_, more) = (_stage_reads(cascade, index, x, n, **settings) for n in (2, 4))
+        assert few.total == more.total, (cascade.stages[index].config.name, few.calls, more.calls)
+        x = out
