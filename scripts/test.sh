@@ -9,4 +9,7 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
 fi
 . .venv/bin/activate
 export DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
-exec python -m pytest -q "$@"
+# Two workers, one test file each at a time (module fixtures stay shared): the multi-node and Ray tests spend
+# much of their time waiting on node starts and health checks, which the other worker fills. DREAMIX_TEST_WORKERS=0
+# runs in one process.
+exec python -m pytest -q -n "${DREAMIX_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# scripts/test.sh runs the suite in pytest-xdist workers that share the machine's cores: each worker, and every
+# command its tests start (OMP_NUM_THREADS is inherited), takes its share of threads. Oversubscribed OpenMP
+# threads wait at barriers for descheduled ones and slow a forward several times (BENCHMARKS.md, "Faster edits").
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPS = REPO / "tests" / "data"
@@ -73,7 +80,20 @@ def pytest_unconfigure(config):
     # A full run ended "316 passed" and then segfaulted (exit 139) in the interpreter's teardown: native threads
     # left by Ray's core worker, gRPC and OpenMP in this process crash module cleanup. The run's result is the
     # status pytest computed, so leave with it once every report is written, skipping that cleanup.
-    if _EXIT_STATUS:
+    # Not in an xdist worker: it reports to the controller over a channel that must close in order.
+    if _EXIT_STATUS and not hasattr(config, "workerinput"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
+
+
+LONGEST_FILES = ("tests/test_cluster.py", "tests/test_batch.py")  # about 10 and 8 minutes on 2 cores
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # xdist hands files out in collection order: the longest go first, so the other worker's files fill the time
+    # beside them instead of one long file running alone at the end.
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
+    items.sort(key=rank)
