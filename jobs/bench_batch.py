@@ -70,7 +70,7 @@ class PeakObjectStore:
         self._thread.join()
 
 
-def run_sequential(manifest: Path, out: Path, args) -> tuple[float, int]:
+def run_sequential(manifest: Path, out: Path, args, threads: int) -> tuple[float, int, float]:
     from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
     from dreamix_ray.cluster.steps import cascade_config, model_tag
     from dreamix_ray.manifest import read_manifest, work_items
@@ -81,9 +81,10 @@ def run_sequential(manifest: Path, out: Path, args) -> tuple[float, int]:
                        model_tag(args.model), cascade_config(args.model))
     specs = pipeline_steps(cascade_config(args.model), args.model, None, None, False)
     stage_s: dict[str, float] = {}
-    rows = run_in_process(items, specs, batch_size=args.batch_size, threads=args.baseline_threads,
+    rows = run_in_process(items, specs, batch_size=args.batch_size, threads=threads,
                           on_stage=lambda name, secs: stage_s.__setitem__(name, secs))
-    print("one process, seconds per stage:", {k: round(v, 1) for k, v in stage_s.items()}, flush=True)
+    print(f"one process, {threads} thread(s), seconds per stage:", {k: round(v, 1) for k, v in stage_s.items()},
+          flush=True)
     return time.perf_counter() - start, sum(r["status"] == "ok" for r in rows), time.process_time() - cpu_start
 
 
@@ -136,19 +137,26 @@ def main(argv=None) -> int:
     p.add_argument("--stage-cpus", default="decode=0.5,base=1,tsr=1,ssr=1,encode=0.5")
     # The last SSR is ~80% of the embedded cascade's work: two SSR actors share its rows.
     p.add_argument("--stage-actors", default="base=1,tsr=1,ssr=2")
-    p.add_argument("--baseline-threads", type=int, default=1, help="torch threads of the one-process baseline")
+    p.add_argument("--baseline-threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                   help="torch threads of the one-process baselines (default: 1 and every core)")
     p.add_argument("--write", default=None, metavar="BENCHMARKS.md", help="append/replace the section there")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         manifest = make_inputs(Path(tmp), args.videos)
-        seq_s, seq_ok, seq_cpu = run_sequential(manifest, Path(tmp, "seq"), args)
+        baselines = [(n, *run_sequential(manifest, Path(tmp, f"seq{n}"), args, n)) for n in args.baseline_threads]
         summary, init_s, peak = run_pipeline(manifest, Path(tmp, "ray"), args)
     print(summary.stats, flush=True)
-    ratio = seq_s / summary.seconds if summary.seconds else float("nan")
+    cores = os.cpu_count() or 1
     busy = "\n".join(f"| {name} | {secs:.1f} | {summary.cpu_seconds.get(name, 0.0):.1f} |"
                      for name, secs in summary.busy_seconds.items())
     ray_cpu = sum(summary.cpu_seconds.values())
+    # The ideal: every core busy with stage work, no time lost between stages (cores / stage CPU-seconds a video).
+    ideal_vpm = 60 * cores * summary.ok / ray_cpu if ray_cpu else float("nan")
+    seq_rows = "\n".join(
+        f"| one process, stage after stage ({n} torch thread(s)) | {ok} | {secs:.1f} | {60 * ok / secs:.2f} | "
+        f"{cpu:.1f} | {cpu / secs:.2f} |" for n, secs, ok, cpu in baselines)
+    ratios = ", ".join(f"**{secs / summary.seconds:.2f}x** against {n} thread(s)" for n, secs, _, _ in baselines)
     command = "python jobs/bench_batch.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = f"""{HEADING}
 
@@ -157,10 +165,12 @@ the machine's load average at the end: {os.getloadavg()[0]:.1f})
 
 | run | videos ok | seconds | videos/min | CPU seconds | cores used on average |
 |---|---|---|---|---|---|
-| one process, stage after stage ({args.baseline_threads} torch thread(s)) | {seq_ok} | {seq_s:.1f} | {60 * seq_ok / seq_s:.2f} | {seq_cpu:.1f} | {seq_cpu / seq_s:.2f} |
+{seq_rows}
 | Ray Data pipeline (excl. {init_s:.1f} s `ray.init`) | {summary.ok} | {summary.seconds:.1f} | {summary.videos_per_minute:.2f} | {ray_cpu:.1f} (stage tasks) | {ray_cpu / summary.seconds:.2f} |
 
-Pipeline / one-process throughput ratio: **{ratio:.2f}x**. Peak object-store use: {peak / 2**20:.1f} MiB.
+Pipeline / one-process throughput: {ratios}. Against the ideal ({cores} cores / {ray_cpu / max(summary.ok, 1):.1f}
+stage CPU-seconds a video = {ideal_vpm:.2f} videos/min): **{summary.videos_per_minute / ideal_vpm:.0%}**. Peak object-store
+use: {peak / 2**20:.1f} MiB.
 
 Per-stage busy time (sum of task wall and CPU times, from ds.stats() after execution):
 
@@ -171,7 +181,7 @@ Per-stage busy time (sum of task wall and CPU times, from ds.stats() after execu
     print(text)
     if args.write:
         write_section(Path(args.write), text)
-    return 0 if summary.ok == seq_ok == args.videos else 1
+    return 0 if summary.ok == args.videos and all(ok == args.videos for _, _, ok, _ in baselines) else 1
 
 
 if __name__ == "__main__":
