@@ -57,6 +57,15 @@ def driver_env() -> dict:
                 AWS_SECRET_ACCESS_KEY=KEYS["secret_key"], AWS_DEFAULT_REGION=KEYS["region"])
 
 
+def still_running(job: subprocess.Popen, deadline: float, what: str) -> None:
+    """Fail with the command's own output when it ends, or outlives `deadline`, before the test's next step."""
+    if job.poll() is None and time.monotonic() < deadline:
+        return
+    job.kill()
+    out, err = job.communicate()
+    pytest.fail(f"{what}: exit {job.returncode}\n{out[-2000:]}\n{err[-4000:]}")
+
+
 def stage_nodes(cluster) -> dict[str, str]:
     """stage kind -> node id of the live node with its stage_<kind> resource."""
     ray.init(address=cluster.address, log_to_driver=False)
@@ -88,7 +97,7 @@ def test_each_stage_runs_on_its_own_gpu_node_and_a_lost_node_is_replaced(gpu_clu
     try:
         deadline = time.monotonic() + 400
         while _outputs(s3_client, "loss/videos/") < 2:  # mid-job: some rows done, most not
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended before the node loss"
+            still_running(job, deadline, "the job ended (or hung) before the node loss")
             time.sleep(1)
         ssr = next(n for n in gpu_cluster.nodes if n.resources == {"stage_ssr": 1} and n.proc.poll() is None)
         pids = [p.pid for p in ssr.tree()]
@@ -229,7 +238,7 @@ def test_finetune_workers_on_two_nodes_resume_after_losing_one(gpu_cluster, tiny
     try:
         deadline = time.monotonic() + 400
         while not list((store / "_train" / "spread").glob("checkpoint_*")):  # the first one, at step 25
-            assert job.poll() is None and time.monotonic() < deadline, "the run ended before a checkpoint"
+            still_running(job, deadline, "the run ended (or hung) before a checkpoint")
             time.sleep(0.5)
         nodes = train_worker_nodes(gpu_cluster)
         workers = len(nodes) + any("RayTrainWorker" in " ".join(p.cmdline()) for p in gpu_cluster.head.tree())
@@ -250,13 +259,15 @@ def test_a_lost_node_nobody_replaces_stops_the_job_naming_the_resource(gpu_clust
                                                                         tiny_dir):
     live_stage_nodes(gpu_cluster)  # a test before may have lost one
     manifest = inputs("gone", 8)
+    # 60 s: actors that start slowly on a loaded machine are not a lost node (CI failed at 20 s); the loss is
+    # still named within the 120 s asserted below.
     cmd = batch_cmd(gpu_cluster, s3_server, tiny_dir, manifest, "s3://multi/gone", "--run-id", "gone",
-                    "--actor-start-timeout", "20")
+                    "--actor-start-timeout", "60")
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=driver_env())
     try:
         deadline = time.monotonic() + 400
         while _outputs(s3_client, "gone/videos/") < 2:
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended before the node loss"
+            still_running(job, deadline, "the job ended (or hung) before the node loss")
             time.sleep(1)
         ssr = next(n for n in gpu_cluster.nodes if n.resources == {"stage_ssr": 1} and n.proc.poll() is None)
         gpu_cluster.kill(ssr)
