@@ -2,7 +2,8 @@
 
 Two layouts. ModelScope: the first SRC is the base (text-to-video-ms-1.7b, zeroscope_v2_576w), later ones are
 SSR refiners (zeroscope_v2_XL), each with unet/, vae/, scheduler/, text_encoder/ and tokenizer/. Wan (WanPipeline:
-Wan2.1-T2V-1.3B / 14B, Wan2.2-TI2V-5B): one SRC with transformer/ instead of unet/, a flow-matching base stage.
+Wan2.1-T2V-1.3B / 14B, Wan2.2-TI2V-5B): one SRC with transformer/ instead of unet/, a flow-matching base stage;
+Wan2.2-T2V-A14B adds transformer_2/ and model_index.json's boundary_ratio: one base stage holding both experts.
 cascade.json refers to their folders (absolute paths, or hf:// refs for hub ids); --copy puts them inside the
 cascade directory, which then moves as one piece (to S3, to cluster workers). Weights are not read, only configs.
 """
@@ -27,7 +28,10 @@ KNOWN_WAN = {
     "wan2.1-t2v-1.3b-diffusers": (832, 480, 81, 16.0),
     "wan2.1-t2v-14b-diffusers": (1280, 720, 81, 16.0),
     "wan2.2-ti2v-5b-diffusers": (1280, 704, 121, 24.0),
+    "wan2.2-t2v-a14b-diffusers": (1280, 720, 81, 16.0),
 }
+# What the two experts of a Wan2.2 A14B pair must share to take turns on one latent: its channels, patch and text.
+EXPERT_KEYS = ("in_channels", "out_channels", "patch_size", "text_dim")
 WAN_STEPS, WAN_TEXT_LENGTH = 50, 512  # WanPipeline's defaults
 # (width, height, frames) each model was trained at, from its model card; matched on the repo name.
 KNOWN_MODELS = {
@@ -57,6 +61,7 @@ class Source:
     revision: str | None
     configs: dict[str, dict]
     layout: str = "modelscope"  # or "wan"
+    boundary_ratio: float | None = None  # Wan2.2 A14B: where its low-noise expert (transformer_2/) takes over
 
     @property
     def denoiser(self) -> str:
@@ -93,7 +98,7 @@ def open_source(src: str) -> Source:
     elif is_hub_id(src):
         repo_id, _, revision = src.partition("@")
         revision = revision or None
-        files = {f"{c}/{f}" for c, f in (*CONFIG_FILES.items(), *WAN_FILES.items())}
+        files = {f"{c}/{f}" for c, f in (*CONFIG_FILES.items(), *WAN_FILES.items(), ("transformer_2", "config.json"))}
         local = fetch_from_hub(repo_id, revision, ["model_index.json", *sorted(files), "tokenizer/*"])
     else:
         raise ConvertError(f"{src} is neither a directory nor a hub id (owner/name[@revision])")
@@ -116,8 +121,10 @@ def open_source(src: str) -> Source:
         check_ltx_source(src, index, configs)
         return Source(src, local, repo_id, revision, configs, layout)
     if layout == "wan":
+        if (local / "transformer_2" / "config.json").is_file():  # Wan2.2 A14B's low-noise expert
+            configs["transformer_2"] = json.loads((local / "transformer_2" / "config.json").read_text())
         check_wan_source(src, index, configs)
-        return Source(src, local, repo_id, revision, configs, layout)
+        return Source(src, local, repo_id, revision, configs, layout, index.get("boundary_ratio"))
     unet_class = configs["unet"].get("_class_name")
     if unet_class not in ("UNet3DConditionModel", "LatentVideoDenoiser"):
         raise ConvertError(f"{src}: unet/ holds a {unet_class}, not a UNet3DConditionModel; only the ModelScope "
@@ -135,9 +142,6 @@ def check_wan_source(src: str, index: dict, configs: dict[str, dict]) -> None:
     if index.get("_class_name") != "WanPipeline":
         raise ConvertError(f"{src}: a {index.get('_class_name')} repository; only text-to-video Wan (WanPipeline) "
                            "converts")
-    if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0]:
-        raise ConvertError(f"{src}: a two-expert Wan2.2 A14B repository (transformer_2/); only one-transformer "
-                           "Wan (2.1 T2V, 2.2 TI2V-5B) converts so far")
     classes = {c: configs[c].get("_class_name") for c in ("transformer", "vae")}
     if classes != {"transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan"}:
         raise ConvertError(f"{src}: transformer/ and vae/ hold {classes['transformer']} and {classes['vae']}, not "
@@ -149,6 +153,31 @@ def check_wan_source(src: str, index: dict, configs: dict[str, dict]) -> None:
     if t.get("text_dim", 4096) != configs["text_encoder"].get("d_model"):
         raise ConvertError(f"{src}: the transformer reads {t.get('text_dim', 4096)}-dim text but text_encoder/ makes "
                            f"{configs['text_encoder'].get('d_model')}-dim tokens")
+    check_wan_experts(src, index, configs)
+
+
+def check_wan_experts(src: str, index: dict, configs: dict[str, dict]) -> None:
+    """A Wan2.2 A14B pair, if any: transformer_2/ and boundary_ratio come together, and the experts share the latents
+    and text they read (EXPERT_KEYS)."""
+    boundary, listed = index.get("boundary_ratio"), (index.get("transformer_2") or [None])[0] is not None
+    if boundary is None:
+        if listed or "transformer_2" in configs:
+            raise ConvertError(f"{src}: transformer_2/ but no boundary_ratio in model_index.json, so when each expert "
+                               "runs is unknown; add the model's boundary_ratio (Wan2.2-T2V-A14B: 0.875)")
+        return
+    if "transformer_2" not in configs:
+        raise ConvertError(f"{src}: boundary_ratio {boundary} in model_index.json but no transformer_2/config.json; "
+                           "a two-expert Wan needs its low-noise transformer")
+    if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0 < boundary < 1:
+        raise ConvertError(f"{src}: boundary_ratio {boundary!r} in model_index.json; it must be a number in (0, 1)")
+    t, t2 = configs["transformer"], configs["transformer_2"]
+    if t2.get("_class_name") != "WanTransformer3DModel":
+        raise ConvertError(f"{src}: transformer_2/ holds a {t2.get('_class_name')}, not a WanTransformer3DModel")
+    differ = [k for k in EXPERT_KEYS if t.get(k) != t2.get(k)]
+    if differ:
+        raise ConvertError(f"{src}: transformer/ and transformer_2/ differ in {', '.join(differ)} "
+                           f"({', '.join(f'{t.get(k)} vs {t2.get(k)}' for k in differ)}); the two experts must read "
+                           "and write the same latents and text")
 
 
 def _wan_convert(src: Source, out: Path, size: str | None, frames: int | None, fps: float | None,
@@ -163,16 +192,19 @@ def _wan_convert(src: Source, out: Path, size: str | None, frames: int | None, f
         raise ConvertError(f"{src.label}: {w}x{h} is not a multiple of {src.vae_scale} (VAE pixels per latent x patch)")
     if frames % t_factor != 1:
         raise ConvertError(f"--frames {frames}: Wan needs {t_factor}k + 1 frames (e.g. 49 or 81)")
+    experts = src.boundary_ratio is not None  # Wan2.2 A14B: transformer_2/ runs below the boundary (models/wan.py)
     latent = {"layout": "wan"}
     if not copy:
-        latent.update({c: src.ref(c) for c in ("transformer", "vae", "scheduler")})
+        latent.update({c: src.ref(c) for c in ("transformer", "vae", "scheduler") + ("transformer_2",) * experts})
+    if experts:
+        latent["boundary_ratio"] = float(src.boundary_ratio)
     stage = StageConfig("base", "base", frames=frames, height=h, width=w, fps=fps or known_fps,
                         steps=steps or WAN_STEPS, eta=eta, finetune=True, latent=latent)
     text = {"kind": "umt5", "max_length": WAN_TEXT_LENGTH, "path": "text_encoder" if copy else src.ref("text_encoder"),
             "tokenizer": "tokenizer" if copy else src.ref("tokenizer")}
     return CascadeConfig((stage,), text, name=name or out.resolve().name, description=(
-        f"Converted by `dreamix convert` from {src.label} (Wan, flow matching). The weights keep their own licence "
-        "(Wan 2.1 / 2.2: Apache-2.0); see docs/REAL_MODELS.md."), guidance_scale=WAN_GUIDANCE)
+        f"Converted by `dreamix convert` from {src.label} (Wan, flow matching{', two experts' * experts}). The weights "
+        "keep their own licence (Wan 2.1 / 2.2: Apache-2.0); see docs/REAL_MODELS.md."), guidance_scale=WAN_GUIDANCE)
 
 
 def _size(src: Source, given: str | None) -> tuple[int, int, int | None]:
@@ -275,8 +307,10 @@ def _write(config: CascadeConfig, srcs: list[Source], target: Path, copy: bool) 
 def _copy_components(srcs: list[Source], stages: tuple[StageConfig, ...], out: Path) -> None:
     """The layout the loader prefers: <stage>/ holds the denoiser and scheduler, <stage>/vae/ the VAE."""
     for src, sc in zip(srcs, stages):
-        for component, dest in ((src.denoiser, out / sc.name), ("scheduler", out / sc.name),
-                                ("vae", out / sc.name / "vae")):
+        parts = [(src.denoiser, out / sc.name), ("scheduler", out / sc.name), ("vae", out / sc.name / "vae")]
+        if "transformer_2" in src.configs:  # Wan2.2 A14B's low-noise expert, where models/wan.py looks first
+            parts.append(("transformer_2", out / sc.name / "transformer_2"))
+        for component, dest in parts:
             shutil.copytree(src.component_dir(component), dest, dirs_exist_ok=True)
     for component in ("text_encoder", "tokenizer"):
         shutil.copytree(srcs[0].component_dir(component), out / component, dirs_exist_ok=True)

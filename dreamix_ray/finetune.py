@@ -285,7 +285,9 @@ def attach(cascade: Cascade, names: list[str], results: Path) -> Cascade:
             if adapters.is_adapter_dir(folder):
                 denoiser = adapters.merged_copy(s.denoiser, folder)
             elif any(folder.glob("*.safetensors")):
-                denoiser = type(s.denoiser).from_pretrained(folder).eval().to(cascade.device)
+                # a two-expert Wan stage reloads both experts at its own boundary (models/wan.py)
+                reload = getattr(s.denoiser, "reloaded", None) or type(s.denoiser).from_pretrained
+                denoiser = reload(folder).eval().to(cascade.device)
             else:
                 raise StorageError(f"no finetuned weights for stage {s.config.name!r} in {results}: rerun the "
                                    "finetuning (the same run name resumes it)")

@@ -2,9 +2,11 @@
 
 The repository is a tiny random Wan2.1-T2V model saved in the hub's diffusers layout (model_index.json,
 transformer/, vae/, text_encoder/ UMT5, tokenizer/, scheduler/ UniPC with flow sigmas), built offline; its
-tokenizer is made with the `tokenizers` library.
+tokenizer is made with the `tokenizers` library. A second one has Wan2.2-T2V-A14B's two experts (transformer_2/ and
+boundary_ratio in model_index.json).
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,17 +15,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel, WanVideoToVideoPipeline
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, UMT5EncoderModel
 from wan_repo import MODEL_INDEX, SHIFT, TEXT_DIM, Z_DIM, write_wan_repo
 
 from dreamix_ray.cli import main
 from dreamix_ray.config import EditConfig
 from dreamix_ray.edit import StageRun, edit, generate, run_stage
-from dreamix_ray.finetune import (_StageData, finetune_or_load, finetune_preset, finetuned_prompt,
+from dreamix_ray.finetune import (_StageData, finetune, finetune_or_load, finetune_preset, finetuned_prompt,
                                   load_finetuned)
 from dreamix_ray.models import adapters
 from dreamix_ray.models.cascade import Cascade
-from dreamix_ray.models.wan import WanDenoiser, WanVAE
+from dreamix_ray.models.wan import WanDenoiser, WanExperts, WanVAE
 from dreamix_ray.objective import diffusion_loss, is_frame_step, training_point
 from dreamix_ray.sampling import draw_noise, flow_sample, seed_generators, strength_timesteps
 from dreamix_ray.storage import ArtifactStore
@@ -256,13 +259,13 @@ def test_cfg_batched_equals_sequential(cascade):
     assert not torch.allclose(outs[0], unguided, atol=1e-4)
 
 
-def _change_per_frame(model, frame_mode_on: bool, j: int = 2) -> torch.Tensor:
+def _change_per_frame(model, frame_mode_on: bool, j: int = 2, t: float = 500.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     x, tokens = torch.randn(1, Z_DIM, 5, 4, 4, generator=gen), torch.randn(1, 512, TEXT_DIM, generator=gen)
     x2 = x.clone()
     x2[:, :, j] += 0.5
     with torch.no_grad():
-        a, b = (model(v, torch.tensor([500.0]), tokens, frame_mode_on=frame_mode_on) for v in (x, x2))
+        a, b = (model(v, torch.tensor([t]), tokens, frame_mode_on=frame_mode_on) for v in (x, x2))
     return (a - b).abs().amax(dim=(0, 1, 3, 4))
 
 
@@ -313,5 +316,195 @@ def test_bad_wan_repositories_get_one_line(repo, tmp_path, capsys):
     pair = shutil.copytree(repo, tmp_path / "a14b")
     (pair / "model_index.json").write_text(json.dumps({**MODEL_INDEX, "boundary_ratio": 0.875,
                                                        "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
-    assert "two-expert" in error_of(pair)
+    assert "boundary_ratio 0.875 in model_index.json but no transformer_2/config.json" in error_of(pair)
     assert "4k + 1" in error_of(repo, "--frames", "8")
+
+
+# Wan2.2-T2V-A14B: two experts. The tiny schedule (4 steps, shift 3) is t = 1000, 857.7, 602.2, 8.9; at boundary 0.7
+# the high-noise expert runs the first two steps and the low-noise one the last two, so an edit at 0.75 (the last
+# three steps) runs both.
+BOUNDARY = 0.7
+
+
+@pytest.fixture(scope="module")
+def pair_repo(tmp_path_factory):
+    return write_wan_repo(tmp_path_factory.mktemp("wan-a14b") / "tiny-wan2.2-t2v-a14b", seed=2,
+                          boundary_ratio=BOUNDARY)
+
+
+@pytest.fixture(scope="module")
+def pair_dir(pair_repo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted-a14b") / "tiny-a14b"
+    assert main(["convert", str(pair_repo), "-o", str(out), "--size", "32x32", "--frames", "5", "--fps", "8",
+                 "--steps", "4", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(pair_dir):
+    return Cascade.from_pretrained(pair_dir)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a14b_converts_to_one_stage_holding_both_experts(pair_dir, pair, pair_repo, capsys):
+    (base,) = json.loads((pair_dir / "cascade.json").read_text())["stages"]
+    assert base["latent"] == {"layout": "wan", "transformer": str(pair_repo / "transformer"),
+                              "vae": str(pair_repo / "vae"), "scheduler": str(pair_repo / "scheduler"),
+                              "transformer_2": str(pair_repo / "transformer_2"), "boundary_ratio": BOUNDARY}
+    experts = pair.base.denoiser
+    assert isinstance(experts, WanExperts) and experts.boundary_timestep == pytest.approx(700.0)
+    for net, folder in zip(experts.experts, ("transformer", "transformer_2")):
+        assert isinstance(net, WanDenoiser)
+        assert _same_weights(net, WanTransformer3DModel.from_pretrained(pair_repo / folder))
+    assert not _same_weights(experts.transformer, experts.transformer_2)
+    assert main(["info", "--model", str(pair_dir)]) == 0
+    out = capsys.readouterr().out
+    high, low = (sum(p.numel() for p in e.parameters()) for e in experts.experts)
+    assert f"high noise (t >= 700) {high:,} params, low noise (t < 700) {low:,} params" in out
+    assert f"{high + low:,}" in out and "two experts" in out
+
+
+def test_a14b_copy_and_save_keep_both_experts(pair_repo, pair, tmp_path):
+    source = shutil.copytree(pair_repo, tmp_path / "src")
+    assert main(["convert", str(source), "-o", str(tmp_path / "copied"), "--size", "32x32", "--frames", "5",
+                 "--quiet", "--copy"]) == 0
+    shutil.rmtree(source)
+    assert (tmp_path / "copied" / "base" / "transformer_2" / "config.json").is_file()
+    copied = Cascade.from_pretrained(tmp_path / "copied")
+    loaded = Cascade.from_pretrained(copied.save_pretrained(tmp_path / "saved"), text_encoder=copied.text_encoder)
+    for other in (copied, loaded):
+        assert isinstance(other.base.denoiser, WanExperts) and other.base.denoiser.boundary_ratio == BOUNDARY
+        assert _same_weights(pair.base.denoiser, other.base.denoiser)
+
+
+def _switching_to(low, boundary_timestep: float):
+    """WanPipeline's expert rule carried into WanVideoToVideoPipeline's own loop (which takes no transformer_2): after
+    each step, the low-noise expert becomes the pipeline's transformer once the next timestep is below the boundary."""
+    def callback(pipe, i, t, tensors):
+        s = pipe.scheduler
+        if s.step_index < len(s.timesteps) and s.timesteps[s.step_index] < boundary_timestep:
+            pipe.transformer = low
+        return {}
+    return callback
+
+
+def test_a14b_text_to_video_and_edit_match_diffusers(pair_repo, pair):
+    """Same noise in: our strength 1 = WanPipeline(transformer_2=, boundary_ratio=); our strength 0.75 =
+    WanVideoToVideoPipeline switching to transformer_2 at the boundary, the rule WanPipeline applies."""
+    seed, prompt, negative = 7, "a red cat moving left", "blurry"
+    cfg = {"seed": seed, "guidance_scale": 3.0, "negative_prompt": negative}
+    x0 = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    noise = draw_noise((1, Z_DIM, 2, 4, 4), seed_generators([seed], 0))
+    low = WanTransformer3DModel.from_pretrained(pair_repo / "transformer_2")
+    t2v = _pipeline(WanPipeline, pair_repo, pair, transformer_2=low, boundary_ratio=BOUNDARY)
+    t2v.set_progress_bar_config(disable=True)
+    ref = t2v(prompt, negative_prompt=negative, height=32, width=32, num_frames=5, num_inference_steps=4,
+              guidance_scale=3.0, latents=noise, output_type="pt").frames
+    ours = run_stage(StageRun.of(pair, EditConfig(strength=1.0, **cfg), [prompt], [seed]), 0, x0)
+    torch.testing.assert_close(_pixels01(ours), ref, atol=1e-4, rtol=1e-4)
+    v2v = _pipeline(WanVideoToVideoPipeline, pair_repo, pair)  # starts on `transformer`: the first kept t is 857.7
+    v2v.set_progress_bar_config(disable=True)
+    embeds, negative_embeds = t2v.encode_prompt(prompt, negative, do_classifier_free_guidance=True,
+                                                max_sequence_length=512)
+    ref = v2v(video=((x0 + 1) / 2).permute(0, 2, 1, 3, 4), prompt_embeds=embeds,
+              negative_prompt_embeds=negative_embeds, height=32, width=32, num_inference_steps=4, guidance_scale=3.0,
+              strength=0.75, generator=seed_generators([seed], 0), output_type="pt",
+              callback_on_step_end=_switching_to(low, BOUNDARY * 1000)).frames
+    assert v2v.transformer is low  # the reference did switch
+    ours = run_stage(StageRun.of(pair, EditConfig(strength=0.75, **cfg), [prompt], [seed]), 0, x0)
+    torch.testing.assert_close(_pixels01(ours), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_each_expert_runs_its_own_noise_range(pair):
+    """The high-noise expert sees t >= 700 only, the low-noise one t < 700; the result is neither expert's alone."""
+    experts, seen = pair.base.denoiser, {"high": [], "low": []}
+    hooks = [net.register_forward_pre_hook(lambda m, args, key=key: seen[key].extend(args[1].tolist()))
+             for key, net in (("high", experts.transformer), ("low", experts.transformer_2))]
+    cfg = EditConfig(strength=0.75, seed=1, guidance_scale=2.0)
+    x0 = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    try:
+        both = run_stage(StageRun.of(pair, cfg, ["a dog"], [1]), 0, x0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(set(seen["high"])) == pytest.approx([857.6923]) and len(seen["high"]) == 2  # cond + uncond rows
+    assert sorted(set(seen["low"])) == pytest.approx([8.9286, 602.1506], abs=1e-3) and len(seen["low"]) == 4
+    for alone in experts.experts:
+        single = Cascade(pair.config, pair.text_encoder, [dataclasses.replace(pair.base, denoiser=alone)])
+        assert (run_stage(StageRun.of(single, cfg, ["a dog"], [1]), 0, x0) - both).abs().max() > 1e-3
+
+
+def test_a_batch_straddling_the_boundary_equals_its_rows(pair):
+    """Training draws a timestep per row: each expert takes its own rows, as one row at a time would."""
+    gen = torch.Generator().manual_seed(3)
+    x, tokens = torch.randn(3, Z_DIM, 2, 4, 4, generator=gen), torch.randn(3, 512, TEXT_DIM, generator=gen)
+    t = torch.tensor([900.0, 300.0, 700.0])  # 700 is the boundary itself: t >= boundary is the high-noise expert's
+    experts = pair.base.denoiser
+    with torch.no_grad():
+        batch = experts(x, t, tokens)
+        rows = torch.cat([experts(x[i:i + 1], t[i:i + 1], tokens[i:i + 1]) for i in range(3)])
+        by_hand = [net(x[i:i + 1], t[i:i + 1], tokens[i:i + 1])
+                   for i, net in enumerate((experts.transformer, experts.transformer_2, experts.transformer))]
+    torch.testing.assert_close(batch, rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows, torch.cat(by_hand))
+
+
+@pytest.mark.parametrize("t", [900.0, 300.0])
+def test_frame_mode_holds_on_both_experts(pair, t):
+    masked = _change_per_frame(pair.base.denoiser, frame_mode_on=True, t=t)
+    assert masked[2] > 1e-3 and torch.all(masked[[0, 1, 3, 4]] == 0), masked
+    assert torch.all(_change_per_frame(pair.base.denoiser, frame_mode_on=False, t=t)[[0, 1, 3, 4]] > 1e-6)
+
+
+def test_a14b_lora_finetune_adapts_both_experts_and_reloads(pair, random_video, tmp_path):
+    """Both experts carry an adapter and each trains on the steps that land in its range; an edit at 0.75 runs both,
+    differs from the plain edit, and the stored artifact reloads to the same edit."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    cfg = finetune_preset("mixed", steps=8, lr=2e-2, seed=35)
+    tuned, key = finetune_or_load(random_video, cfg, pair, store)
+    stored = load_file(str(Path(store.root, key, "base") / adapters.WEIGHTS_FILE))
+    trained = {k.split(".")[0] for k, v in stored.items() if "lora_B" in k and v.abs().sum() > 0}
+    assert trained == {"transformer", "transformer_2"}, trained  # both experts moved off the base
+    for base_net, tuned_net in zip(pair.base.denoiser.experts, tuned.base.denoiser.experts):
+        assert not _same_weights(base_net, tuned_net)
+    ecfg, prompt = EditConfig(strength=0.75, seed=2), finetuned_prompt("a red cat", cfg)
+    ours = edit(random_video, prompt, ecfg, tuned).frames
+    assert not np.array_equal(ours, edit(random_video, prompt, ecfg, pair).frames)
+    loaded, _ = load_finetuned(pair, key, store)
+    assert isinstance(loaded.base.denoiser, WanExperts)
+    assert np.array_equal(ours, edit(random_video, prompt, ecfg, loaded).frames)
+
+
+def test_a14b_full_finetune_reloads_both_experts(pair, random_video):
+    tuned = finetune(random_video, finetune_preset("mixed", steps=2, lr=1e-3, seed=3, adapter="full"), pair)
+    experts = tuned.base.denoiser
+    assert isinstance(experts, WanExperts) and experts.boundary_ratio == BOUNDARY
+    assert not _same_weights(experts, pair.base.denoiser)
+
+
+def test_bad_a14b_repositories_get_one_line(pair_repo, tmp_path, capsys):
+    def error_of(src) -> str:
+        assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    def variant(name: str, index: dict | None = None, transformer_2: dict | None = None) -> Path:
+        repo = shutil.copytree(pair_repo, tmp_path / name)
+        if index is not None:
+            (repo / "model_index.json").write_text(json.dumps(index))
+        if transformer_2 is not None:
+            config = json.loads((repo / "transformer_2" / "config.json").read_text())
+            (repo / "transformer_2" / "config.json").write_text(json.dumps({**config, **transformer_2}))
+        return repo
+
+    index = json.loads((pair_repo / "model_index.json").read_text())
+    assert "transformer_2/ but no boundary_ratio" in error_of(variant("no-boundary", {**index, "boundary_ratio": None}))
+    assert "boundary_ratio 1.5" in error_of(variant("bad-boundary", {**index, "boundary_ratio": 1.5}))
+    assert "differ in text_dim (16 vs 32)" in error_of(variant("other-text", transformer_2={"text_dim": 32}))
+    assert "differ in in_channels, out_channels" in error_of(variant("other-latents", transformer_2={
+        "in_channels": 8, "out_channels": 8}))

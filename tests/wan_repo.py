@@ -30,14 +30,17 @@ def write_tokenizer(folder, words: list[str] = WORDS, max_length: int = 512) -> 
     return len(vocab)
 
 
-def write_wan_repo(path, seed: int = 0, ti2v: bool = False):
+def write_wan_repo(path, seed: int = 0, ti2v: bool = False, boundary_ratio: float | None = None):
     """A tiny random Wan2.1-T2V repository in the hub's diffusers layout; `ti2v`: Wan2.2-TI2V-5B's instead (the same
-    classes; a residual VAE with 2x2 pixel patches, 16 pixels per latent, per-token timesteps in the pipeline)."""
+    classes; a residual VAE with 2x2 pixel patches, 16 pixels per latent, per-token timesteps in the pipeline);
+    `boundary_ratio`: Wan2.2-T2V-A14B's two experts, a second random transformer in transformer_2/ taking over below
+    boundary_ratio * 1000."""
     torch.manual_seed(seed)
     z_dim = 2 * Z_DIM if ti2v else Z_DIM
-    WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=z_dim,
-                          out_channels=z_dim, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2,
-                          rope_max_seq_len=32).save_pretrained(path / "transformer")
+    for folder in ("transformer", "transformer_2")[:1 + (boundary_ratio is not None)]:
+        WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=z_dim,
+                              out_channels=z_dim, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2,
+                              rope_max_seq_len=32).save_pretrained(path / folder)
     gen = torch.Generator().manual_seed(seed)
     wan22 = dict(is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12, out_channels=12,
                  decoder_base_dim=8) if ti2v else {}
@@ -52,7 +55,9 @@ def write_wan_repo(path, seed: int = 0, ti2v: bool = False):
                                 decoder_start_token_id=0)).save_pretrained(path / "text_encoder")
     UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT,
                             num_train_timesteps=1000).save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps({**MODEL_INDEX, "expand_timesteps": ti2v}, indent=2))
+    experts = {} if boundary_ratio is None else {"boundary_ratio": boundary_ratio,
+                                                 "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    (path / "model_index.json").write_text(json.dumps({**MODEL_INDEX, "expand_timesteps": ti2v, **experts}, indent=2))
     return path
 
 

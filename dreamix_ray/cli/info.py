@@ -27,9 +27,14 @@ def run(args) -> int:
 
 
 def _latent(row: dict) -> str:
-    """A latent stage's latent clip (channels x frames x height x width) and its VAE's parameters."""
+    """A latent stage's latent clip (channels x frames x height x width), its VAE's parameters, and a two-expert
+    stage's experts with the boundary between them."""
     if "latent" not in row:
         return ""
     c, f, h, w = row["latent"]
     upsampler = f", upsampler {row['upsampler_parameters']:,} params" if "upsampler_parameters" in row else ""
-    return f"  latent {c}x{f}x{h}x{w}, VAE {row['vae_parameters']:,} params{upsampler}"
+    experts = ""
+    if "expert_parameters" in row:
+        (high, low), t = row["expert_parameters"], row["boundary_timestep"]
+        experts = f", experts: high noise (t >= {t:g}) {high:,} params, low noise (t < {t:g}) {low:,} params"
+    return f"  latent {c}x{f}x{h}x{w}, VAE {row['vae_parameters']:,} params{upsampler}{experts}"

@@ -143,7 +143,8 @@ class Cascade:
         return h.hexdigest()[:16]
 
     def info(self) -> list[dict]:
-        """Per stage: kind, size, frames, fps, steps, parameters, and a latent stage's (C, F, H, W) and VAE size."""
+        """Per stage: kind, size, frames, fps, steps, parameters, and a latent stage's (C, F, H, W) and VAE size (and
+        a two-expert stage's parameters per expert and its boundary timestep)."""
         rows = []
         for s in self.stages:
             c = s.config
@@ -152,6 +153,10 @@ class Cascade:
             if s.vae is not None:
                 row.update(latent=s.vae.latent_shape(c.frames, c.height, c.width),
                            vae_parameters=sum(p.numel() for p in s.vae.parameters()))
+            experts = getattr(s.denoiser, "experts", None)
+            if experts is not None:  # a two-expert Wan stage (models/wan.py)
+                row.update(expert_parameters=tuple(sum(p.numel() for p in e.parameters()) for e in experts),
+                           boundary_timestep=s.denoiser.boundary_timestep)
             if s.upsampler is not None:
                 row.update(upsampler_parameters=sum(p.numel() for p in s.upsampler.parameters()))
             rows.append(row)

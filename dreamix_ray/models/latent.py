@@ -26,8 +26,9 @@ from .frame_mode import enable_frame_mode_switch, frame_mode
 from .refs import resolve_ref
 
 LAYOUTS = ("modelscope", "wan", "ltx")  # wan: models/wan.py, ltx: models/ltx.py
-SPEC_KEYS = ("layout", "unet", "transformer", "vae", "scheduler", "strength", "vae_chunk_frames",
-             "upsampler", "input", "temporal_compression", "chunk_halo", "adain_factor", "decode_timestep")
+SPEC_KEYS = ("layout", "unet", "transformer", "transformer_2", "boundary_ratio", "vae", "scheduler", "strength",
+             "vae_chunk_frames", "upsampler", "input", "temporal_compression", "chunk_halo", "adain_factor",
+             "decode_timestep")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -197,7 +198,11 @@ def place_cascade(cascade, runtime: LatentRuntime | None = None) -> None:
     runtime = runtime or LatentRuntime.from_env()
     cascade.text_encoder.to(runtime.torch_device())
     for stage in cascade.stages:
-        if isinstance(stage.denoiser, (LatentVideoDenoiser, WanTransformer3DModel)):
+        experts = getattr(stage.denoiser, "experts", None)  # a two-expert Wan stage (models/wan.py): both resident
+        if experts is not None:
+            for expert in experts:
+                place(expert, stage.vae, runtime)
+        elif isinstance(stage.denoiser, (LatentVideoDenoiser, WanTransformer3DModel)):
             place(stage.denoiser, stage.vae, runtime)
         elif hasattr(stage.denoiser, "transformer"):  # an LTX stage: its shared transformer (models/ltx.py)
             place(stage.denoiser.transformer, stage.vae, runtime)
@@ -236,7 +241,7 @@ def component_dir(sc: StageConfig, root: Path, component: str) -> Path:
     """Where a component lives: the cascade's own stage folder wins, then the spec's reference."""
     own = Path(root) / sc.name
     marker = "scheduler_config.json" if component == "scheduler" else "config.json"
-    local = own / {"vae": "vae", "upsampler": "latent_upsampler"}.get(component, "")
+    local = own / {"vae": "vae", "upsampler": "latent_upsampler", "transformer_2": "transformer_2"}.get(component, "")
     if (local / marker).is_file():
         return local
     ref = latent_spec(sc).get(component)

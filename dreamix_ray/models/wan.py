@@ -7,6 +7,10 @@ stages (latent.py) it takes and returns pixels; `WanVAE` encodes the whole clip 
 k + 1 latent frames) and normalises the latents with the VAE's per-channel mean and std, as diffusers' Wan
 pipelines do.
 
+Wan 2.2 A14B is two such transformers, experts for two noise ranges (`WanExperts`): WanPipeline runs `transformer`
+at timesteps t >= boundary_ratio * num_train_timesteps and `transformer_2` below. A stage holding both picks the
+expert from the timestep it is called with, so the sampler, guidance and training stay the ones every stage uses.
+
 Frame mode (paper Sec. 4.2) folds the latent frames into the batch: each frame becomes a one-frame clip, so its
 tokens attend only to themselves, the way Wan trains on images. With temporal patch 1, that equals a
 block-diagonal attention mask over frames: RoPE is relative, and tokens of one frame share their temporal angle.
@@ -58,6 +62,65 @@ class WanDenoiser(WanTransformer3DModel):
         if folded:
             out = out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
         return out.to(sample_bcfhw.device, sample_bcfhw.dtype)
+
+
+class WanExperts(torch.nn.Module):
+    """Wan 2.2 A14B's two WanDenoisers as one stage denoiser: the high-noise expert `transformer` at timesteps
+    t >= boundary_ratio * num_train_timesteps, the low-noise `transformer_2` below (diffusers' WanPipeline rule).
+    Saved as the two plain Wan folders: `transformer` in the given folder, `transformer_2` in its transformer_2/."""
+
+    lora_ffn_projections = WanDenoiser.lora_ffn_projections  # adapters.target_modules reads it
+
+    def __init__(self, transformer: WanDenoiser, transformer_2: WanDenoiser, boundary_ratio: float,
+                 num_train_timesteps: int = 1000):
+        super().__init__()
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.boundary_ratio, self.num_train_timesteps = float(boundary_ratio), int(num_train_timesteps)
+
+    @property
+    def boundary_timestep(self) -> float:
+        return self.boundary_ratio * self.num_train_timesteps
+
+    @property
+    def experts(self) -> tuple[WanDenoiser, WanDenoiser]:
+        """(high-noise, low-noise): what latent.place puts on the device one by one."""
+        return self.transformer, self.transformer_2
+
+    @property
+    def device(self) -> torch.device:  # as a diffusers ModelMixin says where it is (the training loop asks)
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def forward(self, sample_bcfhw: torch.Tensor, timestep: torch.Tensor, text_tokens_bld: torch.Tensor,
+                text_pooled_bd: torch.Tensor | None = None, cond_bcfhw: torch.Tensor | None = None,
+                frame_mode_on: bool = False) -> torch.Tensor:
+        """The velocity from the expert of each row's timestep ([B] or scalar)."""
+        b = sample_bcfhw.shape[0]
+        t_b = torch.as_tensor(timestep, device=sample_bcfhw.device).reshape(-1).expand(b)
+        high_b = t_b >= self.boundary_timestep
+        # Which weights run is a host decision: one read per step. A sampling step has one timestep for all rows;
+        # training draws one per row, so a batch may straddle the boundary and each expert then takes its rows.
+        n_high = int(high_b.sum())
+        if n_high in (0, b):
+            net = self.transformer if n_high else self.transformer_2
+            return net(sample_bcfhw, t_b, text_tokens_bld, text_pooled_bd, cond_bcfhw, frame_mode_on)
+        out = torch.empty_like(sample_bcfhw)
+        for net, rows in ((self.transformer, high_b), (self.transformer_2, ~high_b)):
+            out[rows] = net(sample_bcfhw[rows], t_b[rows], text_tokens_bld[rows],
+                            None if text_pooled_bd is None else text_pooled_bd[rows], cond_bcfhw, frame_mode_on)
+        return out
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.transformer.save_pretrained(path)
+        self.transformer_2.save_pretrained(Path(path) / "transformer_2")
+
+    def reloaded(self, folder: str | Path) -> WanExperts:
+        """The experts saved in `folder` (save_pretrained's layout) at this pair's boundary: a full finetune."""
+        high, low = (WanDenoiser.from_pretrained(f) for f in (Path(folder), Path(folder) / "transformer_2"))
+        return WanExperts(high, low, self.boundary_ratio, self.num_train_timesteps).eval()
 
 
 class WanVAE(torch.nn.Module):
@@ -127,21 +190,41 @@ def flow_scheduler(folder: Path, stage: str) -> FlowMatchEulerDiscreteScheduler:
 
 
 def load_wan_components(sc: StageConfig, root: str | Path, runtime: LatentRuntime | None = None
-                        ) -> tuple[WanDenoiser, FlowMatchEulerDiscreteScheduler, WanVAE]:
-    """(denoiser, scheduler, VAE) of a Wan stage, placed per `runtime` (default: from the environment)."""
-    latent_spec(sc)
+                        ) -> tuple[WanDenoiser | WanExperts, FlowMatchEulerDiscreteScheduler, WanVAE]:
+    """(denoiser, scheduler, VAE) of a Wan stage, placed per `runtime` (default: from the environment); a stage
+    with a `boundary_ratio` gets its two experts as one WanExperts."""
+    boundary = wan_boundary(sc)
     runtime = runtime or LatentRuntime.from_env()
-    dirs = {c: component_dir(sc, Path(root), c) for c in ("transformer", "scheduler", "vae")}
+    parts = ("transformer", "scheduler", "vae") + (("transformer_2",) if boundary is not None else ())
+    dirs = {c: component_dir(sc, Path(root), c) for c in parts}
+    dtype = _DTYPES[runtime.dtype]
     try:
-        denoiser = WanDenoiser.from_pretrained(dirs["transformer"], torch_dtype=_DTYPES[runtime.dtype]).eval()
-        vae = WanVAE(AutoencoderKLWan.from_pretrained(dirs["vae"], torch_dtype=_DTYPES[runtime.dtype]))
+        experts = [WanDenoiser.from_pretrained(dirs[c], torch_dtype=dtype).eval()
+                   for c in ("transformer", "transformer_2") if c in dirs]
+        vae = WanVAE(AutoencoderKLWan.from_pretrained(dirs["vae"], torch_dtype=dtype))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LatentModelError(f"stage {sc.name!r}: cannot load its components: {str(exc).splitlines()[0]}") \
             from None
     scheduler = flow_scheduler(dirs["scheduler"], sc.name)
-    check_wan_stage(sc, denoiser.config, vae)
-    place(denoiser, vae, runtime)
-    return denoiser, scheduler, vae
+    for expert in experts:
+        check_wan_stage(sc, expert.config, vae)
+        place(expert, vae, runtime)
+    if boundary is None:
+        return experts[0], scheduler, vae
+    return WanExperts(*experts, boundary, scheduler.config.num_train_timesteps), scheduler, vae
+
+
+def wan_boundary(sc: StageConfig) -> float | None:
+    """The stage's `boundary_ratio` (two experts), checked, or None (one transformer)."""
+    spec = latent_spec(sc)
+    boundary = spec.get("boundary_ratio")
+    if boundary is None:
+        if spec.get("transformer_2"):
+            raise LatentModelError(f"stage {sc.name!r}: transformer_2 without boundary_ratio; rerun `dreamix convert`")
+        return None
+    if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0.0 < boundary < 1.0:
+        raise LatentModelError(f"stage {sc.name!r}: boundary_ratio must be a number in (0, 1), got {boundary!r}")
+    return float(boundary)
 
 
 def check_wan_stage(sc: StageConfig, transformer: dict, vae: WanVAE) -> None:
