@@ -1,16 +1,17 @@
-"""Batch throughput: N videos through the Ray Data pipeline vs the same stages one after another in one process.
+"""Batch throughput: N videos through the Ray Data pipeline, fused and staged (cluster/pipeline.py), against the
+same steps one after another in one process.
 
-    python jobs/bench_batch.py --videos 16 [--model DIR] [--write BENCHMARKS.md]
+    python jobs/bench_batch.py --videos 16 [--model DIR] [--layouts fused staged] [--write BENCHMARKS.md]
 
-Reports videos/minute for both, their ratio, per-stage busy time from ds.stats() after execution, and the
-peak object-store use sampled during the run. Both runs start cold (they load the models themselves).
+Reports videos/minute for each, the ratios, each layout against its ideal (cores / stage CPU-seconds a video),
+per-step busy time from ds.stats() after execution, and the peak object-store use sampled during the run. Every
+run starts cold (it loads the models itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import sys
@@ -88,24 +89,27 @@ def run_sequential(manifest: Path, out: Path, args, threads: int) -> tuple[float
     return time.perf_counter() - start, sum(r["status"] == "ok" for r in rows), time.process_time() - cpu_start
 
 
-def run_pipeline(manifest: Path, out: Path, args):
+def run_pipeline(manifest: Path, out: Path, args, layout: str):
     import ray
 
-    from dreamix_ray.cluster.batch import BatchOptions, min_resources, run_batch
+    from dreamix_ray.cluster.batch import BatchOptions, local_cpus, resolve_layout, run_batch
     from dreamix_ray.cluster.batch_cli import parse_table
     from dreamix_ray.cluster.pipeline import pipeline_steps
     from dreamix_ray.cluster.steps import cascade_config
     from dreamix_ray.request import EditRequest
 
+    staged = layout == "staged"  # the per-stage tables apply to the staged layout only
     opts = BatchOptions(manifest=str(manifest), output_prefix=str(out), model=args.model,
                         request=EditRequest(prompt="", ssr_chunk_frames=args.ssr_chunk_frames),
-                        cpus=parse_table(args.stage_cpus, "--stage-cpus"),
-                        actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
-                        batch_size=args.batch_size, progress=False)
+                        cpus=parse_table(args.stage_cpus if staged else args.fused_cpus, "--stage-cpus"),
+                        actors=parse_table(args.stage_actors if staged else args.fused_actors, "--stage-actors",
+                                           pair=True),
+                        batch_size=args.batch_size, progress=False, layout=layout)
     # The cluster run_batch would start, started here so that its start-up is timed apart.
-    need = min_resources(opts, pipeline_steps(cascade_config(args.model), args.model, None, None, False))
+    config = cascade_config(args.model)
+    specs = pipeline_steps(config, args.model, None, None, False, layout=resolve_layout(opts, config))
     start = time.perf_counter()
-    ray.init(address="local", num_cpus=args.num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False,
+    ray.init(address="local", num_cpus=args.num_cpus or local_cpus(opts, specs), include_dashboard=False,
              log_to_driver=False)
     init_s = time.perf_counter() - start
     try:
@@ -113,7 +117,16 @@ def run_pipeline(manifest: Path, out: Path, args):
             summary = run_batch(opts)
     finally:
         ray.shutdown()
-    return summary, init_s, peak.peak
+    return summary, init_s, peak.peak, model_seconds(str(out), summary, config.stages[0].name)
+
+
+def model_seconds(prefix: str, summary, first_stage: str) -> float:
+    """From the first row's first stage starting to the last row's upload: the run without its start-up (actor
+    processes, imports, model loads), which a long manifest amortizes."""
+    from dreamix_ray.manifest import read_results
+
+    rows = [r for r in read_results(prefix, None, run_id=summary.run_id).to_pylist() if r["status"] == "ok"]
+    return max(r["finished_at"] for r in rows) - min(r[f"{first_stage}_started_at"] for r in rows)
 
 
 def write_section(path: Path, text: str) -> None:
@@ -134,9 +147,12 @@ def main(argv=None) -> int:
     p.add_argument("--ssr-chunk-frames", type=int, default=8, help="last-SSR chunk (default 8: 2 chunks per video)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="local Ray cluster CPUs (default: enough for 1 actor/stage)")
-    p.add_argument("--stage-cpus", default="decode=0.5,base=1,tsr=1,ssr=1,encode=0.5")
+    p.add_argument("--layouts", nargs="+", choices=("fused", "staged"), default=["fused", "staged"])
+    p.add_argument("--stage-cpus", default="decode=0.5,base=1,tsr=1,ssr=1,encode=0.5", help="staged")
     # The last SSR is ~80% of the embedded cascade's work: two SSR actors share its rows.
-    p.add_argument("--stage-actors", default="base=1,tsr=1,ssr=2")
+    p.add_argument("--stage-actors", default="base=1,tsr=1,ssr=2", help="staged")
+    p.add_argument("--fused-cpus", default="", help="fused, e.g. cascade=1 (default: the pipeline's)")
+    p.add_argument("--fused-actors", default="", help="fused, e.g. cascade=2 (default: the pipeline's autoscaling)")
     p.add_argument("--baseline-threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
                    help="torch threads of the one-process baselines (default: 1 and every core)")
     p.add_argument("--write", default=None, metavar="BENCHMARKS.md", help="append/replace the section there")
@@ -145,19 +161,31 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         manifest = make_inputs(Path(tmp), args.videos)
         baselines = [(n, *run_sequential(manifest, Path(tmp, f"seq{n}"), args, n)) for n in args.baseline_threads]
-        summary, init_s, peak = run_pipeline(manifest, Path(tmp, "ray"), args)
-    print(summary.stats, flush=True)
+        pipelines = {layout: run_pipeline(manifest, Path(tmp, layout), args, layout) for layout in args.layouts}
     cores = os.cpu_count() or 1
-    busy = "\n".join(f"| {name} | {secs:.1f} | {summary.cpu_seconds.get(name, 0.0):.1f} |"
-                     for name, secs in summary.busy_seconds.items())
-    ray_cpu = sum(summary.cpu_seconds.values())
-    # The ideal: every core busy with stage work, no time lost between stages (cores / stage CPU-seconds a video).
-    ideal_vpm = 60 * cores * summary.ok / ray_cpu if ray_cpu else float("nan")
     seq_rows = "\n".join(
         f"| one process, stage after stage ({n} torch thread(s)) | {ok} | {secs:.1f} | {60 * ok / secs:.2f} | "
         f"{cpu:.1f} | {cpu / secs:.2f} |" for n, secs, ok, cpu in baselines)
-    ratios = ", ".join(f"**{secs / summary.seconds:.2f}x** against {n} thread(s)" for n, secs, _, _ in baselines)
+    rows, verdicts, busy = [], [], []
+    for layout, (summary, init_s, peak, steady_s) in pipelines.items():
+        print(summary.stats, flush=True)
+        ray_cpu = sum(summary.cpu_seconds.values())
+        # The ideal: every core busy with step work, none lost between steps (cores / step CPU-seconds a video).
+        ideal_vpm = 60 * cores * summary.ok / ray_cpu if ray_cpu else float("nan")
+        rows.append(f"| Ray Data pipeline, {layout} (excl. {init_s:.1f} s `ray.init`) | {summary.ok} | "
+                    f"{summary.seconds:.1f} | {summary.videos_per_minute:.2f} | {ray_cpu:.1f} (step tasks) | "
+                    f"{ray_cpu / summary.seconds:.2f} |")
+        ratios = ", ".join(f"**{secs / summary.seconds:.2f}x** against {n} thread(s)" for n, secs, _, _ in baselines)
+        verdicts.append(f"- {layout}: {ratios}; against its ideal ({cores} cores / {ray_cpu / max(summary.ok, 1):.1f} "
+                        f"step CPU-seconds a video = {ideal_vpm:.2f} videos/min): "
+                        f"**{summary.videos_per_minute / ideal_vpm:.0%}**; without start-up (the first row's "
+                        f"first stage to the last upload, {steady_s:.1f} s): "
+                        f"**{60 * summary.ok / steady_s / ideal_vpm:.0%}**; peak object-store use "
+                        f"{peak / 2**20:.1f} MiB.")
+        busy += [f"| {layout} | {name} | {secs:.1f} | {summary.cpu_seconds.get(name, 0.0):.1f} |"
+                 for name, secs in summary.busy_seconds.items()]
     command = "python jobs/bench_batch.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    nl = "\n"
     text = f"""{HEADING}
 
 `{command}` ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, model: {args.model or 'embedded'};
@@ -166,22 +194,23 @@ the machine's load average at the end: {os.getloadavg()[0]:.1f})
 | run | videos ok | seconds | videos/min | CPU seconds | cores used on average |
 |---|---|---|---|---|---|
 {seq_rows}
-| Ray Data pipeline (excl. {init_s:.1f} s `ray.init`) | {summary.ok} | {summary.seconds:.1f} | {summary.videos_per_minute:.2f} | {ray_cpu:.1f} (stage tasks) | {ray_cpu / summary.seconds:.2f} |
+{nl.join(rows)}
 
-Pipeline / one-process throughput: {ratios}. Against the ideal ({cores} cores / {ray_cpu / max(summary.ok, 1):.1f}
-stage CPU-seconds a video = {ideal_vpm:.2f} videos/min): **{summary.videos_per_minute / ideal_vpm:.0%}**. Peak object-store
-use: {peak / 2**20:.1f} MiB.
+Pipeline / one-process throughput, and each layout against its ideal:
 
-Per-stage busy time (sum of task wall and CPU times, from ds.stats() after execution):
+{nl.join(verdicts)}
 
-| operator | busy seconds | CPU seconds |
-|---|---|---|
-{busy}
+Per-step busy time (sum of task wall and CPU times, from ds.stats() after execution):
+
+| layout | operator | busy seconds | CPU seconds |
+|---|---|---|---|
+{nl.join(busy)}
 """
     print(text)
     if args.write:
         write_section(Path(args.write), text)
-    return 0 if summary.ok == args.videos and all(ok == args.videos for _, _, ok, _ in baselines) else 1
+    done = [summary.ok for summary, *_ in pipelines.values()] + [ok for _, _, ok, _ in baselines]
+    return 0 if all(ok == args.videos for ok in done) else 1
 
 
 if __name__ == "__main__":

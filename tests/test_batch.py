@@ -24,6 +24,7 @@ CHUNK = 3  # 8 output frames -> last-SSR chunks of 3, 3, 2, inside the SSR step
 JOB = EditRequest(prompt="", ssr_chunk_frames=CHUNK)  # the job's defaults, as `dreamix batch` flags give them
 TEST_CPUS = {"decode": 0.25, "base": 0.5, "tsr": 0.5, "ssr": 0.5, "encode": 0.25}
 TEST_ACTORS = {"decode": (1, 1), "base": (1, 1), "tsr": (1, 1), "ssr": (1, 1), "encode": (1, 1)}
+FUSED_CPUS = {"decode": 0.25, "cascade": 0.5, "encode": 0.25}  # --layout fused: one step runs every stage
 
 
 def _reference_mp4(tmp: Path, video_path: Path, prompt: str, seed: int, model_dir) -> bytes:
@@ -118,6 +119,32 @@ def test_flag_and_manifest_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: cannot read manifest") and "does not exist" in err and "\n" not in err
     assert main([str(tmp_path / "m.jsonl"), "--output-prefix", "o", "--stage-actors", "ssr=3:1"]) == 2
     assert "--stage-actors" in capsys.readouterr().err
+
+
+def test_layout_is_fused_unless_stages_get_nodes_or_resources_of_their_own(tmp_path, capsys, tiny_dir):
+    sys.path.insert(0, str(REPO / "jobs"))
+    from edit_batch import main
+
+    from dreamix_ray.cluster.batch import BatchError, BatchOptions, resolve_layout
+    from dreamix_ray.cluster.steps import cascade_config
+
+    config = cascade_config(str(tiny_dir))
+
+    def layout(**kw):
+        return resolve_layout(BatchOptions(manifest="m.jsonl", output_prefix="o", **kw), config)
+
+    assert layout() == "fused" and layout(cpus={"decode": 1, "cascade": 2}, actors={"cascade": (2, 2)}) == "fused"
+    assert layout(actors={"ssr": (2, 2)}) == "staged" and layout(pin_stages=True) == "staged"
+    assert layout(layout="staged") == "staged"
+    with pytest.raises(BatchError, match="--layout fused runs every stage in one step, so resources for ssr"):
+        layout(layout="fused", gpus={"ssr": 1})
+    with pytest.raises(BatchError, match="resources for 'cascade' apply to --layout fused"):
+        layout(layout="staged", cpus={"cascade": 1})
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "video": "a.mp4", "prompt": "a red circle"}))
+    assert main([str(tmp_path / "m.jsonl"), "--output-prefix", str(tmp_path / "out"), "--model", str(tiny_dir),
+                 "--layout", "fused", "--pin-stages"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--layout fused runs every stage in one step, so --pin-stages cannot apply" in err and "\n" not in err
 
 
 def _infra_docs(pattern: str) -> list[dict]:
@@ -225,9 +252,9 @@ def s3_job(s3_client, s3_server, tmp_path_factory):
 def _options(s3_job, s3_server, tiny_dir, **kw):
     from dreamix_ray.cluster.batch import BatchOptions
 
-    return BatchOptions(manifest=s3_job["manifest"], output_prefix=s3_job["prefix"], model=str(tiny_dir),
-                        s3=s3_server[1], request=JOB, cpus=TEST_CPUS,
-                        actors=TEST_ACTORS, batch_size=2, progress=False, **kw)
+    return BatchOptions(**{**dict(manifest=s3_job["manifest"], output_prefix=s3_job["prefix"], model=str(tiny_dir),
+                                  s3=s3_server[1], request=JOB, cpus=TEST_CPUS, actors=TEST_ACTORS, batch_size=2,
+                                  progress=False), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -315,12 +342,16 @@ def test_rerun_skips_finished_rows_and_redoes_missing_ones(first_run, s3_job, s3
     from dreamix_ray.manifest import read_results
 
     redo = first_run["rows"][("good3", "a green circle")]["output"]
+    staged = s3_client.get_object(Bucket="batch", Key=redo[len("s3://batch/"):])["Body"].read()
     s3_client.delete_object(Bucket="batch", Key=redo[len("s3://batch/"):])
-    summary = run_batch(_options(s3_job, s3_server, tiny_dir, run_id="second"))
-    assert (summary.ok, summary.failed, summary.skipped) == (1, 3, 9), summary.text()
+    # The rerun takes the default layout, fused (the first run was staged: per-stage resources): the same bytes.
+    summary = run_batch(_options(s3_job, s3_server, tiny_dir, run_id="second", cpus=FUSED_CPUS, actors={}))
+    assert (summary.ok, summary.failed, summary.skipped) == (1, 3, 9) and summary.layout == "fused", summary.text()
     rows = read_results(s3_job["prefix"], s3_server[1], run_id="second").to_pylist()
     done = [r for r in rows if r["status"] == "ok"]
     assert [r["output"] for r in done] == [redo]
+    assert s3_client.get_object(Bucket="batch", Key=redo[len("s3://batch/"):])["Body"].read() == staged
+    assert all(done[0][f"t_{stage}"] > 0 and done[0][f"{stage}_node"] for stage in ("base", "tsr", "ssr"))
     assert all(r["t_base"] == 0 for r in rows if r["status"] == "skipped")
     assert len(read_results(s3_job["prefix"], s3_server[1]).to_pylist()) == 26  # both runs are kept
 

@@ -102,7 +102,8 @@ def test_the_rule(tuned_config, tmp_path):
 
 
 def test_cli_and_batch_write_the_same_bytes(tmp_path, tiny_dir, capsys):
-    """The same request through `dreamix edit` and the batch steps (run in this process) -> the same mp4."""
+    """The same request through `dreamix edit` and the batch steps (run in this process, staged and fused) -> the
+    same mp4."""
     from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
     from dreamix_ray.cluster.steps import cascade_config
 
@@ -116,6 +117,9 @@ def test_cli_and_batch_write_the_same_bytes(tmp_path, tiny_dir, capsys):
     config = cascade_config(str(tiny_dir))
     items = work_items(read_manifest(str(tmp_path / "m.jsonl")), str(tmp_path / "batch"), EditRequest(prompt=""),
                        "tiny", config)
-    done = run_in_process(items, pipeline_steps(config, str(tiny_dir), None, None, False))
-    assert done[0]["status"] == "ok", done[0]["error"]
-    assert Path(done[0]["output"]).read_bytes() == out.read_bytes()
+    for layout in ("staged", "fused"):  # a step per stage, or one for all of them: the same bytes
+        done = run_in_process(items, pipeline_steps(config, str(tiny_dir), None, None, False, layout=layout))
+        assert done[0]["status"] == "ok", done[0]["error"]
+        assert Path(done[0]["output"]).read_bytes() == out.read_bytes(), layout
+        assert all(done[0][f"t_{stage.name}"] > 0 and done[0][f"{stage.name}_node"] for stage in config.stages)
+        Path(done[0]["output"]).unlink()  # else the next layout's decode skips the row as done

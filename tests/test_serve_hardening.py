@@ -61,10 +61,10 @@ def test_batch_without_address_starts_a_private_cluster(head, tmp_path, tiny_dir
     manifest = tmp_path / "rows.jsonl"
     manifest.write_text(json.dumps({"id": "r0", "video": str(clip), "prompt": "a blue circle", "seed": 1}) + "\n")
     cmd = [str(BIN / "dreamix"), "batch", str(manifest), "--output-prefix", str(tmp_path / "out"),
-           "--model", str(tiny_dir), "--quiet", "--stage-actors", "base=1:1,tsr=1:1,ssr=1:1"]
+           "--model", str(tiny_dir), "--quiet"]  # the default layout, fused: one actor runs the cascade
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=head["env"])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "1 outputs: 1 done" in done.stdout, done.stdout
+    assert "(fused): 1 outputs: 1 done" in done.stdout, done.stdout
     lines = ray_lines(done.stderr)
     assert len(lines) == 1 and "private local cluster" in lines[0] and head["port"] in lines[0], lines
     assert "Traceback" not in done.stderr

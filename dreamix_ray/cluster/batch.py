@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..manifest import read_manifest, results_dir, work_items, write_results
 from ..request import EditRequest
 from ..storage import S3Settings, join, write_bytes
-from .pipeline import DEFAULT_CPUS, StepSpec, pipeline_steps, step_resource
+from .pipeline import CASCADE_KINDS, DEFAULT_CPUS, LAYOUTS, StepSpec, pipeline_steps, step_resource
 from .steps import cascade_config, model_tag, placement_columns, to_rows
 
 LOST = "lost by the pipeline: a worker failed on it repeatedly (see the Ray logs); rerun to retry"
@@ -61,6 +61,7 @@ class BatchOptions:
     object_store_mb: float | None = None  # Ray Data's budget for rows in flight: bounds how far reading runs ahead
     pin_stages: bool = False  # cascade stages ask for custom resource stage_<kind> (one worker group per stage)
     actor_start_timeout_s: float = 1800  # a stage with no actor by then fails the job instead of hanging
+    layout: str = "auto"  # "fused" | "staged" (pipeline.py); auto: staged when stages are pinned or given resources
 
 
 @dataclass
@@ -80,6 +81,7 @@ class BatchSummary:
     busy_seconds: dict[str, float] = field(default_factory=dict)  # per stage: summed remote wall time
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # per stage: summed remote CPU time
     stages: tuple[str, ...] = ()  # cascade stage names, in order
+    layout: str = ""  # "fused" | "staged": how the stages ran (pipeline.py)
     # per stage: (node id, node IP, accelerator, Ray's GPU ids) -> outputs it ran there
     placement: dict[str, Counter] = field(default_factory=dict)
 
@@ -88,7 +90,7 @@ class BatchSummary:
         return 60.0 * self.ok / self.seconds if self.seconds > 0 else 0.0
 
     def text(self) -> str:
-        lines = [f"run {self.run_id}: {self.total} outputs: {self.ok} done, {self.failed} failed, "
+        lines = [f"run {self.run_id} ({self.layout}): {self.total} outputs: {self.ok} done, {self.failed} failed, "
                  f"{self.skipped} skipped in {self.seconds:.1f} s ({self.videos_per_minute:.2f} videos/min)",
                  f"results: {self.results}"]
         lines += [self.placement_line(stage) for stage in self.stages if self.placement.get(stage)]
@@ -107,6 +109,30 @@ class BatchSummary:
 
 def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def stage_keys(opts: BatchOptions, config) -> list[str]:
+    """The --stage-cpus / --stage-gpus / --stage-actors keys that name a single cascade stage (by name or kind)."""
+    names = {stage.name for stage in config.stages} | {stage.kind for stage in config.stages}
+    return sorted({key for table in (opts.cpus, opts.gpus, opts.actors) for key in table if key in names})
+
+
+def resolve_layout(opts: BatchOptions, config) -> str:
+    """fused, unless the job gives single stages nodes (--pin-stages) or resources of their own: those need a step
+    per stage. An explicit layout that contradicts the flags is an error, not a silent choice."""
+    keys = stage_keys(opts, config)
+    if opts.layout == "auto":
+        return "staged" if opts.pin_stages or keys else "fused"
+    if opts.layout not in LAYOUTS:
+        raise BatchError(f"--layout must be auto, fused or staged, got {opts.layout!r}")
+    if opts.layout == "fused" and (opts.pin_stages or keys):
+        why = "--pin-stages" if opts.pin_stages else "resources for " + ", ".join(keys)
+        raise BatchError(f"--layout fused runs every stage in one step, so {why} cannot apply; give the step's "
+                         "resources as cascade=... (--stage-cpus cascade=1), or use --layout staged")
+    if opts.layout == "staged" and any("cascade" in table for table in (opts.cpus, opts.gpus, opts.actors)):
+        raise BatchError("resources for 'cascade' apply to --layout fused; name the stages (base=..., ssr=...) "
+                         "with --layout staged")
+    return opts.layout
 
 
 def _actors(opts: BatchOptions, spec: StepSpec) -> tuple[int, int]:
@@ -154,12 +180,19 @@ def init_ray(opts: BatchOptions, specs: list[StepSpec]) -> bool:
     this call started Ray (or connected to it)."""
     if ray.is_initialized():
         return False
-    # Every stage needs one actor alive for rows to stream through; on a small machine that means more
-    # logical CPUs than cores, which the OS time-slices (stages seldom all compute at once).
-    num_cpus = opts.num_cpus or max(os.cpu_count() or 1, math.ceil(min_resources(opts, specs)["CPU"]))
+    num_cpus = opts.num_cpus or local_cpus(opts, specs)
     start_or_join(opts.address or os.environ.get("RAY_ADDRESS"), {"num_cpus": num_cpus, "include_dashboard": False},
                   log_to_driver=True)
     return True
+
+
+def local_cpus(opts: BatchOptions, specs: list[StepSpec]) -> int:
+    """Logical CPUs of a private local cluster: every core for the model steps' actors, the light steps (decode,
+    encode) on top, which the OS time-slices beside them; and at least one actor of every step, else rows cannot
+    stream through (on a small machine, more logical CPUs than cores: stages seldom all compute at once)."""
+    light = sum(_actors(opts, spec)[0] * step_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
+                for spec in specs if not spec.model)
+    return max(math.ceil((os.cpu_count() or 1) + light), math.ceil(min_resources(opts, specs)["CPU"]))
 
 
 def check_fits(opts: BatchOptions, specs: list[StepSpec]) -> None:
@@ -226,9 +259,11 @@ def build_dataset(items: list[dict], specs: list[StepSpec], opts: BatchOptions,
             kwargs["threads"] = max(1, int(cpus))
             if spec.name != "finetune":
                 kwargs["gpus"] = gpus
-            if spec.kind in ("base", "tsr", "ssr"):  # cascade stages record where they ran
+            if spec.kind in CASCADE_KINDS:  # cascade stages record where they ran
                 kwargs["placement"] = ray_placement
         lo, hi = _actors(opts, spec)
+        if spec.kind == "cascade" and "cascade" not in opts.actors:
+            lo = hi = fused_actors(opts, spec, specs, math.ceil(len(items) / opts.batch_size))
         pinned = _pinned(opts, spec) or None
         # Ray Data spreads actors over every node ("SPREAD"): a decode actor on a stage's GPU node took the CPU
         # that stage's actor needed, and the pipeline waited forever (issue 23). Ray's default policy keeps
@@ -245,6 +280,20 @@ def build_dataset(items: list[dict], specs: list[StepSpec], opts: BatchOptions,
                                 num_gpus=gpus or None, resources=pinned, max_restarts=opts.max_restarts,
                                 max_task_retries=opts.max_task_retries, **scheduling)
     return ds
+
+
+def fused_actors(opts: BatchOptions, spec: StepSpec, specs: list[StepSpec], batches: int) -> int:
+    """Actors of the fused step, all started up front: as many as the cluster's free resources hold beside one actor
+    of every other step, and no more than there are batches. (An autoscaling pool that starts at one actor scales up
+    only on a long queue: 8 videos ran one batch after another on one actor, using 0.78 of 2 cores.)"""
+    free = ray.available_resources()
+    for other in specs:
+        if other is not spec:
+            for key, amount in actor_shape(opts, other).items():
+                free[key] = free.get(key, 0.0) - _actors(opts, other)[0] * amount
+    fit = min((math.floor(free.get(key, 0.0) / amount + 1e-9) for key, amount in actor_shape(opts, spec).items()),
+              default=batches)  # an actor that asks for nothing fits any number of times
+    return max(1, min(fit, batches))
 
 
 def ray_placement() -> dict[str, str]:
@@ -311,10 +360,12 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     config, tag = cascade_config(opts.model, s3), model_tag(opts.model, s3)
     items = work_items(rows, opts.output_prefix, opts.request, tag, config)
     store = opts.store or join(opts.output_prefix, "artifacts")
-    specs = pipeline_steps(config, opts.model, worker_s3 or None, store, any(r.finetune for r in rows), opts.limits)
+    layout = resolve_layout(opts, config)
+    specs = pipeline_steps(config, opts.model, worker_s3 or None, store, any(r.finetune for r in rows), opts.limits,
+                           layout)
     run_id = opts.run_id or new_run_id()
     summary = BatchSummary(run_id, len(items), results=join(results_dir(opts.output_prefix), f"run={run_id}"),
-                           stages=tuple(stage.name for stage in config.stages))
+                           stages=tuple(stage.name for stage in config.stages), layout=layout)
     started = init_ray(opts, specs)
     threads_before = set(threading.enumerate())
     try:
@@ -470,7 +521,7 @@ def _count(summary: BatchSummary, row: dict) -> None:
 
 def _write_summary(opts: BatchOptions, summary: BatchSummary, s3: S3Settings) -> None:
     data = dict(run=summary.run_id, total=summary.total, ok=summary.ok, failed=summary.failed,
-                skipped=summary.skipped, seconds=round(summary.seconds, 3),
+                skipped=summary.skipped, seconds=round(summary.seconds, 3), layout=summary.layout,
                 videos_per_minute=round(summary.videos_per_minute, 3), stopped=summary.stopped,
                 manifest=opts.manifest, model=opts.model or "embedded")
     write_bytes(join(summary.results, "summary.json"), json.dumps(data, indent=2).encode(), s3)

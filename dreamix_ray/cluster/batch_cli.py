@@ -10,7 +10,8 @@ from ..request import EditRequest
 from ..storage import S3Settings
 from .batch import BatchOptions, run_batch
 
-STAGES_HELP = "stage=value pairs by stage name or kind, e.g. base=1,tsr=1,ssr=1 (also decode, degrade, finetune, encode)"
+STAGES_HELP = ("step=value pairs by stage name or kind, e.g. base=1,tsr=1,ssr=1 (--layout staged), cascade=1 "
+               "(fused), also decode, degrade, finetune, encode")
 
 
 class FlagError(UserError):
@@ -53,7 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage-cpus", default=None, metavar="SPEC", help=f"CPUs per actor: {STAGES_HELP}")
     p.add_argument("--stage-gpus", default=None, metavar="SPEC", help=f"GPUs per actor: {STAGES_HELP}")
     p.add_argument("--stage-actors", default=None, metavar="SPEC",
-                   help="actor pool sizes, e.g. base=1:4,ssr=2 (MIN:MAX autoscales; default 1:4 per model stage)")
+                   help="actor pool sizes, e.g. base=1:4,ssr=2 or cascade=2 (MIN:MAX autoscales; default 1:4 per "
+                        "model step)")
+    p.add_argument("--layout", choices=("auto", "fused", "staged"), default="auto",
+                   help="fused: each actor runs every stage of a row (data parallel; the faster one when a device "
+                        "holds the whole cascade); staged: an actor pool per stage, each with its own resources "
+                        "(pipeline parallel). auto (default): staged with --pin-stages or per-stage resources")
     p.add_argument("--pin-stages", action="store_true",
                    help="run each cascade stage only on nodes with custom resource stage_<kind> (infra/ worker groups)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per model call (default 4)")
@@ -100,7 +106,7 @@ def options_from_args(args) -> BatchOptions:
         actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
         batch_size=args.batch_size, max_error_rate=args.max_error_rate, max_restarts=args.max_restarts,
         object_store_mb=args.object_store_mb, pin_stages=args.pin_stages, num_cpus=args.num_cpus,
-        actor_start_timeout_s=args.actor_start_timeout,
+        actor_start_timeout_s=args.actor_start_timeout, layout=args.layout,
         run_id=args.run_id, progress=not args.quiet)
 
 

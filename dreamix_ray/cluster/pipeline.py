@@ -1,7 +1,15 @@
 """The batch pipeline as a list of plain steps: Ray Data runs it (batch.py), and so can one process.
 
 Words by layer: a *stage* is a cascade stage; a *step* is one Ray Data map over the rows (decode, finetune,
-one step per cascade stage, encode)."""
+the cascade's stages, encode).
+
+Two layouts of the cascade's stages (BatchOptions.layout):
+- *fused*: one step runs every stage of a row (data parallel: each actor holds the whole cascade). Nothing
+  between stages crosses the object store and no stage waits on a slower one: on one machine, or GPUs that
+  each hold the cascade, it is the faster one (BENCHMARKS.md, "Batch pipeline").
+- *staged*: one step per stage, each with its own actors and resources (pipeline parallel): stages on GPUs
+  or nodes of their own (--pin-stages), for cascades one device cannot hold.
+Both run the same CascadeStep and give the same bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +21,10 @@ from ..config import CascadeConfig
 from .steps import CascadeStep, Decode, Degrade, Encode, Finetune, to_batch, to_rows
 
 # Per-step CPUs when --stage-cpus names none: model steps get a core, I/O steps a share of one.
-DEFAULT_CPUS = {"decode": 0.5, "degrade": 1.0, "finetune": 1.0, "base": 1.0, "tsr": 1.0, "ssr": 1.0, "encode": 0.5}
+DEFAULT_CPUS = {"decode": 0.5, "degrade": 1.0, "finetune": 1.0, "base": 1.0, "tsr": 1.0, "ssr": 1.0, "cascade": 1.0,
+                "encode": 0.5}
+CASCADE_KINDS = ("base", "tsr", "ssr", "cascade")  # steps that run cascade stages (the last: all of them, fused)
+LAYOUTS = ("fused", "staged")
 
 
 @dataclass(frozen=True)
@@ -21,15 +32,16 @@ class StepSpec:
     """One pipeline step: `fn` is a callable class on column batches; `name` keys its resources."""
 
     name: str
-    kind: str  # "base" | "tsr" | "ssr" for the steps of cascade stages, else the name
+    kind: str  # "base" | "tsr" | "ssr" for the steps of single cascade stages, "cascade" for all of them fused
     fn: type | Callable
     kwargs: dict = field(default_factory=dict)
     model: bool = False  # loads cascade weights: gets threads / gpus from its resources
 
 
 def pipeline_steps(config: CascadeConfig, model: str | None, s3: dict | None, store: str | None,
-                    finetune: bool, limits: dict | None = None) -> list[StepSpec]:
-    """decode -> [degrade] -> [finetune] -> base -> SR stages (the last one chunk by chunk, inside its step) -> encode.
+                    finetune: bool, limits: dict | None = None, layout: str = "staged") -> list[StepSpec]:
+    """decode -> [degrade] -> [finetune] -> base -> SR stages (the last one chunk by chunk, inside its step) -> encode;
+    fused, the stages are one step ("cascade").
 
     A latent base gets a degrade step (its VAE encoder, steps.Degrade) with its own actors and resources; a pixel
     base samples the decoded input as it is.
@@ -46,7 +58,12 @@ def pipeline_steps(config: CascadeConfig, model: str | None, s3: dict | None, st
     if finetune:
         specs.append(StepSpec("finetune", "finetune", Finetune, dict(common, store=store, limits=limits),
                                model=True))
-    for index, stage in enumerate(config.stages):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "fused":  # stage 0 to frames: run_cascade through every stage
+        specs.append(StepSpec("cascade", "cascade", CascadeStep,
+                              dict(common, index=0, store=store, to_frames=True, encoded=encoded), model=True))
+    for index, stage in enumerate(config.stages if layout == "staged" else ()):
         specs.append(StepSpec(stage.name, stage.kind, CascadeStep,
                                dict(common, index=index, store=store, to_frames=index == len(config.stages) - 1,
                                     encoded=encoded and index == 0),

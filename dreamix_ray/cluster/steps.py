@@ -21,7 +21,7 @@ from pyarrow import fs as pafs
 
 from ..config import CascadeConfig, EditConfig
 from ..degrade import downsample_to_stage
-from ..edit import StageRun, run_cascade, run_stage
+from ..edit import StageRun, Timings, run_cascade, run_stage
 from ..errors import UserError
 from ..finetune import finetune_or_load, finetune_preset
 from ..finetuned_cache import FinetunedCascades
@@ -317,14 +317,15 @@ class CascadeStep:
         self.models = FinetunedCascades(lambda: _load_cascade(model, s3_settings).to(device),
                                         ArtifactStore(store, s3_settings))
         self.config = cascade_config(model, s3_settings)
-        self.name = self.config.stages[index].name
-        self.columns = placement_columns(self.name)
+        # the stages this step runs: its own, and to frames every later one too (all of them, fused)
+        self.names = [stage.name for stage in self.config.stages[index:]] if to_frames else \
+            [self.config.stages[index].name]
 
-    def _run(self, rows: list[dict], artifact: str, cfg_json: str):
+    def _run(self, rows: list[dict], artifact: str, cfg_json: str, timings: Timings):
         cascade, prompt_of = self.models.get(artifact)
         plan = EditPlan.from_dict(json.loads(cfg_json), self.config)
         run = StageRun.of(cascade, plan, [prompt_of(r["prompt"]) for r in rows],
-                          [json.loads(r["cfg"])["seed"] for r in rows])
+                          [json.loads(r["cfg"])["seed"] for r in rows], timings=timings)
         x = torch.from_numpy(np.stack([r["x"] for r in rows]))
         with torch.inference_mode():
             if self.to_frames:  # the last stage: chunk by chunk into the uint8 output, as edit() (App. A.1)
@@ -333,35 +334,45 @@ class CascadeStep:
 
     def __call__(self, batch: dict) -> dict:
         rows = to_rows(batch)
-        column, groups = f"t_{self.name}", defaultdict(list)
-        node, ip, device, gpus, started, ended = self.columns
+        groups = defaultdict(list)
         for r in rows:
-            r.setdefault(column, 0.0)
-            r.update({node: "", ip: "", device: "", gpus: "", started: math.nan, ended: math.nan})
+            for name in self.names:
+                r.setdefault(f"t_{name}", 0.0)
+                r.update(dict.fromkeys(placement_columns(name)[:4], ""))
+                r.update(dict.fromkeys(placement_columns(name)[4:], math.nan))
             if r["status"] == "pending":
                 setting = json.dumps({**json.loads(r["cfg"]), "seed": 0}, sort_keys=True)
                 groups[(r["artifact"], setting, r["x"].shape)].append(r)
         for (artifact, setting, _), group in groups.items():
-            start, began = time.perf_counter(), time.time()
+            start, began, timings = time.perf_counter(), time.time(), Timings()
             try:
-                for r, out in zip(group, self._run(group, artifact, setting)):
+                for r, out in zip(group, self._run(group, artifact, setting, timings)):
                     r["frames" if self.to_frames else "x"] = out
             except Exception as exc:
                 for r in group:
                     r["status"], r["error"] = "error", describe(exc)
-            share = (time.perf_counter() - start) / len(group)  # wall time of a batched call, split per row
-            ended_at = time.time()
-            for r in group:
-                r[column] += share
-                r.update({node: self.where["node"], ip: self.where["ip"], device: self.where["device"],
-                          gpus: self.where["gpus"], started: began, ended: ended_at})
+            self._record(group, began, time.perf_counter() - start, timings)
         if self.to_frames:
             for r in rows:
                 r.setdefault("frames", empty_frames())
                 r.pop("x", None)
-        columns = list(rows[0]) if rows else [c for c in batch if c != "x" or not self.to_frames] + [column,
-                                                                                                       *self.columns]
+        columns = list(rows[0]) if rows else [c for c in batch if c != "x" or not self.to_frames] + [
+            c for name in self.names for c in (f"t_{name}", *placement_columns(name))]
         return to_batch(rows, columns)
+
+    def _record(self, group: list[dict], began: float, wall_s: float, timings: Timings) -> None:
+        """Each stage's share of a batched call's wall time per row, where it ran and when. Fused, a stage's time
+        is its own (edit.Timings); the last stage also takes what lies between stages (chunk assembly)."""
+        seconds = [timings.stage_s.get(name, 0.0) for name in self.names[:-1]]
+        seconds.append(max(0.0, wall_s - sum(seconds)))
+        at = began
+        for name, secs in zip(self.names, seconds):
+            node, ip, device, gpus, started, ended = placement_columns(name)
+            for r in group:
+                r[f"t_{name}"] += secs / len(group)
+                r.update({node: self.where["node"], ip: self.where["ip"], device: self.where["device"],
+                          gpus: self.where["gpus"], started: at, ended: at + secs})
+            at += secs
 
 
 class Encode:
