@@ -23,6 +23,7 @@ from .config import PAPER_FINETUNE_LR, ConfigError, _Dict
 from .degrade import frames_to_tensor
 from .models import adapters
 from .models.cascade import Cascade, Stage
+from .models.weights import load_denoiser
 from .objective import TrainBatch, draw_training_noise, is_frame_step, sr_condition
 from .storage import ArtifactStore, StorageError
 from .training.checkpoint import LocalCheckpoints
@@ -285,9 +286,7 @@ def attach(cascade: Cascade, names: list[str], results: Path) -> Cascade:
             if adapters.is_adapter_dir(folder):
                 denoiser = adapters.merged_copy(s.denoiser, folder)
             elif any(folder.glob("*.safetensors")):
-                # a two-expert Wan stage reloads both experts at its own boundary (models/wan.py)
-                reload = getattr(s.denoiser, "reloaded", None) or type(s.denoiser).from_pretrained
-                denoiser = reload(folder).eval().to(cascade.device)
+                denoiser = load_denoiser(s.denoiser, folder).eval().to(cascade.device)
             else:
                 raise StorageError(f"no finetuned weights for stage {s.config.name!r} in {results}: rerun the "
                                    "finetuning (the same run name resumes it)")

@@ -21,6 +21,7 @@ from dreamix_ray.config import EditConfig
 from dreamix_ray.edit import StageRun, edit, run_cascade, run_stage
 from dreamix_ray.models.cascade import Cascade
 from dreamix_ray.models.ltx import LTXStageNet, LTXVAE
+from dreamix_ray.models.weights import load_denoiser, save_denoiser
 from dreamix_ray.request import EditPlan
 from dreamix_ray.sampling import draw_noise, fresh_scheduler, kept_steps, seed_generators
 
@@ -325,3 +326,16 @@ def test_finetune_the_base_and_optionally_a_refine_pass(repos, tmp_path):
     assert all(a.upsampler is b.upsampler for a, b in zip(refined.stages, base.stages))
     assert torch.equal(out(base, 0), before)  # the shared transformer trained nothing in place
     assert edit(video, "naia a red cat", EditConfig(strength=0.7, seed=1), refined).frames.shape == (5, 64, 64, 3)
+
+
+def test_a_full_finetunes_weights_save_and_reload_as_the_stages_view(cascade, tmp_path):
+    """The ZeRO-3 export's path without DeepSpeed: gathered weights (here the SSR's own, shifted) written by the one
+    writer every stage family uses, and reloaded as this stage's view (its fps and VAE ratios), not the shared one."""
+    net = cascade.stages[2].denoiser
+    gathered = {k: v + 0.01 for k, v in net.state_dict().items()}
+    save_denoiser(net, tmp_path / "ssr", gathered)
+    again = load_denoiser(net, tmp_path / "ssr")
+    assert isinstance(again, LTXStageNet) and (again.fps, again.ratios) == (net.fps, net.ratios)
+    assert again.transformer is not net.transformer
+    reloaded = again.state_dict()
+    assert reloaded.keys() == gathered.keys() and all(torch.equal(reloaded[k], gathered[k]) for k in gathered)

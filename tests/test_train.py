@@ -22,18 +22,25 @@ pytest.importorskip("deepspeed")
 ray = pytest.importorskip("ray")
 import ray.train  # noqa: E402,F811  (TrainingFailedError, before any run has imported it)
 
+from wan_repo import tiny_wan_cascade  # noqa: E402
+
 from dreamix_ray.cluster.train import (  # noqa: E402
     TrainSettings, TrainSetupError, finetune_on_ray, load_deepspeed_config, read_state,
 )
+from dreamix_ray.config import EditConfig  # noqa: E402
+from dreamix_ray.edit import edit  # noqa: E402
 from dreamix_ray.finetune import (  # noqa: E402
     ARTIFACT_FILE, _StageData, artifact_key, copy_for_finetuning, finetune, finetune_batch, finetune_preset,
     finetune_specs, load_finetuned, video_bytes,
 )
 from dreamix_ray.models import adapters  # noqa: E402
+from dreamix_ray.models.cascade import Cascade  # noqa: E402
 from dreamix_ray.models.frame_mode import temporal_parameter_names  # noqa: E402
+from dreamix_ray.models.wan import WanExperts  # noqa: E402
 from dreamix_ray.storage import ArtifactStore  # noqa: E402
 from dreamix_ray.training.checkpoint import ResumeError  # noqa: E402
 from dreamix_ray.training.shard import rank_parts  # noqa: E402
+from dreamix_ray.video import Video  # noqa: E402
 
 # Global batch of 2 samples. Seed 35, alpha 0.35: steps 0 and 5 are video steps, 1-4 frame steps, so the
 # temporal layers' Adam moments from step 0 must neither move them on steps 1-4 (single-process AdamW
@@ -229,6 +236,34 @@ def test_one_ddp_worker_runs_the_plain_loop(ray_local, tiny, video, single_mixed
     np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-5)
     loaded = load_finetuned(tiny, key, store)[0]
     assert _update_gap(loaded.base.denoiser, reference.base.denoiser, tiny.base.denoiser) < 1e-3
+
+
+def test_wan_two_expert_full_finetune_on_zero3_matches_one_process(ray_local, tmp_path):
+    """A full finetune of a two-expert Wan stage (Wan2.2-T2V-A14B's layout, tiny and random) on 2 Ray Train workers
+    with ZeRO-3. Seed 3's global batches of 2 straddle the boundary on both steps (a video step, then a frame
+    step), so the ranks' rows need different experts: each rank must still run both (ZeRO-3 gathers weights in
+    forward), and the artifact then matches the one-process run, loads as both experts and edits differently from
+    the base."""
+    cascade = Cascade.from_pretrained(tiny_wan_cascade(tmp_path, boundary_ratio=0.7))
+    video = Video((np.random.default_rng(0).random((16, 32, 32, 3)) * 255).astype(np.uint8), 8.0)
+    cfg = finetune_preset("mixed", steps=2, lr=1e-3, batch_size=2, adapter="full", seed=3, checkpoint_every=10)
+    store = ArtifactStore(str(tmp_path / "store"))
+    key, result = finetune_on_ray(video, cfg, cascade, store, TrainSettings(zero=3, **SETTINGS),
+                                  storage=str(tmp_path / "ray"))
+    state = read_state(result.checkpoint)
+    assert (state["layout"], state["world"], state["zero"]) == ("zero3x2", 2, 3)
+    losses, reference = _single(cascade, video, cfg)
+    np.testing.assert_allclose(state["losses"]["base"], losses, rtol=1e-3)
+    loaded, _ = load_finetuned(cascade, key, store)
+    assert isinstance(loaded.base.denoiser, WanExperts) and loaded.base.denoiser.boundary_ratio == 0.7
+    for got, want, start in zip(loaded.base.denoiser.experts, reference.base.denoiser.experts,
+                                cascade.base.denoiser.experts):  # both experts moved, as in one process
+        assert _update_gap(got, want, start) < 1e-2
+    ecfg = EditConfig(strength=0.8, seed=2)
+    ours = edit(video, "naia a red cat", ecfg, loaded).frames
+    assert not np.array_equal(ours, edit(video, "naia a red cat", ecfg, cascade).frames)
+    again, _ = load_finetuned(cascade, key, store)
+    assert np.array_equal(ours, edit(video, "naia a red cat", ecfg, again).frames)
 
 
 def test_dreamix_pretrain_workers_trains_on_ray_on_the_shared_world_batch(ray_local, text_encoder, tmp_path,

@@ -61,12 +61,12 @@ def write_wan_repo(path, seed: int = 0, ti2v: bool = False, boundary_ratio: floa
     return path
 
 
-def tiny_wan_cascade(folder: Path) -> Path:
+def tiny_wan_cascade(folder: Path, boundary_ratio: float | None = None) -> Path:
     """The tiny repository under folder/repo, converted to folder/cascade: one base of 5 frames of 32x32 @ 8 fps,
-    4 steps."""
+    4 steps; `boundary_ratio`: two experts (Wan2.2-T2V-A14B's layout)."""
     from dreamix_ray.cli import main
 
-    repo, out = write_wan_repo(folder / "repo"), folder / "cascade"
+    repo, out = write_wan_repo(folder / "repo", boundary_ratio=boundary_ratio), folder / "cascade"
     assert main(["convert", str(repo), "-o", str(out), "--size", "32x32", "--frames", "5", "--fps", "8",
                  "--steps", "4", "--quiet"]) == 0
     return out

@@ -25,6 +25,7 @@ from .ltx import LTXVAE, load_ltx_components
 from .stage import StageDenoiser
 from .text import TextEncoder, load_text_encoder
 from .wan import WanVAE, load_wan_components
+from .weights import save_denoiser
 
 CASCADE_FILE = "cascade.json"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "default_cascade"
@@ -106,7 +107,7 @@ class Cascade:
         config = dataclasses.replace(self.config, stages=tuple(s.config for s in self.stages),
                                      text_encoder=self.text_encoder.spec())
         for stage in self.stages:
-            stage.denoiser.save_pretrained(path / stage.config.name)
+            save_denoiser(stage.denoiser, path / stage.config.name)
             stage.scheduler.save_pretrained(path / stage.config.name)
             if stage.vae is not None:  # a latent stage's own folder then holds all it needs (latent.py)
                 stage.vae.save_pretrained(path / stage.config.name / "vae")

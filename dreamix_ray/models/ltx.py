@@ -23,6 +23,7 @@ import json
 import math
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from diffusers.pipelines.ltx.pipeline_ltx_latent_upsample import LTXLatentUpsamp
 from ..config import StageConfig
 from .frame_mode import in_frame_mode
 from .latent import _DTYPES, LatentModelError, LatentRuntime, component_dir, latent_spec, place
+from .weights import save_denoiser
 
 
 class LTXFlowScheduler(FlowMatchEulerDiscreteScheduler):
@@ -201,8 +203,19 @@ class LTXStageNet(torch.nn.Module):
             out = out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
         return out.to(sample_bcfhw.device, sample_bcfhw.dtype)
 
+    def saved_models(self) -> dict[str, tuple[str, LTXVideoTransformer3DModel]]:
+        """weights.save_denoiser writes the transformer alone, in a plain LTX transformer folder."""
+        return {"": ("transformer.", self.transformer)}
+
     def save_pretrained(self, path: str | Path) -> None:
-        self.transformer.save_pretrained(path)
+        save_denoiser(self, path)
+
+    def reloaded(self, folder: str | Path) -> LTXStageNet:
+        """This stage's view (fps, VAE ratios) of the transformer saved in `folder`: a full finetune, owned by this
+        stage alone (the refine passes keep the shared one)."""
+        t_ratio, s_ratio = self.ratios
+        ratios = SimpleNamespace(temporal_factor=t_ratio, scale_factor=s_ratio)  # all __init__ reads of the VAE
+        return LTXStageNet(LTXVideoTransformer3DModel.from_pretrained(folder).eval(), self.fps, ratios)
 
 
 # Stages naming one folder share one module: the SR stages' refine passes run the base's transformer and VAE.

@@ -23,11 +23,13 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
 from ..config import StageConfig
 from .frame_mode import in_frame_mode
 from .latent import _DTYPES, LatentModelError, LatentRuntime, component_dir, latent_spec, place
+from .weights import save_denoiser
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
 
@@ -104,21 +106,43 @@ class WanExperts(torch.nn.Module):
         # Which weights run is a host decision: one read per step. A sampling step has one timestep for all rows;
         # training draws one per row, so a batch may straddle the boundary and each expert then takes its rows.
         n_high = int(high_b.sum())
-        if n_high in (0, b):
+        run_high, run_low = self._experts_to_run(n_high > 0, n_high < b)
+        if (run_high, run_low) == (n_high == b, n_high == 0):  # one expert takes every row
             net = self.transformer if n_high else self.transformer_2
             return net(sample_bcfhw, t_b, text_tokens_bld, text_pooled_bd, cond_bcfhw, frame_mode_on)
-        out = torch.empty_like(sample_bcfhw)
-        for net, rows in ((self.transformer, high_b), (self.transformer_2, ~high_b)):
-            out[rows] = net(sample_bcfhw[rows], t_b[rows], text_tokens_bld[rows],
-                            None if text_pooled_bd is None else text_pooled_bd[rows], cond_bcfhw, frame_mode_on)
-        return out
+        out, idle = torch.empty_like(sample_bcfhw), []
+        for net, rows, run in ((self.transformer, high_b, run_high), (self.transformer_2, ~high_b, run_low)):
+            if not run:
+                continue
+            picked = rows if rows.any() else torch.arange(b, device=rows.device) == 0  # idle: one row, weight 0
+            v = net(sample_bcfhw[picked], t_b[picked], text_tokens_bld[picked],
+                    None if text_pooled_bd is None else text_pooled_bd[picked], cond_bcfhw, frame_mode_on)
+            if rows.any():
+                out[rows] = v
+            else:
+                idle.append(v)
+        return out + sum(0.0 * v.sum() for v in idle)  # an idle expert still enters the backward's collectives
+
+    def _experts_to_run(self, high: bool, low: bool) -> tuple[bool, bool]:
+        """(high-noise, low-noise): the experts this rank's rows need, or under data-parallel training those any
+        rank's rows need. ZeRO-3 gathers an expert's weights in its forward and reduces its gradients in backward,
+        both collectives: ranks running different experts would pair one expert's shards with the other's."""
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return high, low
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL or gloo
+        flags = torch.tensor([int(high), int(low)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def saved_models(self) -> dict[str, tuple[str, WanDenoiser]]:
+        """Where weights.save_denoiser writes each expert: the two plain Wan folders of a converted stage."""
+        return {"": ("transformer.", self.transformer), "transformer_2": ("transformer_2.", self.transformer_2)}
 
     def save_pretrained(self, path: str | Path) -> None:
-        self.transformer.save_pretrained(path)
-        self.transformer_2.save_pretrained(Path(path) / "transformer_2")
+        save_denoiser(self, path)
 
     def reloaded(self, folder: str | Path) -> WanExperts:
-        """The experts saved in `folder` (save_pretrained's layout) at this pair's boundary: a full finetune."""
+        """The experts saved in `folder` (saved_models' layout) at this pair's boundary: a full finetune."""
         high, low = (WanDenoiser.from_pretrained(f) for f in (Path(folder), Path(folder) / "transformer_2"))
         return WanExperts(high, low, self.boundary_ratio, self.num_train_timesteps).eval()
 

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from ..models import adapters
 from ..models.frame_mode import temporal_parameter_names
+from ..models.weights import save_denoiser
 from .checkpoint import ResumeError
 
 ENGINES = ("torch", "ddp", "deepspeed")
@@ -173,7 +172,7 @@ class TorchEngine:
             if adapters.has_adapter(self.module):
                 adapters.save_adapter(self.module, folder)
             else:
-                self.module.save_pretrained(folder)
+                save_denoiser(self.module, folder)
 
     def memory(self) -> dict:
         return memory_bytes(self.module, self.optimizer)
@@ -242,15 +241,11 @@ class DeepSpeedEngine(TorchEngine):
             if rank == 0:
                 adapters.save_adapter(self.module, folder, weights)
             return
-        # only rank 0 keeps the gathered weights, and writes them as save_pretrained does (one safetensors file
-        # + config.json) without building a second copy of the model: at 0.5B+ parameters that copy is GBs
+        # only rank 0 keeps the gathered weights, and writes them in the stage family's layout without building a
+        # second copy of the model: at 0.5B+ parameters that copy is GBs
         weights = full_state_dict(self.module, keep=rank == 0)
         if rank == 0:
-            persistent = self.module.state_dict().keys()  # names only (ZeRO-3 leaves empty placeholders)
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: weights[k].contiguous() for k in persistent}, str(folder / SAFETENSORS_WEIGHTS_NAME),
-                      metadata={"format": "pt"})
-            self.module.save_config(folder)
+            save_denoiser(self.module, folder, weights)
 
     def close(self) -> None:
         self.engine.destroy()
