@@ -125,8 +125,11 @@ def model_seconds(prefix: str, summary, first_stage: str) -> float:
     processes, imports, model loads), which a long manifest amortizes."""
     from dreamix_ray.manifest import read_results
 
+    def epoch(value) -> float:  # the results Parquet stores the *_at columns as timestamps
+        return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
     rows = [r for r in read_results(prefix, None, run_id=summary.run_id).to_pylist() if r["status"] == "ok"]
-    return max(r["finished_at"] for r in rows) - min(r[f"{first_stage}_started_at"] for r in rows)
+    return max(epoch(r["finished_at"]) for r in rows) - min(epoch(r[f"{first_stage}_started_at"]) for r in rows)
 
 
 def write_section(path: Path, text: str) -> None:

@@ -368,12 +368,12 @@ def test_ray_job_submit_runs_the_batch_job(ray_cluster, s3_job, s3_server, s3_cl
            json.dumps(runtime_env), "--", "python", "jobs/edit_batch.py", "s3://batch/job.jsonl",
            "--output-prefix", "s3://batch/jobout", "--model", str(tiny_dir), "--endpoint-url", s3_server[0],
            "--ssr-chunk-frames", str(CHUNK), "--run-id", "job", "--quiet",
-           "--stage-cpus", ",".join(f"{k}={v}" for k, v in TEST_CPUS.items()),
-           "--stage-actors", ",".join(f"{k}={lo}:{hi}" for k, (lo, hi) in TEST_ACTORS.items())]
+           "--stage-cpus", ",".join(f"{k}={v}" for k, v in FUSED_CPUS.items()),  # fused: 3 actors start, not 5
+           "--stage-actors", "decode=1,cascade=1,encode=1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 outputs: 2 done, 0 failed, 0 skipped" in done.stdout
+    assert "(fused): 2 outputs: 2 done, 0 failed, 0 skipped" in done.stdout, done.stdout
     table = read_results("s3://batch/jobout", s3_server[1], run_id="job").to_pylist()
     assert sorted((r["id"], r["status"]) for r in table) == [("job0", "ok"), ("job1", "ok")]
 
