@@ -177,7 +177,9 @@ def test_trickled_and_stalled_uploads_are_cut_off_and_free_their_slots(server):
     h = httpx.Client(base_url=server["url"], timeout=30, headers={"Authorization": f"Bearer {KEY}"})
     stalled = [_stalled_upload(server["port"]) for _ in range(4)]  # the default concurrency_per_key
     try:
-        deadline = time.monotonic() + 10
+        # 30 s for the proxy to take the four uploads in (a loaded run needed more than 10); they hold their
+        # slots for --body-timeout 2 plus 1 s per 1000 declared bytes, far longer
+        deadline = time.monotonic() + 30
         while (r := h.post("/v1/generations", json={"prompt": ""})).status_code != 429:
             assert time.monotonic() < deadline, f"the stalled uploads never took the key's slots: {r.text}"
             time.sleep(0.2)
