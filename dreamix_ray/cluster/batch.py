@@ -144,9 +144,9 @@ def min_resources(opts: BatchOptions, specs: list[StepSpec]) -> dict[str, float]
     """CPUs and GPUs that one actor of every stage needs at once: less and the pipeline cannot stream."""
     need = {"CPU": 0.0, "GPU": 0.0}
     for spec in specs:
-        lo = _actors(opts, spec)[0]
-        need["CPU"] += lo * step_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
-        need["GPU"] += lo * step_resource(opts.gpus, spec, 0.0)
+        shape = actor_shape(opts, spec)
+        for key in need:
+            need[key] += _actors(opts, spec)[0] * shape.get(key, 0.0)
     return need
 
 
@@ -190,8 +190,7 @@ def local_cpus(opts: BatchOptions, specs: list[StepSpec]) -> int:
     """Logical CPUs of a private local cluster: every core for the model steps' actors, the light steps (decode,
     encode) on top, which the OS time-slices beside them; and at least one actor of every step, else rows cannot
     stream through (on a small machine, more logical CPUs than cores: stages seldom all compute at once)."""
-    light = sum(_actors(opts, spec)[0] * step_resource(opts.cpus, spec, DEFAULT_CPUS.get(spec.kind, 0.5))
-                for spec in specs if not spec.model)
+    light = min_resources(opts, [spec for spec in specs if not spec.model])["CPU"]
     return max(math.ceil((os.cpu_count() or 1) + light), math.ceil(min_resources(opts, specs)["CPU"]))
 
 

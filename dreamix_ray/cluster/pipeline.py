@@ -63,11 +63,12 @@ def pipeline_steps(config: CascadeConfig, model: str | None, s3: dict | None, st
     if layout == "fused":  # stage 0 to frames: run_cascade through every stage
         specs.append(StepSpec("cascade", "cascade", CascadeStep,
                               dict(common, index=0, store=store, to_frames=True, encoded=encoded), model=True))
-    for index, stage in enumerate(config.stages if layout == "staged" else ()):
-        specs.append(StepSpec(stage.name, stage.kind, CascadeStep,
-                               dict(common, index=index, store=store, to_frames=index == len(config.stages) - 1,
-                                    encoded=encoded and index == 0),
-                               model=True))
+    else:
+        for index, stage in enumerate(config.stages):
+            specs.append(StepSpec(stage.name, stage.kind, CascadeStep,
+                                  dict(common, index=index, store=store, to_frames=index == len(config.stages) - 1,
+                                       encoded=encoded and index == 0),
+                                  model=True))
     specs.append(StepSpec("encode", "encode", Encode, dict(fps=config.stages[-1].fps, s3=s3, limits=limits)))
     return specs
 

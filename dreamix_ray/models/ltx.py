@@ -35,7 +35,7 @@ from diffusers.pipelines.ltx.pipeline_ltx_latent_upsample import LTXLatentUpsamp
 from ..config import StageConfig
 from .frame_mode import in_frame_mode
 from .latent import _DTYPES, LatentModelError, LatentRuntime, component_dir, latent_spec, place
-from .weights import save_denoiser
+from .weights import TransformerWrapper, save_denoiser
 
 
 class LTXFlowScheduler(FlowMatchEulerDiscreteScheduler):
@@ -157,7 +157,7 @@ class LTXUpsampler(torch.nn.Module):
         self.model.save_pretrained(path)
 
 
-class LTXStageNet(torch.nn.Module):
+class LTXStageNet(TransformerWrapper):
     """One stage's view of the (shared) LTX transformer behind StageDenoiser's signature; `text_pooled_bd` is the
     prompt's token mask (T5's padding is masked in the transformer, as LTXPipeline does)."""
 
@@ -165,14 +165,6 @@ class LTXStageNet(torch.nn.Module):
         super().__init__()
         self.transformer, self.fps = transformer, float(fps)
         self.ratios = (vae.temporal_factor, vae.scale_factor)
-
-    @property
-    def device(self) -> torch.device:  # as a diffusers ModelMixin says where it is (the training loop asks)
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     def forward(self, sample_bcfhw: torch.Tensor, timestep: torch.Tensor, text_tokens_bld: torch.Tensor,
                 text_pooled_bd: torch.Tensor | None = None, cond_bcfhw: torch.Tensor | None = None,

@@ -29,7 +29,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTran
 from ..config import StageConfig
 from .frame_mode import in_frame_mode
 from .latent import _DTYPES, LatentModelError, LatentRuntime, component_dir, latent_spec, place
-from .weights import save_denoiser
+from .weights import TransformerWrapper, save_denoiser
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
 
@@ -66,7 +66,7 @@ class WanDenoiser(WanTransformer3DModel):
         return out.to(sample_bcfhw.device, sample_bcfhw.dtype)
 
 
-class WanExperts(torch.nn.Module):
+class WanExperts(TransformerWrapper):
     """Wan 2.2 A14B's two WanDenoisers as one stage denoiser: the high-noise expert `transformer` at timesteps
     t >= boundary_ratio * num_train_timesteps, the low-noise `transformer_2` below (diffusers' WanPipeline rule).
     Saved as the two plain Wan folders: `transformer` in the given folder, `transformer_2` in its transformer_2/."""
@@ -87,14 +87,6 @@ class WanExperts(torch.nn.Module):
     def experts(self) -> tuple[WanDenoiser, WanDenoiser]:
         """(high-noise, low-noise): what latent.place puts on the device one by one."""
         return self.transformer, self.transformer_2
-
-    @property
-    def device(self) -> torch.device:  # as a diffusers ModelMixin says where it is (the training loop asks)
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     def forward(self, sample_bcfhw: torch.Tensor, timestep: torch.Tensor, text_tokens_bld: torch.Tensor,
                 text_pooled_bd: torch.Tensor | None = None, cond_bcfhw: torch.Tensor | None = None,

@@ -19,6 +19,21 @@ from safetensors.torch import save_file
 SavedModels = dict[str, tuple[str, ModelMixin]]  # subfolder ("" = the folder itself) -> (name prefix, model)
 
 
+class TransformerWrapper(torch.nn.Module):
+    """A stage denoiser wrapping diffusers' `self.transformer` (WanExperts, LTXStageNet): it says where it is and in
+    which dtype as a diffusers ModelMixin does, which the training loop asks."""
+
+    transformer: ModelMixin
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+
 def saved_models(denoiser: torch.nn.Module) -> SavedModels:
     """The diffusers models `denoiser` is saved as: its own `saved_models()` (a wrapper), or itself."""
     own = getattr(denoiser, "saved_models", None)
