@@ -191,10 +191,12 @@ def pretrain_on_ray(cfg: PretrainConfig, run_dir: str, settings: TrainSettings, 
     return result
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to `address` (or start a local Ray) unless this process already has Ray up."""
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+def ensure_ray(address: str | None = None) -> bool:
+    """Connect to `address` (or start a local Ray) unless this process already has Ray up; True if it connected."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, log_to_driver=True)
+    return True
 
 
 def distributed_finetune(args, video, cfg: FinetuneConfig, source_bytes: bytes) -> str:
@@ -207,14 +209,24 @@ def distributed_finetune(args, video, cfg: FinetuneConfig, source_bytes: bytes) 
                              spread=bool(getattr(args, "spread", False)))
     cascade = load_cascade(getattr(args, "model", None))
     store = ArtifactStore(getattr(args, "store", None))
-    ensure_ray(getattr(args, "address", None))
-    key, result = finetune_on_ray(video, cfg, cascade, store, settings, source_bytes,
-                                  name=getattr(args, "run_name", None), storage=getattr(args, "storage", None))
-    if result is not None and not getattr(args, "quiet", False):
-        state = read_state(result.checkpoint)
-        for stage, losses in state["losses"].items():
-            print(f"{stage}: {len(losses)} steps, last loss {losses[-1]:.4f}")
-        resumed = [f"{stage} at step {step}" for stage, step in state.get("starts", [])[1:]]
-        if resumed:  # a worker (or its node) was lost and the group restarted from the newest checkpoint
-            print(f"resumed from a checkpoint: {', '.join(resumed)}")
+    connected = ensure_ray(getattr(args, "address", None))
+    try:
+        key, result = finetune_on_ray(video, cfg, cascade, store, settings, source_bytes,
+                                      name=getattr(args, "run_name", None), storage=getattr(args, "storage", None))
+        if result is not None and not getattr(args, "quiet", False):
+            print_run_summary(read_state(result.checkpoint))
+    finally:
+        if connected:
+            # Workers' log lines reach this process's stdout on Ray's log thread, late ones too; disconnecting
+            # joins that thread, so none lands after the key the CLI prints alone on the last line.
+            ray.shutdown()
     return key
+
+
+def print_run_summary(state: dict) -> None:
+    """Each stage's steps and last loss, and where the run resumed if a worker (or its node) was lost."""
+    for stage, losses in state["losses"].items():
+        print(f"{stage}: {len(losses)} steps, last loss {losses[-1]:.4f}")
+    resumed = [f"{stage} at step {step}" for stage, step in state.get("starts", [])[1:]]
+    if resumed:  # the worker group restarted from the newest checkpoint
+        print(f"resumed from a checkpoint: {', '.join(resumed)}")
