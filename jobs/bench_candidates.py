@@ -5,7 +5,8 @@
 
 One forward of each stage at its real input size, per candidate, interleaved (the order reverses every
 round), medians; the speedup is against the first mode, and maxerr is the largest |v| difference from it.
-Modes, joined by "+": fp32 (nothing), bf16 (torch.autocast on the CPU, as `--precision bf16`), cl (conv
+Modes, joined by "+": fp32 (nothing), conv3d (the temporal convs as the plain Conv3d of releases before
+models/temporal_conv.py), bf16 (torch.autocast on the CPU, as `--precision bf16`), cl (conv
 weights in channels-last memory format), mathproc (diffusers' classic AttnProcessor instead of SDPA),
 compile (torch.compile of the network; its first call, the compile, is reported apart).
 """
@@ -26,16 +27,21 @@ from diffusers.models.attention_processor import AttnProcessor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamix_ray.models.cascade import load_cascade  # noqa: E402
+from dreamix_ray.models.temporal_conv import FrameAxisConv3d  # noqa: E402
 from dreamix_ray.quiet import quiet_libraries  # noqa: E402
 
 
 def prepared(net: torch.nn.Module, parts: list[str]) -> torch.nn.Module:
     net = copy.deepcopy(net)
+    if "conv3d" in parts:  # the temporal convs as Conv3d again, as before models/temporal_conv.py
+        for mod in net.modules():
+            if type(mod) is FrameAxisConv3d:
+                mod.__class__ = torch.nn.Conv3d
     if "mathproc" in parts:
         net.unet.set_attn_processor(AttnProcessor())
     if "cl" in parts:
         for mod in net.modules():
-            if isinstance(mod, torch.nn.Conv3d):
+            if type(mod) is torch.nn.Conv3d:  # a FrameAxisConv3d runs as a Conv2d over a [B, C, F, H*W] view
                 mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last_3d)
             elif isinstance(mod, torch.nn.Conv2d):
                 mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last)

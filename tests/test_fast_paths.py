@@ -1,4 +1,5 @@
-"""GPU fast paths that can be checked on a CPU: batched guidance on the UNet stages, SDPA attention."""
+"""Fast paths: batched guidance on the UNet stages, SDPA attention, no per-step host reads, the temporal
+convolutions as 2D convolutions on CPU."""
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -6,6 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from dreamix_ray.config import EditConfig
 from dreamix_ray.degrade import downsample_to_stage
 from dreamix_ray.edit import StageRun, run_stage
+from dreamix_ray.models.temporal_conv import FrameAxisConv3d
 
 from host_syncs import HostReads
 
@@ -18,6 +20,26 @@ def test_batched_guidance_on_a_unet_stage_equals_sequential(tiny, moving_video):
     assert torch.allclose(outs[0], outs[1], atol=1e-4)
     unguided = run_stage(StageRun.of(tiny, EditConfig(strength=0.8), ["a red circle"], [5]), 0, x0)
     assert (unguided - outs[0]).abs().max() > 1e-2  # guidance did something, so the comparison means something
+
+
+def test_temporal_convs_run_as_2d_convolutions_with_the_same_result_and_weights(tiny):
+    """Every UNet3D temporal Conv3d of every stage is a FrameAxisConv3d: the same parameters under the same names
+    (a plain Conv3d loads its state dict), and the same output and gradients as the Conv3d it replaces."""
+    for stage in tiny.stages:
+        convs = [m for m in stage.denoiser.modules() if isinstance(m, torch.nn.Conv3d)]
+        assert convs and all(type(m) is FrameAxisConv3d for m in convs), stage.config.name
+    conv = next(m for m in tiny.base.denoiser.modules() if type(m) is FrameAxisConv3d)
+    plain = torch.nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 5, conv.in_channels, 6, 7).permute(0, 2, 1, 3, 4)  # as TemporalConvLayer passes it
+    x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast_out, plain_out = conv(x_fast), plain(x_plain)
+    assert fast_out.shape == plain_out.shape and torch.allclose(fast_out, plain_out, atol=1e-5)
+    fast_out.square().sum().backward()
+    plain_out.square().sum().backward()
+    assert torch.allclose(x_fast.grad, x_plain.grad, atol=1e-4)
+    assert torch.allclose(conv.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
+    conv.weight.grad = None
 
 
 def test_stage_attention_is_sdpa(tiny):

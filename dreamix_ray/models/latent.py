@@ -24,6 +24,7 @@ from ..config import DEFAULT_REFINE_STRENGTH, DEFAULT_VAE_CHUNK_FRAMES, StageCon
 from ..errors import UserError
 from .frame_mode import enable_frame_mode_switch, frame_mode
 from .refs import resolve_ref
+from .temporal_conv import use_frame_axis_convs
 
 LAYOUTS = ("modelscope", "wan", "ltx")  # wan: models/wan.py, ltx: models/ltx.py
 SPEC_KEYS = ("layout", "unet", "transformer", "transformer_2", "boundary_ratio", "vae", "scheduler", "strength",
@@ -51,6 +52,7 @@ class LatentVideoDenoiser(UNet3DConditionModel):
         if not self.__dict__.get("_frame_switch"):
             # Not in __init__: diffusers rebuilds models from config.json through __init__'s signature.
             enable_frame_mode_switch(self)
+            use_frame_axis_convs(self)
             self._frame_switch = True
         device, dtype = self.device, self.dtype
         t = timestep.to(device) if torch.is_tensor(timestep) else timestep

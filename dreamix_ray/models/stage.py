@@ -8,6 +8,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from .frame_mode import enable_frame_mode_switch, frame_mode, in_frame_mode
+from .temporal_conv import use_frame_axis_convs
 
 
 class StageDenoiser(ModelMixin, ConfigMixin):
@@ -52,6 +53,7 @@ class StageDenoiser(ModelMixin, ConfigMixin):
             time_cond_proj_dim=text_dim,
         )
         enable_frame_mode_switch(self.unet)
+        use_frame_axis_convs(self.unet)
 
     def forward(
         self,
