@@ -119,6 +119,8 @@ def test_flag_and_manifest_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: cannot read manifest") and "does not exist" in err and "\n" not in err
     assert main([str(tmp_path / "m.jsonl"), "--output-prefix", "o", "--stage-actors", "ssr=3:1"]) == 2
     assert "--stage-actors" in capsys.readouterr().err
+    assert main([str(tmp_path / "m.jsonl"), "--output-prefix", "o", "--node-wait", "0"]) == 2
+    assert "--node-wait must be > 0 seconds, got 0" in capsys.readouterr().err
 
 
 def test_layout_is_fused_unless_stages_get_nodes_or_resources_of_their_own(tmp_path, capsys, tiny_dir):

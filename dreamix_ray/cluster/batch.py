@@ -61,6 +61,8 @@ class BatchOptions:
     object_store_mb: float | None = None  # Ray Data's budget for rows in flight: bounds how far reading runs ahead
     pin_stages: bool = False  # cascade stages ask for custom resource stage_<kind> (one worker group per stage)
     actor_start_timeout_s: float = 1800  # a stage with no actor by then fails the job instead of hanging
+    # A lost node nobody replaced: how long a step whose actor fits on no live node waits (None: the above)
+    node_wait_s: float | None = None
     layout: str = "auto"  # "fused" | "staged" (pipeline.py); auto: staged when stages are pinned or given resources
 
 
@@ -370,7 +372,8 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
     try:
         check_fits(opts, specs)
         with _data_context(opts):
-            watch = NodeWatch({spec.name: actor_shape(opts, spec) for spec in specs}, opts.actor_start_timeout_s)
+            watch = NodeWatch({spec.name: actor_shape(opts, spec) for spec in specs},
+                              opts.node_wait_s or opts.actor_start_timeout_s)
             _execute(build_dataset(items, specs, opts, stage_classes), items, opts, summary,
                      _ResultsWriter(opts, run_id, tag, s3), watch)
         summary.seconds = time.perf_counter() - start

@@ -69,8 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--object-store-mb", type=float, default=None,
                    help="Ray Data memory budget for rows in flight; smaller reads less ahead (default: Ray's)")
     p.add_argument("--actor-start-timeout", type=float, default=1800, metavar="SECONDS",
-                   help="stop the job when a step's actors fit on no node for this long, e.g. a lost node nobody "
-                        "replaced (default 1800: time for an autoscaler)")
+                   help="stop the job when a step's first actors have not started after this long (default 1800: "
+                        "time for an autoscaler to add nodes and for images and models to load)")
+    p.add_argument("--node-wait", type=float, default=None, metavar="SECONDS",
+                   help="stop the job when a step's actor fits on no live node and no row came out for this long: "
+                        "a lost node nobody replaced (default: --actor-start-timeout)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--region", default=None, help="S3 region (default: $AWS_REGION / $AWS_DEFAULT_REGION)")
     p.add_argument("--strength", "-s", type=float, default=None,
@@ -94,8 +97,9 @@ def options_from_args(args) -> BatchOptions:
     request = EditRequest(prompt="", strength=args.strength, fit=args.fit, guidance_scale=args.guidance,
                           negative_prompt=args.negative_prompt,
                           **({"ssr_chunk_frames": args.ssr_chunk_frames} if args.ssr_chunk_frames else {}))
-    if args.actor_start_timeout <= 0:
-        raise FlagError(f"--actor-start-timeout must be > 0 seconds, got {args.actor_start_timeout:g}")
+    for flag, value in (("--actor-start-timeout", args.actor_start_timeout), ("--node-wait", args.node_wait)):
+        if value is not None and value <= 0:
+            raise FlagError(f"{flag} must be > 0 seconds, got {value:g}")
     if args.batch_size < 1:
         raise FlagError(f"--batch-size must be >= 1, got {args.batch_size}")
     return BatchOptions(
@@ -106,7 +110,7 @@ def options_from_args(args) -> BatchOptions:
         actors=parse_table(args.stage_actors, "--stage-actors", pair=True),
         batch_size=args.batch_size, max_error_rate=args.max_error_rate, max_restarts=args.max_restarts,
         object_store_mb=args.object_store_mb, pin_stages=args.pin_stages, num_cpus=args.num_cpus,
-        actor_start_timeout_s=args.actor_start_timeout, layout=args.layout,
+        actor_start_timeout_s=args.actor_start_timeout, node_wait_s=args.node_wait, layout=args.layout,
         run_id=args.run_id, progress=not args.quiet)
 
 
