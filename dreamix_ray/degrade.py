@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import StageConfig, validate_strength
-from .sampling import add_noise_at, draw_noise, strength_timesteps
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # decoding is not needed to train or sample, so PyAV loads only when used
@@ -43,6 +42,10 @@ def noise_at_strength(x0_bcfhw: torch.Tensor, strength: float, scheduler, steps:
 
     The noise is always drawn (even at s = 0) so a row's later draws do not depend on s.
     """
+    # Here, not at the top: sampling imports diffusers' schedulers, which a process that only downsamples
+    # videos (the batch pipeline's Decode actors) should not wait for.
+    from .sampling import add_noise_at, draw_noise, strength_timesteps
+
     strength = validate_strength(strength)
     timesteps = strength_timesteps(scheduler, steps, strength)
     noise = draw_noise(tuple(x0_bcfhw.shape), generators, x0_bcfhw.dtype, x0_bcfhw.device)

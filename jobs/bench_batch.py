@@ -73,7 +73,8 @@ class PeakObjectStore:
 
 def run_sequential(manifest: Path, out: Path, args, threads: int) -> tuple[float, int, float]:
     from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
-    from dreamix_ray.cluster.steps import cascade_config, model_tag
+    from dreamix_ray.cluster.io_steps import cascade_config
+    from dreamix_ray.cluster.steps import model_tag
     from dreamix_ray.manifest import read_manifest, work_items
     from dreamix_ray.request import EditRequest
 
@@ -95,7 +96,7 @@ def run_pipeline(manifest: Path, out: Path, args, layout: str):
     from dreamix_ray.cluster.batch import BatchOptions, local_cpus, resolve_layout, run_batch
     from dreamix_ray.cluster.batch_cli import parse_table
     from dreamix_ray.cluster.pipeline import pipeline_steps
-    from dreamix_ray.cluster.steps import cascade_config
+    from dreamix_ray.cluster.io_steps import cascade_config
     from dreamix_ray.request import EditRequest
 
     staged = layout == "staged"  # the per-stage tables apply to the staged layout only

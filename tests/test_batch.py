@@ -47,10 +47,18 @@ def test_core_and_stage_modules_do_not_import_ray():
     assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
 
 
+def test_decode_and_encode_actors_load_no_model_libraries():
+    """The file steps' module imports no diffusers, transformers or peft: their actors start without them."""
+    code = ("import sys, dreamix_ray.cluster.io_steps; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft', 'ray'}))")
+    done = subprocess.run([sys.executable, "-c", code], timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, tiny_dir):
     """The plain stage classes, no Ray: outputs equal edit()'s and each other's across batch sizes."""
     from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
-    from dreamix_ray.cluster.steps import cascade_config
+    from dreamix_ray.cluster.io_steps import cascade_config
     from dreamix_ray.manifest import read_manifest, work_items
 
     clips = [shapes_clip(tmp_path / f"in{i}.mp4", seed=i) for i in range(3)]
@@ -73,7 +81,7 @@ def test_stages_in_one_process_equal_single_edits_at_any_batch_size(tmp_path, ti
 def test_finetune_rows_finetune_once_then_edit_with_the_artifact(tmp_path, tiny_dir):
     """Plain stages with the Finetune stage: one artifact per video, its token in the prompt, s = 0.95."""
     from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
-    from dreamix_ray.cluster.steps import cascade_config
+    from dreamix_ray.cluster.io_steps import cascade_config
     from dreamix_ray.edit import edit
     from dreamix_ray.finetune import finetuned_prompt, load_finetuned
     from dreamix_ray.manifest import read_manifest, work_items
@@ -128,7 +136,7 @@ def test_layout_is_fused_unless_stages_get_nodes_or_resources_of_their_own(tmp_p
     from edit_batch import main
 
     from dreamix_ray.cluster.batch import BatchError, BatchOptions, resolve_layout
-    from dreamix_ray.cluster.steps import cascade_config
+    from dreamix_ray.cluster.io_steps import cascade_config
 
     config = cascade_config(str(tiny_dir))
 
@@ -197,7 +205,7 @@ def test_the_ltx_rayjob_gives_each_stage_of_an_ltx_cascade_a_gpu_group(tmp_path)
 
     from dreamix_ray.cluster.batch_cli import add_arguments, options_from_args
     from dreamix_ray.cluster.pipeline import pipeline_steps
-    from dreamix_ray.cluster.steps import cascade_config
+    from dreamix_ray.cluster.io_steps import cascade_config
 
     (job,) = [d["spec"] for d in _infra_docs("rayjob-ltx.yaml") if d["kind"] == "RayJob"]
     argv = shlex.split(job["entrypoint"])

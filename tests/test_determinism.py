@@ -90,7 +90,7 @@ def test_a_batch_rerun_of_a_row_writes_the_same_bytes(tmp_path):
     """The batch pipeline's own stages (decode ... encode, no Ray) on one row, run, then run again into a
     fresh prefix as a rerun after a lost output does: the same mp4 and preview bytes."""
     from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
-    from dreamix_ray.cluster.steps import cascade_config
+    from dreamix_ray.cluster.io_steps import cascade_config
     from dreamix_ray.manifest import read_manifest, work_items
     from dreamix_ray.request import EditRequest
 

@@ -243,7 +243,7 @@ def test_batch_steps_carry_latents_between_stages_and_equal_edit(cascade_dir, ca
     TSR's latents, not frames, and the output equals edit()'s; Serve's units read the same chunk inputs."""
     from dreamix_ray.cluster.pipeline import pipeline_steps
     from dreamix_ray.cluster.serving.runner import plan_units
-    from dreamix_ray.cluster.steps import cascade_config, to_batch, to_rows
+    from dreamix_ray.cluster.io_steps import cascade_config, to_batch, to_rows
     from dreamix_ray.manifest import read_manifest, work_items
     from dreamix_ray.request import EditRequest
     from dreamix_ray.video import read_video, write_video

@@ -105,7 +105,7 @@ def test_cli_and_batch_write_the_same_bytes(tmp_path, tiny_dir, capsys):
     """The same request through `dreamix edit` and the batch steps (run in this process, staged and fused) -> the
     same mp4."""
     from dreamix_ray.cluster.pipeline import pipeline_steps, run_in_process
-    from dreamix_ray.cluster.steps import cascade_config
+    from dreamix_ray.cluster.io_steps import cascade_config
 
     clip = shapes_clip(tmp_path / "in.mp4", seed=3)
     out = tmp_path / "cli.mp4"

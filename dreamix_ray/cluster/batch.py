@@ -25,7 +25,8 @@ from ..manifest import read_manifest, results_dir, work_items, write_results
 from ..request import EditRequest
 from ..storage import S3Settings, join, write_bytes
 from .pipeline import CASCADE_KINDS, DEFAULT_CPUS, LAYOUTS, StepSpec, pipeline_steps, step_resource
-from .steps import cascade_config, model_tag, placement_columns, to_rows
+from .io_steps import cascade_config, to_rows
+from .steps import model_tag, placement_columns
 
 LOST = "lost by the pipeline: a worker failed on it repeatedly (see the Ray logs); rerun to retry"
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import CascadeConfig
-from .steps import CascadeStep, Decode, Degrade, Encode, Finetune, to_batch, to_rows
+from .io_steps import Decode, Encode, to_batch, to_rows
+from .steps import CascadeStep, Degrade, Finetune
 
 # Per-step CPUs when --stage-cpus names none: model steps get a core, I/O steps a share of one.
 DEFAULT_CPUS = {"decode": 0.5, "degrade": 1.0, "finetune": 1.0, "base": 1.0, "tsr": 1.0, "ssr": 1.0, "cascade": 1.0,

@@ -6,8 +6,6 @@ diffusers `save_pretrained` format plus its `scheduler_config.json`.
 
 from __future__ import annotations
 
-from ..errors import UserError
-
 import dataclasses
 import hashlib
 import json
@@ -25,15 +23,8 @@ from .ltx import LTXVAE, load_ltx_components
 from .stage import StageDenoiser
 from .text import TextEncoder, load_text_encoder
 from .wan import WanVAE, load_wan_components
+from .embedded import CASCADE_FILE, EMBEDDED_DIR, CascadeError
 from .weights import save_denoiser
-
-CASCADE_FILE = "cascade.json"
-EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "default_cascade"
-
-
-class CascadeError(UserError):
-    """A cascade directory is missing or malformed; the message says what to do."""
-
 
 @dataclass
 class Stage:

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import CascadeConfig, StageConfig
+from ..errors import UserError
+
+# Here, not in cascade.py, so code that only reads a cascade's config (the batch pipeline's file steps) needs no
+# diffusers.
+CASCADE_FILE = "cascade.json"
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "default_cascade"
+
+
+class CascadeError(UserError):
+    """A cascade directory is missing or malformed; the message says what to do."""
+
 
 EMBEDDED_NAME = "dreamix-shapes-64"
 EMBEDDED_DESCRIPTION = (
