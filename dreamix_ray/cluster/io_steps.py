@@ -1,7 +1,7 @@
 """The batch pipeline's file steps (Decode, Encode) and the column helpers every step uses.
 
 Nothing here imports diffusers or the models: a Decode or Encode actor starts in the time PyAV, pyarrow and
-torch take, not the cascade's (about 3 CPU-seconds less each, at the start of every job; steps.py holds the
+torch take, not the cascade's (several CPU-seconds less each at the start of every job; steps.py holds the
 steps that run networks).
 """
 
@@ -72,7 +72,7 @@ def describe(exc: BaseException) -> str:
     return text if isinstance(exc, (UserError, VideoError)) else f"{type(exc).__name__}: {text}"
 
 
-def _s3(settings: dict | None) -> S3Settings | None:
+def s3_settings(settings: dict | None) -> S3Settings | None:
     return S3Settings(**settings) if settings else None
 
 
@@ -109,7 +109,7 @@ def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None, with
 
 
 
-class _Lru(OrderedDict):
+class Lru(OrderedDict):
     def __init__(self, size: int):
         super().__init__()
         self.size = size
@@ -129,9 +129,9 @@ class Decode:
     """Skip rows whose output exists, read each video, downsample it to the base stage (paper Sec. 4.1)."""
 
     def __init__(self, model: str | None = None, s3: dict | None = None, limits: dict | None = None):
-        self.s3, self.limits = _s3(s3), limits
+        self.s3, self.limits = s3_settings(s3), limits
         self.base = cascade_config(model, self.s3).stages[0]
-        self.cache = _Lru(4)  # a row's prompts arrive together: decode its video once
+        self.cache = Lru(4)  # a row's prompts arrive together: decode its video once
 
     def _x0(self, uri: str, cfg: EditConfig) -> np.ndarray:
         video = load_video(uri, self.s3, self.limits)[0]
@@ -161,8 +161,8 @@ class Encode:
     """Write each edit and its preview (original | edit) and upload them; the edit goes last, so it marks done."""
 
     def __init__(self, fps: float, s3: dict | None = None, limits: dict | None = None):
-        self.fps, self.s3, self.limits = fps, _s3(s3), limits
-        self.originals = _Lru(2)
+        self.fps, self.s3, self.limits = fps, s3_settings(s3), limits
+        self.originals = Lru(2)
 
     def _write(self, r: dict) -> None:
         edited = Video(r["frames"], self.fps)

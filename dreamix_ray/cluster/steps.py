@@ -28,7 +28,7 @@ from ..models.cascade import CASCADE_FILE, EMBEDDED_DIR, load_base_vae, load_cas
 from ..quiet import quiet_libraries
 from ..request import EditPlan
 from ..storage import ArtifactStore, S3Settings, filesystem, is_s3
-from .io_steps import (_Lru, _s3, cascade_config, describe, empty_frames, load_video,
+from .io_steps import (Lru, cascade_config, describe, empty_frames, load_video, s3_settings,
                        to_batch, to_rows)
 
 # ---------------------------------------------------------------- models and videos
@@ -105,8 +105,8 @@ class Degrade:
         torch.set_num_threads(max(1, threads))
         quiet_libraries()
         device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
-        self.vae = load_base_vae(model_dir(model, _s3(s3)), device)
-        self.cache = _Lru(4)  # a row's prompts arrive together: encode its input once
+        self.vae = load_base_vae(model_dir(model, s3_settings(s3)), device)
+        self.cache = Lru(4)  # a row's prompts arrive together: encode its input once
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -135,7 +135,7 @@ class Finetune:
     def __init__(self, model: str | None = None, s3: dict | None = None, store: str | None = None,
                  threads: int = 1, limits: dict | None = None):
         torch.set_num_threads(max(1, threads))
-        self.model, self.s3, self.limits = model, _s3(s3), limits
+        self.model, self.s3, self.limits = model, s3_settings(s3), limits
         self.store = ArtifactStore(store, self.s3)
         self.cascade = None
         self.done: dict[tuple[str, str], tuple[str, str]] = {}
@@ -180,14 +180,14 @@ class CascadeStep:
         torch.set_num_threads(max(1, threads))
         self.index, self.to_frames = index, to_frames
         self.encoded = encoded  # the base's rows come from the degrade step, already in its latents
-        s3_settings = _s3(s3)
+        s3_config = s3_settings(s3)
         device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
         # what the results record per row: on a logical GPU (Ray's accounting, no CUDA) the stage runs on "cpu"
         self.where = dict(placement(), device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
         # noise still comes from CPU generators: the same rows on any device
-        self.models = FinetunedCascades(lambda: _load_cascade(model, s3_settings).to(device),
-                                        ArtifactStore(store, s3_settings))
-        self.config = cascade_config(model, s3_settings)
+        self.models = FinetunedCascades(lambda: _load_cascade(model, s3_config).to(device),
+                                        ArtifactStore(store, s3_config))
+        self.config = cascade_config(model, s3_config)
         # the stages this step runs: its own, and to frames every later one too (all of them, fused)
         self.names = [stage.name for stage in self.config.stages[index:]] if to_frames else \
             [self.config.stages[index].name]
