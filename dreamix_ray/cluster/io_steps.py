@@ -76,7 +76,6 @@ def s3_settings(settings: dict | None) -> S3Settings | None:
     return S3Settings(**settings) if settings else None
 
 
-
 def cascade_config(model: str | None, s3: S3Settings | None = None) -> CascadeConfig:
     """The stage list, read from cascade.json alone (no weights): what the driver and decoders need."""
     if model is None:
@@ -89,7 +88,6 @@ def cascade_config(model: str | None, s3: S3Settings | None = None) -> CascadeCo
         raise CascadeError(f"{model} is not a cascade directory (no {CASCADE_FILE}); give --model a directory "
                            "written by Cascade.save_pretrained") from None
     return CascadeConfig.from_dict(json.loads(text))
-
 
 
 def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None, with_bytes: bool = False):
@@ -108,7 +106,6 @@ def load_video(uri: str, s3: S3Settings | None, limits: dict | None = None, with
         return read_video(f.name, lim), data
 
 
-
 class Lru(OrderedDict):
     def __init__(self, size: int):
         super().__init__()
@@ -122,7 +119,6 @@ class Lru(OrderedDict):
         while len(self) > self.size:
             self.popitem(last=False)
         return value
-
 
 
 class Decode:
@@ -154,7 +150,6 @@ class Decode:
                 r["status"], r["error"] = "error", describe(exc)
             r["t_decode"], r["decoded_at"] = time.perf_counter() - start, time.time()
         return to_batch(rows, list(rows[0]) if rows else list(batch) + ["x", "t_decode", "decoded_at"])
-
 
 
 class Encode:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.resnet import TemporalConvLayer
 
 
 class FrameAxisConv3d(torch.nn.Conv3d):
@@ -27,12 +26,10 @@ class FrameAxisConv3d(torch.nn.Conv3d):
 
 
 def use_frame_axis_convs(model: torch.nn.Module) -> torch.nn.Module:
-    """Every temporal conv's Conv3d becomes a FrameAxisConv3d (a class swap: weights, names and pickles stay)."""
-    for layer in model.modules():
-        if not isinstance(layer, TemporalConvLayer):
-            continue
-        for conv in layer.modules():
-            if type(conv) is torch.nn.Conv3d and conv.kernel_size[1:] == (1, 1) and conv.stride[1:] == (1, 1) \
-                    and conv.padding[1:] == (0, 0) and conv.padding_mode == "zeros":
-                conv.__class__ = FrameAxisConv3d
+    """Every Conv3d over frames alone (kernel, stride (k, 1, 1), no spatial padding: in a UNet3D, the temporal
+    convs) becomes a FrameAxisConv3d; a class swap, so weights, names and pickles stay."""
+    for conv in model.modules():
+        if type(conv) is torch.nn.Conv3d and conv.kernel_size[1:] == (1, 1) and conv.stride[1:] == (1, 1) \
+                and conv.padding[1:] == (0, 0) and conv.padding_mode == "zeros":
+            conv.__class__ = FrameAxisConv3d
     return model
