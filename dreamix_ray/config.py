@@ -18,7 +18,8 @@ PAPER_GUIDANCE_SCALE = 1.0
 # Paper Sec. 4.1 / App. A.3: good strengths without finetuning 0.4-0.85, after finetuning 0.95-1.0.
 PAPER_STRENGTH_NO_FINETUNE = (0.4, 0.85)
 PAPER_STRENGTH_FINETUNED = (0.95, 1.0)
-EDIT_TYPES = ("motion", "style", "object", "background")  # the paper's edit categories (Table 1)
+EDIT_TYPES = ("motion", "style", "object", "background", "colour")  # the paper's Table 1 categories, and
+# colour: a change of the object's colour only, which needs a strength of its own (issue 21)
 STRENGTH_PRESETS = ("none", "video", "mixed")  # no finetuning, or the finetuning preset used
 # Paper App. A.2: learning rate of every finetuning recipe.
 PAPER_FINETUNE_LR = 6e-6

@@ -52,7 +52,7 @@ class EditRequest:
     prompt: str
     task: str = "edit"  # edit | animate | generate
     strength: float | None = None  # None: the rule in this module's docstring
-    edit_type: str | None = None  # motion | style | object | background
+    edit_type: str | None = None  # one of config.EDIT_TYPES
     # The finetuning the cascade had (or will have) for this edit: a preset name, "custom" for an artifact
     # of unknown recipe, None for none.
     finetune: str | None = None

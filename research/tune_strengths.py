@@ -105,7 +105,8 @@ def main() -> int:
         from dreamix_ray.models.cascade import EMBEDDED_DIR, read_config, update_config
 
         path = Path(args.model or EMBEDDED_DIR)
-        update_config(path, edit_strengths={**(read_config(path).edit_strengths or {}), **table})
+        old = read_config(path).edit_strengths or {}  # merged per preset: a sweep of some types keeps the others
+        update_config(path, edit_strengths={p: {**old.get(p, {}), **table.get(p, {})} for p in {**old, **table}})
         print(f"wrote edit_strengths to {path}")
     return 0
 

@@ -152,8 +152,8 @@ def test_edit_type_picks_the_cascade_strength(capsys, tiny_dir, tmp_path):
     assert "at strength 0.5" in frames["override"][0]
     assert "at strength 0.7" in frames["object"][0]  # no tuned strength for object edits: the default
     with pytest.raises(SystemExit):
-        main(["edit", clip, "-p", "x", "-o", str(tmp_path / "x.mp4"), "--edit-type", "colour"])
-    assert "invalid choice: 'colour'" in capsys.readouterr().err
+        main(["edit", clip, "-p", "x", "-o", str(tmp_path / "x.mp4"), "--edit-type", "color"])
+    assert "invalid choice: 'color'" in capsys.readouterr().err
 
 
 def test_motion_edits_move_the_input_and_generate_never_does():

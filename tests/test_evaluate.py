@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from dreamix_ray.config import CascadeConfig, ConfigError
-from dreamix_ray.evaluate import (EDIT_TYPES, METHODS, EvalSettings, _run_rows, eval_cases, run_method,
-                                  score, tables)
+from dreamix_ray.evaluate import (EDIT_TYPES, METHODS, EvalSettings, _run_rows, eval_cases, rate, run_method,
+                                  score, tables, wilson_interval)
 from dreamix_ray.world.render import render
 
 
@@ -69,7 +69,7 @@ def test_edit_strengths_validated_and_looked_up(tiny):
     assert config.strength_for("object") is None and config.strength_for("style", "video") is None
     assert CascadeConfig.from_dict(json.loads(json.dumps(config.to_dict()))).edit_strengths == table
     assert "edit_strengths" not in tiny.config.to_dict()  # cascades without presets keep their ids
-    for bad, words in (({"sometimes": {}}, "keys must be among"), ({"none": {"colour": 0.5}}, "unknown edit type"),
+    for bad, words in (({"sometimes": {}}, "keys must be among"), ({"none": {"lighting": 0.5}}, "unknown edit type"),
                        ({"none": {"motion": 1.5}}, "strength must be in [0, 1]")):
         with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
             CascadeConfig(tiny.config.stages, edit_strengths=bad)
@@ -119,6 +119,15 @@ def test_tables_pick_the_best_variant_per_edit_type():
     results = {m: [(c, row(m == "dreamix+mixed-ft" or (m == "dreamix" and c.edit_type == "style")))
                    for c in cases] for m in METHODS}
     t1, t2, best = tables(results)
-    assert best == 1.0
-    assert "| motion | 1 | 0% | 0% | 0% | 0% | 100% | dreamix+mixed-ft |" in t1
-    assert "| dreamix+mixed-ft | 1.00 | 1.00 | 1.00 | 100% | 100% |" in t2
+    assert best == [True] * len(cases)
+    assert "| motion | 1 | 0% (0-79) | 0% (0-79) | 0% (0-79) | 0% (0-79) | 100% (21-100) | dreamix+mixed-ft |" in t1
+    assert f"| dreamix+mixed-ft | 1.00 | 1.00 | 1.00 | 100% ({rate(best).split('(')[1]} | 100% |" in t2
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    # the standard Wilson 95% intervals (z = 1.96) of 5/10, 0/10 and 10/10
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(34, 48)[0] < 34 / 48 < wilson_interval(34, 48)[1]
+    assert rate([True] * 34 + [False] * 14) == "71% (57-82)"

@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("moto")
 
+from dreamix_ray.config import EDIT_TYPES  # noqa: E402
 from dreamix_ray.video import Video, read_video, write_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,7 +272,7 @@ BAD = [
     ("strength 5", auth(), lambda: dict(json={"prompt": "x", "strength": 5, "video_uri": S3_CLIP}), 422,
      "strength must be in [0, 1]"),
     ("unknown field", auth(), lambda: dict(json={"prompt": "x", "strenght": 0.5}), 422, "unknown field"),
-    ("unknown edit type", auth(), lambda: dict(json={"prompt": "x", "edit_type": "colour", "video_uri": S3_CLIP}), 422,
+    ("unknown edit type", auth(), lambda: dict(json={"prompt": "x", "edit_type": "color", "video_uri": S3_CLIP}), 422,
      "edit_type must be one of motion"),
     ("over the resolution limit", auth(), lambda: dict(files={"video": ("big.mp4", clip_bytes(size=96))},
                                                        data={"prompt": "x"}), 422, "resolution limit"),
@@ -506,6 +507,8 @@ def test_web_page_in_headless_chromium(served, tmp_path):
         browser.find_element(By.ID, "key").send_keys(KEY)
         browser.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
         WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#preset option"))
+        edit_types = browser.execute_script("return [...document.querySelectorAll('#edit-type option')].map(o => o.value)")
+        assert edit_types == ["", *EDIT_TYPES]  # the model's list, from /v1/info
         browser.find_element(By.ID, "file").send_keys(str(clip))
         browser.find_element(By.ID, "prompt").send_keys("a green square moving right")
         browser.find_element(By.ID, "run").click()

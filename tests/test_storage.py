@@ -77,7 +77,7 @@ def test_manifest_formats_local_and_s3(tmp_path, s3_server, bucket, fmt, encode)
     ({"id": "a", "video": "v.mp4", "prompt": "p", "prompts": ["q"]}, "prompts", "not both"),
     ({"id": "a", "video": "v.mp4", "prompt": "p", "steps": 0}, "steps", ">= 1"),
     ({"id": "a", "video": "v.mp4", "prompt": "p", "output": "s3://b/x.gif"}, "output", ".mp4"),
-    ({"id": "a", "video": "v.mp4", "prompt": "p", "edit_type": "colour"}, "edit_type", "one of motion, style"),
+    ({"id": "a", "video": "v.mp4", "prompt": "p", "edit_type": "color"}, "edit_type", "one of motion, style"),
 ])
 def test_row_errors_name_row_and_column(tmp_path, row, column, words):
     path = tmp_path / "m.jsonl"

@@ -9,9 +9,9 @@ from ..evaluate import run_eval_cli
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="one source video, 4 edits per method (CI)")
+    p.add_argument("--quick", action="store_true", help="one source video, one edit per type and method (CI)")
     p.add_argument("--sources", type=int, default=None,
-                   help="held-out source videos, 4 edits each (default 6; 1 with --quick)")
+                   help="held-out source videos, one edit per type each (default 12; 1 with --quick)")
     p.add_argument("-o", "--output", default="EVAL.md")
     p.add_argument("--model", default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None,

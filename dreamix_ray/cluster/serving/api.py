@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...animate import CAMERAS
+from ...config import EDIT_TYPES
 from ...errors import UserError
 from ...finetune import PRESETS
 from ...video import VideoError
@@ -106,7 +107,8 @@ def create_api(ctx) -> FastAPI:
     @app.get("/v1/info", tags=["service"], summary="the model, presets and limits")
     async def info(_who: str = Depends(owner)):
         return {"stages": [s.to_dict() for s in ctx.stages], "edit_presets": EDIT_PRESETS,
-                "finetune_presets": sorted(PRESETS), "cameras": list(CAMERAS), "accepted": ACCEPTED,
+                "finetune_presets": sorted(PRESETS), "cameras": list(CAMERAS), "edit_types": list(EDIT_TYPES),
+                "accepted": ACCEPTED,
                 "limits": {"max_upload_mb": settings.max_upload_mb, "max_width": settings.max_width,
                            "max_height": settings.max_height, "max_duration_s": settings.max_duration_s,
                            "max_steps": settings.max_steps, "concurrency_per_key": settings.concurrency_per_key}}

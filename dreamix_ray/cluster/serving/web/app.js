@@ -50,6 +50,7 @@ async function loadInfo() {
     $("preset").replaceChildren(...Object.entries(info.edit_presets).map(([name, p]) =>
       new Option(`${name} (strength ${p.strength}${p.finetune ? ", finetuned" : ""})`, name, false, name === "balanced")));
     $("camera").replaceChildren(...info.cameras.map((c) => new Option(c, c)));
+    $("edit-type").replaceChildren(new Option("any", ""), ...info.edit_types.map((t) => new Option(t, t)));
   } catch (err) {
     $("model").textContent = `Enter your API key to load the model's presets (${err.message}).`;
   }
