@@ -1,6 +1,12 @@
 """Fast paths: batched guidance on the UNet stages, SDPA attention, no per-step host reads, the temporal
 convolutions as 2D convolutions on CPU."""
 
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -77,3 +83,31 @@ def test_no_stage_of_the_default_edit_reads_the_device_back_per_step(moving_vide
         (out, few), (_, more) = (_stage_reads(cascade, index, x, n, **settings) for n in (2, 4))
         assert few.total == more.total, (cascade.stages[index].config.name, few.calls, more.calls)
         x = out
+
+
+_REALLOCATE = """
+import resource, torch
+from dreamix_ray.host_memory import keep_freed_memory
+tuned = keep_freed_memory()
+x = torch.randn(4, 32, 16, 64, 64)  # 32 MiB: an SSR activation at batch 4, above glibc's largest mmap threshold
+faults = []
+for _ in range(6):  # steps of a sampler: the same temporaries allocated and freed each time
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.nn.functional.gelu(x) * 2 + 1
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(tuned, sum(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc tuning is glibc's")
+def test_a_freed_large_tensor_is_reused_without_faulting_its_pages_in_again():
+    def page_faults(keep: str) -> tuple[str, int]:
+        env = {**os.environ, "DREAMIX_KEEP_FREED_MEMORY": keep}
+        out = subprocess.run([sys.executable, "-c", _REALLOCATE], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], int(out[1])
+
+    untuned, tuned = page_faults("0"), page_faults("1")
+    assert untuned[0] == "False" and untuned[1] > 4 * 8192  # every 32 MiB temporary faulted in afresh
+    # Steady state: reused, already mapped (a round now and then still maps one block afresh).
+    assert tuned[0] == "True" and tuned[1] < untuned[1] / 4

@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLLTXVideo, AutoencoderKLWan, DDIMScheduler
 
 from ..config import CascadeConfig, StageConfig
+from ..host_memory import keep_freed_memory
 from ..sampling import make_scheduler
 from .latent import (_DTYPES, DEFAULT_VAE_CHUNK_FRAMES, LatentModelError, LatentRuntime, VideoVAE, component_dir,
                      load_latent_components)
@@ -67,6 +68,7 @@ class Cascade:
     def __init__(self, config: CascadeConfig, text_encoder: TextEncoder, stages: list[Stage], source: str = ""):
         if not stages or stages[0].config.kind != "base":
             raise CascadeError("a cascade needs a first stage of kind 'base'")
+        keep_freed_memory()  # every process that runs a cascade's networks: CLI, batch actors, Serve, trainers
         self.config, self.text_encoder, self.stages, self.source = config, text_encoder, stages, source
 
     @property
