@@ -38,6 +38,9 @@ def main() -> int:
     p.add_argument("--name-solid", action="store_true",
                    help="prompts say 'solid' for a solid target object (canonical captions leave the default "
                         "style unsaid; pretraining captions say it 15%% of the time)")
+    p.add_argument("--sr-strength", type=float, default=None,
+                   help="the SR stages start from their noised upsampled input at this strength (SDEdit; 1 = pure "
+                        "noise), so they keep the base's texture; default: the cascade's")
     args = p.parse_args()
     quiet_libraries()
     full = load_cascade(args.model)
@@ -50,6 +53,8 @@ def main() -> int:
             assert article in ("a", "an"), case.prompt
             case = dataclasses.replace(case, prompt=f"a solid {rest}")
         cfg = settings.plan_for("dreamix", case.edit_type, full).config
+        if args.sr_strength is not None:
+            cfg = dataclasses.replace(cfg, sr_strength=args.sr_strength)
         x0 = downsample_to_stage(_render(case.source, full), full.base.config)
         with torch.no_grad():
             base_out = run_stage(StageRun.of(full, cfg, [case.prompt], [case.seed]), 0, x0)
