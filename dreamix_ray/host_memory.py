@@ -14,6 +14,7 @@ actor or Serve replica does anyway. DREAMIX_KEEP_FREED_MEMORY=0 leaves malloc as
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -21,19 +22,15 @@ import platform
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _INT_MAX = 2**31 - 1
 
-_applied: bool | None = None
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Tune this process's malloc once (glibc only; elsewhere a no-op). Returns whether it is tuned."""
-    global _applied
-    if _applied is None:
-        _applied = False
-        if os.environ.get("DREAMIX_KEEP_FREED_MEMORY", "1") != "0" and platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL(None)
-                # mallopt returns 1 on success; both must hold, or big blocks still go back to the kernel.
-                _applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
-            except (OSError, AttributeError):
-                _applied = False
-    return _applied
+    if os.environ.get("DREAMIX_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        # mallopt returns 1 on success; both must hold, or big blocks still go back to the kernel.
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    except (OSError, AttributeError):
+        return False

@@ -1,5 +1,5 @@
 """Fast paths: batched guidance on the UNet stages, SDPA attention, no per-step host reads, the temporal
-convolutions as 2D convolutions on CPU."""
+convolutions as 2D convolutions on CPU, freed host memory reused without page faults."""
 
 import os
 import platform
