@@ -10,6 +10,9 @@ from typing import Any
 from .errors import UserError
 
 STAGE_KINDS = ("base", "tsr", "ssr")
+# How a DDIM-family stage samples: "ddim" (stochastic DDIM, what every stage trained with) or "dpm++"
+# (DPM-Solver++, second order: fewer steps for the same trajectory; sampling.py). Flow stages ignore it.
+STAGE_SAMPLERS = ("ddim", "dpm++")
 
 # Paper App. A.1: the last, largest SSR samples sub-chunks of 32 frames.
 PAPER_SSR_CHUNK_FRAMES = 32
@@ -71,8 +74,11 @@ class StageConfig(_Dict):
     eta: float = 0.5
     finetune: bool = False  # finetuned by default (paper: base + first two SSR)
     latent: dict | None = None  # a latent video stage's components (models/latent.py, docs/REAL_MODELS.md)
+    sampler: str = "ddim"  # STAGE_SAMPLERS
 
     def __post_init__(self):
+        if self.sampler not in STAGE_SAMPLERS:
+            raise ConfigError(f"stage {self.name!r}: sampler must be one of {STAGE_SAMPLERS}, got {self.sampler!r}")
         if self.kind not in STAGE_KINDS:
             raise ConfigError(f"stage {self.name!r}: kind must be one of {STAGE_KINDS}, got {self.kind!r}")
         if self.kind != "base" and self.factor < 1:
@@ -94,6 +100,8 @@ class StageConfig(_Dict):
         data = dataclasses.asdict(self)
         if data["latent"] is None:  # pixel stages keep their old cascade.json (and cascade ids) unchanged
             del data["latent"]
+        if data["sampler"] == "ddim":  # likewise stages that sample as every earlier release did
+            del data["sampler"]
         return data
 
 

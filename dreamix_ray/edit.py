@@ -23,7 +23,7 @@ from .degrade import downsample_to_stage, noise_at_strength, tensor_to_frames, u
 from .models.cascade import Cascade
 from .motion_guidance import MotionPrior, motion_guided
 from .request import EditPlan, EditRequest, resolve
-from .sampling import (SAMPLERS, draw_noise, fresh_scheduler, guided, guided_batched, scheduler_family,
+from .sampling import (SAMPLERS, draw_noise, guided, guided_batched, sampling_scheduler, scheduler_family,
                        seed_generators, strength_timesteps)
 from .sr_consistency import input_kept
 from .video import Video
@@ -122,7 +122,7 @@ def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0, 
     latents when the next stage takes latents."""
     stage, plan = run.cascade.stages[index], run.plan.stages[index]
     start = time.perf_counter()
-    scheduler = fresh_scheduler(stage.scheduler)
+    scheduler = sampling_scheduler(stage.scheduler, stage.config.sampler, plan.eta)
     # The base's salt is (0,) and an SR stage's (stage, chunk): what every earlier release drew.
     gens = seed_generators(run.seeds, 0) if index == 0 else seed_generators(run.seeds, index, chunk)
     x_bcfhw = x_bcfhw.to(run.cascade.device)
@@ -145,7 +145,7 @@ def run_stage(run: StageRun, index: int, x_bcfhw: torch.Tensor, chunk: int = 0, 
             cond = None
     denoise = _denoiser(run, index, cond, anchor, len(timesteps))
     label = f"{stage.config.name} ({stage.config.kind})" if run.progress else False
-    sample = SAMPLERS[scheduler_family(scheduler)]  # the stage's family: stochastic DDIM or flow (sampling.py)
+    sample = SAMPLERS[scheduler_family(scheduler)]  # stochastic DDIM, DPM-Solver++ or flow (sampling.py)
     out = sample(denoise, x, scheduler, timesteps, plan.eta, gens, progress=label)
     following = run.cascade.stages[index + 1] if index + 1 < len(run.cascade.stages) else None
     if following is None or not following.config.latent_input:

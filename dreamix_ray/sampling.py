@@ -1,9 +1,10 @@
-"""Noise schedules, the two samplers (stochastic DDIM, stochastic flow Euler) and the start-at-strength cut
-(paper Sec. 4.1, App. A.1).
+"""Noise schedules, the samplers (stochastic DDIM, DPM-Solver++, stochastic flow Euler) and the start-at-strength
+cut (paper Sec. 4.1, App. A.1).
 
 A stage's family follows its scheduler: "ddim" (DDIMScheduler: our stages, ModelScope / zeroscope) or "flow"
-(FlowMatchEulerDiscreteScheduler: Wan). `add_noise_at` and `SAMPLERS` pick the family's forward process and
-sampler, so edit.run_stage stays one runner."""
+(FlowMatchEulerDiscreteScheduler: Wan). A DDIM-family stage may sample with DPM-Solver++ instead ("dpm", its
+StageConfig.sampler; `sampling_scheduler` makes the run's scheduler). `add_noise_at` and `SAMPLERS` pick the
+run scheduler's forward process and sampler, so edit.run_stage stays one runner."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import hashlib
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -35,6 +36,18 @@ def fresh_scheduler(scheduler: DDIMScheduler) -> DDIMScheduler:
     return type(scheduler).from_config(scheduler.config)
 
 
+def sampling_scheduler(scheduler, sampler: str = "ddim", eta: float = 0.0):
+    """The private scheduler one stage run samples with: a copy of the stage's own, or for sampler "dpm++" a
+    DPM-Solver++ (2M) on the same noise schedule (same betas, prediction type, zero terminal SNR, trailing
+    timesteps). eta > 0 picks its SDE variant, which re-injects noise every step as stochastic DDIM does
+    (its amount is fixed by the solver, not scaled by eta)."""
+    if sampler == "ddim" or scheduler_family(scheduler) == "flow":
+        return fresh_scheduler(scheduler)
+    algorithm = "sde-dpmsolver++" if eta > 0 else "dpmsolver++"
+    return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type=algorithm, solver_order=2,
+                                                   final_sigmas_type="zero")
+
+
 def kept_steps(steps: int, strength: float) -> int:
     """How many of `steps` timesteps run from strength s: the last round(steps * s) (diffusers' get_timesteps)."""
     return min(int(steps * strength + 1e-6), steps)
@@ -48,8 +61,11 @@ def strength_timesteps(scheduler: DDIMScheduler, steps: int, strength: float) ->
 
 
 def scheduler_family(scheduler) -> str:
-    """"flow" for a flow-matching scheduler (x_t = (1 - sigma) x0 + sigma eps), else "ddim"."""
-    return "flow" if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else "ddim"
+    """"flow" for a flow-matching scheduler (x_t = (1 - sigma) x0 + sigma eps), "dpm" for a DPM-Solver++ run of
+    a DDIM-family stage (the same forward process), else "ddim"."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return "flow"
+    return "dpm" if isinstance(scheduler, DPMSolverMultistepScheduler) else "ddim"
 
 
 def add_noise_at(scheduler, x0_bcfhw: torch.Tensor, noise_bcfhw: torch.Tensor, t_b: torch.Tensor) -> torch.Tensor:
@@ -117,6 +133,28 @@ def ddim_sample(
     return x_bcfhw
 
 
+def dpm_sample(
+    denoise: Denoise,
+    x_bcfhw: torch.Tensor,
+    scheduler: DPMSolverMultistepScheduler,
+    timesteps: torch.Tensor,
+    eta: float,
+    generators: list[torch.Generator],
+    progress: bool | str = False,
+) -> torch.Tensor:
+    """DPM-Solver++ (2M) from the first of `timesteps` to 0 (diffusers' step; the scheduler finds its place in
+    the schedule from the first timestep, so an SDEdit start works as in ddim_sample). The SDE variant's noise
+    comes from the rows' own generators, as every other draw."""
+    stochastic = scheduler.config.algorithm_type.startswith("sde")
+    desc = progress if isinstance(progress, str) else "sampling"
+    for t in tqdm(timesteps.tolist(), desc=desc, disable=not progress, leave=False, unit="step"):
+        t_b = torch.full((x_bcfhw.shape[0],), t, dtype=torch.long, device=x_bcfhw.device)
+        v_bcfhw = denoise(x_bcfhw, t_b)
+        noise = draw_noise(tuple(x_bcfhw.shape), generators, x_bcfhw.dtype, x_bcfhw.device) if stochastic else None
+        x_bcfhw = scheduler.step(v_bcfhw, t, x_bcfhw, variance_noise=noise).prev_sample
+    return x_bcfhw
+
+
 def flow_sample(
     denoise: Denoise,
     x_bcfhw: torch.Tensor,
@@ -151,7 +189,7 @@ def flow_sample(
     return x_bcfhw
 
 
-SAMPLERS = {"ddim": ddim_sample, "flow": flow_sample}
+SAMPLERS = {"ddim": ddim_sample, "dpm": dpm_sample, "flow": flow_sample}
 
 
 def guided(denoise_cond: Denoise, denoise_uncond: Denoise | None, scale: float) -> Denoise:
