@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest_batch import BIN, KEYS, free_port
+from conftest_batch import BIN, KEYS, free_port, kill_session
 
 NODE_PORTS = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
               "dashboard-agent-grpc-port", "runtime-env-agent-port")
@@ -131,25 +130,11 @@ class LocalCluster:
         psutil.wait_procs(procs, timeout=30)
 
     def stop(self) -> None:
-        """Stop every node this cluster started (workers together, then the head), then anything of theirs still
-        alive; only processes recorded as these nodes' (psutil's is_running also checks a pid was not reused)."""
-        workers = [n for n in self.nodes if n is not self.head]
-        for group in (workers, [self.head]):
-            trees = {id(node): node.tree() for node in group}
-            for node in group:
-                if node.proc.poll() is None:
-                    node.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-            for node in group:
-                try:
-                    node.proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    pass
-                left = [p for p in trees[id(node)] if p.is_running()]
-                for p in left:
-                    with _gone():
-                        p.kill()
-                psutil.wait_procs(left, timeout=30)
-                shutil.rmtree(node.temp, ignore_errors=True)
+        """Stop every node this cluster started: its process tree and process group killed, as `kill` loses one
+        (Ray's graceful stop took ~30 s and tests nothing); never another Ray on the machine."""
+        for node in self.nodes:
+            kill_session(node.proc)
+            shutil.rmtree(node.temp, ignore_errors=True)
 
     def live_pids(self) -> list[int]:
         return [p.pid for node in self.nodes for p in node.tree()]

@@ -88,7 +88,7 @@ def test_each_stage_runs_on_its_own_gpu_node_and_a_lost_node_is_replaced(gpu_clu
     rows flow through the stages concurrently. (The issue's hang: decode's actor landed on a stage's 1-CPU node,
     Ray Data spreads actors, and that stage's actor waited for the CPU forever.) Mid-job the SSR node's processes
     are killed (the slowest stage: rows wait for it) and a node with the same resources starts, as an autoscaler
-    would: Ray restarts the SSR actor there and retries its rows; none lost, none twice; a rerun skips all."""
+    would: Ray restarts the SSR actor there and retries its rows; none lost, none twice."""
     nodes = stage_nodes(gpu_cluster)
     manifest = inputs("loss", 8)
     cmd = batch_cmd(gpu_cluster, s3_server, tiny_dir, manifest, "s3://multi/loss", "--run-id", "loss")
@@ -132,8 +132,7 @@ def test_each_stage_runs_on_its_own_gpu_node_and_a_lost_node_is_replaced(gpu_clu
         assert line and line.group(1).startswith(f"8 on node {nodes[stage][:8]} (") and ";" not in line.group(1)
     # No assertion that rows overlapped across stages: the lost node's rows are redone after the base has
     # finished every row, and the results keep the redone attempt's times (a loaded machine showed no overlap).
-    rerun = subprocess.run(cmd[:-1] + ["loss-rerun"], capture_output=True, text=True, timeout=600, env=driver_env())
-    assert rerun.returncode == 0 and "8 outputs: 0 done, 0 failed, 8 skipped" in rerun.stdout, rerun.stdout
+    # No rerun either: with each row recorded once and ok (above), the skip is test_batch's rerun test.
 
 
 def live_stage_nodes(cluster) -> None:
@@ -233,7 +232,7 @@ def test_finetune_workers_on_two_nodes_resume_after_losing_one(gpu_cluster, tiny
     clip, store = shapes_clip(tmp_path / "clip.mp4", seed=4), tmp_path / "store"
     cmd = [str(BIN / "dreamix"), "finetune", str(clip), "--model", str(tiny_dir), "--store", str(store),
            "--workers", "2", "--spread", "--max-failures", "1", "--address", gpu_cluster.address,
-           "--ft-steps", "60", "--run-name", "spread"]
+           "--ft-steps", "45", "--run-name", "spread"]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=driver_env())
     try:
         deadline = time.monotonic() + 400
@@ -250,7 +249,7 @@ def test_finetune_workers_on_two_nodes_resume_after_losing_one(gpu_cluster, tiny
             job.kill()
     assert job.returncode == 0, out[-3000:] + err[-3000:]
     assert re.search(r"^resumed from a checkpoint: .*at step \d+", out, re.M), out
-    assert re.search(r"^base: 60 steps", out, re.M), out
+    assert re.search(r"^base: 45 steps", out, re.M), out
     assert (store / out.strip().splitlines()[-1]).is_dir()  # the artifact id, alone on the last line
 
 

@@ -27,7 +27,9 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 httpx = pytest.importorskip("httpx")
 pytest.register_assert_rewrite("conftest_batch")
-from conftest_batch import BIN, _start_head, _stop_head, free_port, shapes_clip  # noqa: E402
+from conftest_batch import BIN, free_port, shapes_clip  # noqa: E402
+
+pytest_plugins = ["conftest_batch"]  # the session's Ray head (ray_cluster), the cluster these commands must not join
 
 KEY = "hardening-key"
 TIMEOUTS = ["--header-timeout", "2", "--body-timeout", "2", "--body-min-rate", "1000", "--idle-timeout", "3"]
@@ -35,20 +37,20 @@ LEGACY_JOB = "ed-" + "a" * 24
 
 
 @pytest.fixture(scope="module")
-def head():
-    """A `ray start --head` cluster that `ray.init()` in the commands under test would find and join.
+def head(ray_cluster):
+    """A running `ray start --head` cluster (the session's, conftest_batch.ray_cluster) that `ray.init()` in the
+    commands under test would find and join.
 
     `ray start` records its address in its temp dir; the commands get RAY_TMPDIR pointing there (instead of
     /tmp/ray), so other Ray users of this machine never see this cluster.
     """
+    address, _, temp = ray_cluster
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    proc, ports, temp = _start_head(dict(env, RAY_AUTH_MODE="disabled"), attempt_timeout=600)
     tmpdir = tempfile.mkdtemp(prefix="dxh")
     os.symlink(temp, Path(tmpdir, "ray"))
     assert Path(tmpdir, "ray", "ray_current_cluster").is_file()
     env.update(RAY_TMPDIR=tmpdir, DREAMIX_API_KEYS=KEY, DS_ACCELERATOR="cpu")
-    yield {"port": f":{ports['port']}", "env": env}  # the address: the node's IP (ray start resolves 127.0.0.1)
-    _stop_head(proc, temp)
+    yield {"port": ":" + address.rsplit(":", 1)[1], "env": env}  # ray start records the node's IP, not 127.0.0.1
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
