@@ -116,42 +116,25 @@ def _alphas_cumprod_on(scheduler, device: torch.device) -> torch.Tensor:
 def ddim_sample(
     denoise: Denoise,
     x_bcfhw: torch.Tensor,
-    scheduler: DDIMScheduler,
+    scheduler: DDIMScheduler | DPMSolverMultistepScheduler,
     timesteps: torch.Tensor,
     eta: float,
     generators: list[torch.Generator],
     progress: bool | str = False,
 ) -> torch.Tensor:
-    """Stochastic DDIM from the first of `timesteps` to 0 (eta > 0 re-injects fresh noise each step)."""
-    steps = timesteps.tolist()
-    desc = progress if isinstance(progress, str) else "sampling"
-    for t in tqdm(steps, desc=desc, disable=not progress, leave=False, unit="step"):
-        t_b = torch.full((x_bcfhw.shape[0],), t, dtype=torch.long, device=x_bcfhw.device)
-        v_bcfhw = denoise(x_bcfhw, t_b)
-        noise = draw_noise(tuple(x_bcfhw.shape), generators, x_bcfhw.dtype, x_bcfhw.device) if eta > 0 else None
-        x_bcfhw = scheduler.step(v_bcfhw, t, x_bcfhw, eta=eta, variance_noise=noise).prev_sample
-    return x_bcfhw
-
-
-def dpm_sample(
-    denoise: Denoise,
-    x_bcfhw: torch.Tensor,
-    scheduler: DPMSolverMultistepScheduler,
-    timesteps: torch.Tensor,
-    eta: float,
-    generators: list[torch.Generator],
-    progress: bool | str = False,
-) -> torch.Tensor:
-    """DPM-Solver++ (2M) from the first of `timesteps` to 0 (diffusers' step; the scheduler finds its place in
-    the schedule from the first timestep, so an SDEdit start works as in ddim_sample). The SDE variant's noise
-    comes from the rows' own generators, as every other draw."""
-    stochastic = scheduler.config.algorithm_type.startswith("sde")
+    """Stochastic DDIM from the first of `timesteps` to 0 (eta > 0 re-injects fresh noise each step); on a
+    DPM-Solver++ scheduler (sampling_scheduler) its second-order step instead, the SDE variant's noise drawn the
+    same way. A DPM scheduler finds its place in the schedule from the first timestep, so an SDEdit start works
+    for both."""
+    dpm = scheduler_family(scheduler) == "dpm"
+    stochastic = scheduler.config.algorithm_type.startswith("sde") if dpm else eta > 0
+    step_args = {} if dpm else {"eta": eta}
     desc = progress if isinstance(progress, str) else "sampling"
     for t in tqdm(timesteps.tolist(), desc=desc, disable=not progress, leave=False, unit="step"):
         t_b = torch.full((x_bcfhw.shape[0],), t, dtype=torch.long, device=x_bcfhw.device)
         v_bcfhw = denoise(x_bcfhw, t_b)
         noise = draw_noise(tuple(x_bcfhw.shape), generators, x_bcfhw.dtype, x_bcfhw.device) if stochastic else None
-        x_bcfhw = scheduler.step(v_bcfhw, t, x_bcfhw, variance_noise=noise).prev_sample
+        x_bcfhw = scheduler.step(v_bcfhw, t, x_bcfhw, variance_noise=noise, **step_args).prev_sample
     return x_bcfhw
 
 
@@ -189,7 +172,7 @@ def flow_sample(
     return x_bcfhw
 
 
-SAMPLERS = {"ddim": ddim_sample, "dpm": dpm_sample, "flow": flow_sample}
+SAMPLERS = {"ddim": ddim_sample, "dpm": ddim_sample, "flow": flow_sample}
 
 
 def guided(denoise_cond: Denoise, denoise_uncond: Denoise | None, scale: float) -> Denoise:
