@@ -294,6 +294,8 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         TrainSettings(workers=0)
     with pytest.raises(TrainSetupError, match="--zero"):
         TrainSettings(zero=1)
+    with pytest.raises(TrainSetupError, match="--checkpoint-every must be >= 1"):
+        TrainSettings(checkpoint_every=0)
     bad = tmp_path / "ds.json"
     bad.write_text('{"optimizer": {"type": "Adam"}}')
     with pytest.raises(TrainSetupError, match="optimizer"):

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=0, metavar="N",
                    help="with --workers, restart the workers up to N times from the newest checkpoint when one "
                         "(or its node) is lost (default 0: the run stops; rerunning it resumes too)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="with --workers, steps between checkpoints (default 25); not part of the artifact's id")
     p.add_argument("--deepspeed-config", default=None, metavar="JSON",
                    help="DeepSpeed config over the defaults with --workers (e.g. infra/deepspeed_zero3.json)")
     p.add_argument("--micro-batch", type=int, default=None,

@@ -54,6 +54,9 @@ class TrainSettings(_Dict):
     max_failures: int = 0  # worker-group restarts from the last checkpoint within one run
     spread: bool = False  # workers on different nodes where possible (Ray's SPREAD), else packed (PACK)
     keep_checkpoints: int = 2
+    # steps between checkpoints; None = the finetune config's (25). How often a run can resume from, not what
+    # it trains: a run resumed from any checkpoint gives the same artifact, so it stays out of the key.
+    checkpoint_every: int | None = None
 
     def __post_init__(self):
         if self.workers < 1:
@@ -66,6 +69,8 @@ class TrainSettings(_Dict):
             raise TrainSetupError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.max_failures < 0:
             raise TrainSetupError(f"--max-failures must be >= 0, got {self.max_failures}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise TrainSetupError(f"--checkpoint-every must be >= 1 step, got {self.checkpoint_every}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise TrainSetupError(f"the micro-batch must be >= 1 clip, got {self.micro_batch}")
 
@@ -103,7 +108,7 @@ def _job(kind: str, settings: TrainSettings, batch_size: int, **fields) -> dict:
     engine = EngineConfig(kind=settings.engine, zero=settings.zero, precision=settings.precision,
                           micro_steps=micro_steps(batch_size, settings), deepspeed=load_deepspeed_config(settings))
     return dict(kind=kind, engine=dataclasses.asdict(engine), use_gpu=settings.use_gpu, threads=settings.threads,
-                **fields)
+                checkpoint_every=settings.checkpoint_every, **fields)
 
 
 def _user_error(exc: BaseException) -> UserError | None:
@@ -206,7 +211,8 @@ def distributed_finetune(args, video, cfg: FinetuneConfig, source_bytes: bytes) 
                              deepspeed_config=getattr(args, "deepspeed_config", None),
                              micro_batch=getattr(args, "micro_batch", None),
                              max_failures=getattr(args, "max_failures", 0) or 0,
-                             spread=bool(getattr(args, "spread", False)))
+                             spread=bool(getattr(args, "spread", False)),
+                             checkpoint_every=getattr(args, "checkpoint_every", None))
     cascade = load_cascade(getattr(args, "model", None))
     store = ArtifactStore(getattr(args, "store", None))
     connected = ensure_ray(getattr(args, "address", None))

@@ -55,7 +55,8 @@ def job_specs(job: dict) -> list[TrainSpec]:
     if job["kind"] == "finetune":
         ref = job["payload"]  # the driver's stage weights, data and prompt embedding, via the object store
         payload = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-        return finetune_specs(payload["stages"], payload["text"], FinetuneConfig.from_dict(job["cfg"]), job["lr"])
+        return finetune_specs(payload["stages"], payload["text"], FinetuneConfig.from_dict(job["cfg"]), job["lr"],
+                              checkpoint_every=job.get("checkpoint_every"))
     if job["kind"] == "pretrain":
         text_encoder = TextEncoder("minilm")
         return [pretrain_spec(PretrainConfig.from_dict(cfg), text_encoder) for cfg in job["cfgs"]]
