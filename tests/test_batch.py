@@ -414,6 +414,42 @@ def test_error_rate_stops_the_job_and_missing_rows_are_reported_lost(ray_driver,
 
 
 @pytest.mark.slow
+def test_a_step_that_gets_no_actor_stops_the_job_naming_it(ray_driver, s3_job, s3_server, tiny_dir, capsys):
+    """Every step's actor pool starts at once (no pool waits for the one before it to be up), so a step that
+    cannot get an actor is the watch's to catch. Encode at 4 CPUs on the test cluster's 4: it fits a node, but
+    only once decode and cascade have finished every row and freed theirs, and --actor-start-timeout 3 is over
+    by then: the job stops with a line naming a step that got no actor in time."""
+    import re
+
+    from dreamix_ray.cluster.batch import run_batch
+
+    summary = run_batch(_options(s3_job, s3_server, tiny_dir, output_prefix="s3://batch/toosmall", run_id="small",
+                                 cpus={"decode": 0.5, "cascade": 0.5, "encode": 4}, actors={},
+                                 actor_start_timeout_s=3))
+    assert "warning: one actor per stage needs 5 CPU (the cluster has 4)" in capsys.readouterr().err
+    assert re.match(r"the (decode|cascade|encode) step has had no running actor for 3 s: the cluster \(CPU: 4",
+                    summary.stopped or ""), summary.text()
+    assert "lower --stage-cpus / --stage-gpus or add nodes" in summary.stopped
+    assert summary.ok == 0
+    # Stopped before any row came out, the job leaves no actor behind on the shared cluster (its executor is
+    # shut down although Ray Data had not handed it out yet).
+    import time
+
+    import ray
+    from ray._private import state
+
+    def left() -> list:
+        actors = state.actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id())).values()
+        return [a["ActorClassName"] for a in actors if a["ActorClassName"].startswith("MapWorker")
+                and a["State"] != "DEAD"]
+
+    deadline = time.monotonic() + 20
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left()
+
+
+@pytest.mark.slow
 def test_a_wan_cascade_runs_the_same_pipeline(ray_driver, s3_client, s3_server, tmp_path):
     """The tiny Wan cascade (one flow-matching base, 5 frames of 32x32) through the same Ray Data steps, manifest
     and results on S3, its VAE encode in a degrade step of its own: each row equals the single-process edit

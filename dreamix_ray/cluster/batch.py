@@ -223,11 +223,19 @@ def actor_shape(opts: BatchOptions, spec: StepSpec) -> dict[str, float]:
 class NodeWatch:
     """Stops a job once no row has come out for `timeout_s` while some step's actor fits on no live node (a lost
     node nobody replaced): Ray would wait for one forever, restarting the step's actor when a node with room
-    joins. A step whose node is gone after it finished its rows does not stop a job that still makes progress."""
+    joins. A step whose node is gone after it finished its rows does not stop a job that still makes progress.
 
-    def __init__(self, shapes: dict[str, dict[str, float]], timeout_s: float, period_s: float = 2.0):
+    It also stops a job one of whose steps has had no running actor for `start_timeout_s` (every node can hold
+    one, but the cluster cannot hold one of every step at once). Ray Data's own guard for that,
+    wait_for_min_actors_s, starts the steps' actor pools one after another, each waiting for the one before
+    it to be up; without it they start side by side (build_dataset)."""
+
+    def __init__(self, shapes: dict[str, dict[str, float]], timeout_s: float, period_s: float = 2.0,
+                 start_timeout_s: float | None = None):
         self.shapes, self.timeout_s, self.period_s = shapes, timeout_s, period_s
+        self.start_timeout_s = timeout_s if start_timeout_s is None else start_timeout_s
         self.since: dict[str, float] = {}
+        self.no_actor_since: dict[str, float] = {}
         self.last_row = time.monotonic()
 
     def progress(self) -> None:
@@ -238,15 +246,47 @@ class NodeWatch:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         now = time.monotonic()
         stalled = now - self.last_row >= self.timeout_s
+        fits = set()
         for name, shape in self.shapes.items():
             if any(all(res.get(k, 0.0) >= v - 1e-9 for k, v in shape.items()) for res in nodes):
                 self.since.pop(name, None)
+                fits.add(name)
             elif now - self.since.setdefault(name, now) >= self.timeout_s and stalled:
                 need = ", ".join(f"{k}: {v:g}" for k, v in shape.items())
                 return (f"no live node can hold a {name} actor ({need}) and none joined within {self.timeout_s:g} s "
                         f"(a node was lost?); add a node with these resources (an autoscaler does) and rerun with "
                         f"the same --output-prefix: finished outputs are kept and skipped")
+        waiting = [step for step in _steps_without_a_running_actor(self.shapes) if step in fits]
+        for step in set(self.no_actor_since) - set(waiting):
+            self.no_actor_since.pop(step)
+        for step in waiting:
+            if now - self.no_actor_since.setdefault(step, now) >= self.start_timeout_s:
+                return (f"the {step} step has had no running actor for {self.start_timeout_s:g} s: the cluster "
+                        f"({_resources_text(ray.cluster_resources())}) cannot hold one actor of every step at "
+                        f"once; lower --stage-cpus / --stage-gpus or add nodes, and rerun with the same "
+                        f"--output-prefix: finished outputs are kept and skipped")
         return ""
+
+
+def _steps_without_a_running_actor(steps) -> list[str]:
+    """Those of `steps` (names) with an actor waiting to start (or restart) and none running: this driver's
+    actors as the GCS lists them (Ray Data names them MapWorker(MapBatches(<Title>Step))). ray._private.state,
+    of the pinned ray 2.60: the public state API needs the dashboard, which clusters may run without."""
+    from ray._private import state
+
+    job = ray.get_runtime_context().get_job_id()
+    by_class = {f"MapWorker(MapBatches({_step_title(step)}))": step for step in steps}
+    alive, waiting = set(), set()
+    for actor in state.actors(job_id=ray.JobID.from_hex(job)).values():
+        step, status = by_class.get(actor.get("ActorClassName")), actor.get("State")
+        if step is not None and status != "DEAD":  # a pool's finished actors are DEAD: not waiting
+            (alive if status == "ALIVE" else waiting).add(step)
+    return sorted(waiting - alive)
+
+
+def _resources_text(resources: dict) -> str:
+    return ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") or
+                     k.startswith("stage_"))
 
 
 def build_dataset(items: list[dict], specs: list[StepSpec], opts: BatchOptions,
@@ -305,9 +345,14 @@ def ray_placement() -> dict[str, str]:
             "gpus": ",".join(map(str, ctx.get_accelerator_ids().get("GPU", [])))}
 
 
+def _step_title(name: str) -> str:
+    """A step's class name, which Ray Data names its operator after: "ssr" -> "SsrStep"."""
+    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part) + "Step"
+
+
 def _named(cls: type, name: str) -> type:
     """Ray Data names operators after the class: one subclass per stage keeps ds.stats() rows apart."""
-    title = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part) + "Step"
+    title = _step_title(name)
     return cls if cls.__name__ == title else type(title, (cls,), {"__module__": cls.__module__})
 
 
@@ -321,7 +366,10 @@ def _data_context(opts: BatchOptions):
     # Rows carry their own errors; a block is lost only if its worker died more than max_task_retries
     # times. Keep going then: the driver records its rows as lost, and --max-error-rate decides.
     ctx.max_errored_blocks = -1
-    ctx.wait_for_min_actors_s = int(opts.actor_start_timeout_s)
+    # Actor pools start side by side (Ray's default, -1): a positive wait started each pool only once the one
+    # before it was up, and model loads, several seconds each here and minutes for a large model on GPUs, added
+    # up. NodeWatch stops a job whose step cannot get an actor within actor_start_timeout_s instead.
+    ctx.wait_for_min_actors_s = -1
     if opts.object_store_mb:
         ctx.execution_options.resource_limits = saved[2].copy(object_store_memory=opts.object_store_mb * 2**20)
     try:
@@ -374,7 +422,7 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
         check_fits(opts, specs)
         with _data_context(opts):
             watch = NodeWatch({spec.name: actor_shape(opts, spec) for spec in specs},
-                              opts.node_wait_s or opts.actor_start_timeout_s)
+                              opts.node_wait_s or opts.actor_start_timeout_s, start_timeout_s=opts.actor_start_timeout_s)
             _execute(build_dataset(items, specs, opts, stage_classes), items, opts, summary,
                      _ResultsWriter(opts, run_id, tag, s3), watch)
         summary.seconds = time.perf_counter() - start
@@ -403,6 +451,7 @@ def _stream(ds, watch: NodeWatch | None, stop: threading.Event):
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
         return
     out: queue.Queue = queue.Queue(maxsize=4)
+    executors = _capture_executor(ds)
 
     def put(item) -> bool:
         while not stop.is_set():  # the driver may have stopped reading: never block on a full queue
@@ -431,7 +480,7 @@ def _stream(ds, watch: NodeWatch | None, stop: threading.Event):
         except queue.Empty:
             if why := watch.check():
                 stop.set()  # the stream's thread then drops what it still gets instead of queueing it
-                _stop_executor(ds, thread)
+                _stop_executor(ds, executors, thread)
                 raise _Unplaceable(why) from None
             continue
         if kind == "batch":
@@ -447,13 +496,27 @@ class _Unplaceable(Exception):
     pass
 
 
-def _stop_executor(ds, thread: threading.Thread, timeout_s: float = 30.0) -> None:
+def _capture_executor(ds) -> list:
+    """The streaming executor `ds` will run on, in the returned list once created. Ray Data sets
+    ds._current_executor only after the first output, so a job stopped before any row came out (a step that
+    got no actor, a node lost early) had no executor to shut down: its actors stayed on a shared cluster."""
+    created: list = []
+    create = ds._create_executor
+
+    def create_and_keep():
+        created.append(create())
+        return created[-1]
+
+    ds._create_executor = create_and_keep
+    return created
+
+
+def _stop_executor(ds, executors: list, thread: threading.Thread, timeout_s: float = 30.0) -> None:
     """Shut the dataset's streaming executor down while Ray is still up, and wait for the stream's thread to see
     it: a batch that cannot come then ends the stream instead of leaving prefetch threads that call into a
-    shut-down Ray at exit and print tracebacks over our message. `_current_executor` is what Ray Data's own
-    blocking calls shut down (Dataset._synchronize_progress_bar); it has no public stop."""
-    executor = getattr(ds, "_current_executor", None)
-    if executor is not None:
+    shut-down Ray at exit and print tracebacks over our message. Ray Data's own blocking calls shut
+    `_current_executor` down the same way (Dataset._synchronize_progress_bar); it has no public stop."""
+    for executor in {id(e): e for e in [*executors, getattr(ds, "_current_executor", None)] if e}.values():
         executor.shutdown(force=True)
     thread.join(timeout_s)
 
