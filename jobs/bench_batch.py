@@ -121,13 +121,15 @@ def run_pipeline(manifest: Path, out: Path, args, layout: str):
     return summary, init_s, peak.peak, model_seconds(str(out), summary, config.stages[0].name)
 
 
+def epoch(value) -> float:
+    """Seconds since the epoch of a results *_at column (the results Parquet stores them as timestamps)."""
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
 def model_seconds(prefix: str, summary, first_stage: str) -> float:
     """From the first row's first stage starting to the last row's upload: the run without its start-up (actor
     processes, imports, model loads), which a long manifest amortizes."""
     from dreamix_ray.manifest import read_results
-
-    def epoch(value) -> float:  # the results Parquet stores the *_at columns as timestamps
-        return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
     rows = [r for r in read_results(prefix, None, run_id=summary.run_id).to_pylist() if r["status"] == "ok"]
     return max(epoch(r["finished_at"]) for r in rows) - min(epoch(r[f"{first_stage}_started_at"]) for r in rows)

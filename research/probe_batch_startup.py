@@ -30,14 +30,15 @@ def main(argv=None) -> int:
     import ray
     from ray.util.state import list_tasks
 
-    from bench_batch import make_inputs
+    from bench_batch import epoch, make_inputs
     from dreamix_ray.cluster.batch import BatchOptions, run_batch
     from dreamix_ray.manifest import read_results
     from dreamix_ray.request import EditRequest
 
     with tempfile.TemporaryDirectory(prefix="probe-startup-") as tmp:
         manifest = make_inputs(Path(tmp), args.videos)
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=True, log_to_driver=False)  # the state API needs it
+        # the dashboard: Ray's state API (list_tasks) is served by it
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=True, log_to_driver=False)
         try:
             opts = BatchOptions(manifest=str(manifest), output_prefix=str(Path(tmp, "out")), model=args.model,
                                 request=EditRequest(prompt="", ssr_chunk_frames=8), batch_size=2, progress=False)
@@ -51,9 +52,6 @@ def main(argv=None) -> int:
 
     def rel(ms) -> str:
         return f"{ms / 1000 - t0:7.1f}" if ms else "      -"
-
-    def epoch(value) -> float:
-        return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
     print(f"{summary.ok} videos in {summary.seconds:.1f} s (layout {summary.layout})")
     print("actor creation tasks: created / started (worker up) / __init__ done")

@@ -230,10 +230,9 @@ class NodeWatch:
     wait_for_min_actors_s, starts the steps' actor pools one after another, each waiting for the one before
     it to be up; without it they start side by side (build_dataset)."""
 
-    def __init__(self, shapes: dict[str, dict[str, float]], timeout_s: float, period_s: float = 2.0,
-                 start_timeout_s: float | None = None):
-        self.shapes, self.timeout_s, self.period_s = shapes, timeout_s, period_s
-        self.start_timeout_s = timeout_s if start_timeout_s is None else start_timeout_s
+    def __init__(self, shapes: dict[str, dict[str, float]], timeout_s: float, start_timeout_s: float,
+                 period_s: float = 2.0):
+        self.shapes, self.timeout_s, self.start_timeout_s, self.period_s = shapes, timeout_s, start_timeout_s, period_s
         self.since: dict[str, float] = {}
         self.no_actor_since: dict[str, float] = {}
         self.last_row = time.monotonic()
@@ -252,10 +251,9 @@ class NodeWatch:
                 self.since.pop(name, None)
                 fits.add(name)
             elif now - self.since.setdefault(name, now) >= self.timeout_s and stalled:
-                need = ", ".join(f"{k}: {v:g}" for k, v in shape.items())
-                return (f"no live node can hold a {name} actor ({need}) and none joined within {self.timeout_s:g} s "
-                        f"(a node was lost?); add a node with these resources (an autoscaler does) and rerun with "
-                        f"the same --output-prefix: finished outputs are kept and skipped")
+                return (f"no live node can hold a {name} actor ({_resources_text(shape)}) and none joined within "
+                        f"{self.timeout_s:g} s (a node was lost?); add a node with these resources (an autoscaler "
+                        f"does) and rerun with the same --output-prefix: finished outputs are kept and skipped")
         waiting = [step for step in _steps_without_a_running_actor(self.shapes) if step in fits]
         for step in set(self.no_actor_since) - set(waiting):
             self.no_actor_since.pop(step)
@@ -285,6 +283,7 @@ def _steps_without_a_running_actor(steps) -> list[str]:
 
 
 def _resources_text(resources: dict) -> str:
+    """The CPUs, GPUs and stage_<kind> tokens of an actor shape or a cluster: "CPU: 1, GPU: 1, stage_ssr: 0.001"."""
     return ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") or
                      k.startswith("stage_"))
 
@@ -422,7 +421,7 @@ def run_batch(opts: BatchOptions, stage_classes: dict[str, type] | None = None) 
         check_fits(opts, specs)
         with _data_context(opts):
             watch = NodeWatch({spec.name: actor_shape(opts, spec) for spec in specs},
-                              opts.node_wait_s or opts.actor_start_timeout_s, start_timeout_s=opts.actor_start_timeout_s)
+                              opts.node_wait_s or opts.actor_start_timeout_s, opts.actor_start_timeout_s)
             _execute(build_dataset(items, specs, opts, stage_classes), items, opts, summary,
                      _ResultsWriter(opts, run_id, tag, s3), watch)
         summary.seconds = time.perf_counter() - start
@@ -480,7 +479,7 @@ def _stream(ds, watch: NodeWatch | None, stop: threading.Event):
         except queue.Empty:
             if why := watch.check():
                 stop.set()  # the stream's thread then drops what it still gets instead of queueing it
-                _stop_executor(ds, executors, thread)
+                _stop_executor(executors, thread)
                 raise _Unplaceable(why) from None
             continue
         if kind == "batch":
@@ -497,9 +496,10 @@ class _Unplaceable(Exception):
 
 
 def _capture_executor(ds) -> list:
-    """The streaming executor `ds` will run on, in the returned list once created. Ray Data sets
-    ds._current_executor only after the first output, so a job stopped before any row came out (a step that
-    got no actor, a node lost early) had no executor to shut down: its actors stayed on a shared cluster."""
+    """The streaming executors `ds` runs on, in the returned list as they are created. Ray Data sets
+    ds._current_executor (the same object) only after the first output, so a job stopped before any row came
+    out (a step that got no actor, a node lost early) had no executor to shut down: its actors stayed on a
+    shared cluster."""
     created: list = []
     create = ds._create_executor
 
@@ -511,12 +511,12 @@ def _capture_executor(ds) -> list:
     return created
 
 
-def _stop_executor(ds, executors: list, thread: threading.Thread, timeout_s: float = 30.0) -> None:
+def _stop_executor(executors: list, thread: threading.Thread, timeout_s: float = 30.0) -> None:
     """Shut the dataset's streaming executor down while Ray is still up, and wait for the stream's thread to see
     it: a batch that cannot come then ends the stream instead of leaving prefetch threads that call into a
-    shut-down Ray at exit and print tracebacks over our message. Ray Data's own blocking calls shut
+    shut-down Ray at exit and print tracebacks over our message. Ray Data's own blocking calls shut their
     `_current_executor` down the same way (Dataset._synchronize_progress_bar); it has no public stop."""
-    for executor in {id(e): e for e in [*executors, getattr(ds, "_current_executor", None)] if e}.values():
+    for executor in executors:
         executor.shutdown(force=True)
     thread.join(timeout_s)
 
