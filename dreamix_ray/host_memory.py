@@ -9,6 +9,12 @@ threshold at its maximum, those blocks come back from the heap already mapped.
 
 The cost: a process keeps its peak heap instead of returning it, which is what a long-lived editor, batch
 actor or Serve replica does anyway. DREAMIX_KEEP_FREED_MEMORY=0 leaves malloc as it was.
+
+Ray runs a step's calls on a thread of its own (Ray Data's map actors, Serve's replicas, Ray Train's training
+loop), and glibc gives such threads arenas of their own: heaps mmap'd 64 MiB at a time, which these settings keep
+less of. The same batch steps cost 1.11x the CPU-seconds on a pool thread as on the main thread, and no more
+once the process has one arena (research/probe_actor_cpu.py). The arena count is read when malloc starts, so
+the actors that run networks get it from their environment (worker_env), not from mallopt.
 """
 
 from __future__ import annotations
@@ -34,3 +40,11 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
     except (OSError, AttributeError):
         return False
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables for a Ray worker that runs networks (a runtime_env's env_vars): one malloc arena, so
+    the thread Ray runs its calls on shares the main heap that keep_freed_memory tunes."""
+    if os.environ.get("DREAMIX_KEEP_FREED_MEMORY", "1") == "0":
+        return {}
+    return {"MALLOC_ARENA_MAX": "1"}

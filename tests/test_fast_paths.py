@@ -111,3 +111,30 @@ def test_a_freed_large_tensor_is_reused_without_faulting_its_pages_in_again():
     assert untuned[0] == "False" and untuned[1] > 4 * 8192  # every 32 MiB temporary faulted in afresh
     # Steady state: reused, already mapped (a round now and then still maps one block afresh).
     assert tuned[0] == "True" and tuned[1] < untuned[1] / 4
+
+
+_POOL_THREAD_HEAP = """
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.sbrk.restype, libc.free.argtypes = ctypes.c_void_p, ctypes.c_void_p, [ctypes.c_void_p]
+def in_main_heap():  # the main arena grows with brk; a thread's own arena is an mmap'd heap above it
+    block = libc.malloc(4096)
+    top = libc.sbrk(0)
+    libc.free(block)
+    return block < top
+print(ThreadPoolExecutor(1).submit(in_main_heap).result())  # a thread like the one Ray calls a step on
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc tuning is glibc's")
+def test_a_ray_workers_environment_puts_its_pool_threads_on_the_tuned_main_heap():
+    from dreamix_ray.host_memory import worker_env
+
+    def on_main_heap(env: dict[str, str]) -> str:
+        clean = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+        return subprocess.run([sys.executable, "-c", _POOL_THREAD_HEAP], env={**clean, **env}, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert on_main_heap({}) == "False"  # glibc's default: an arena of its own, which keep_freed_memory keeps less of
+    assert worker_env() and on_main_heap(worker_env()) == "True"

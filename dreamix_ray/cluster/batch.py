@@ -21,6 +21,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from ..errors import UserError
+from ..host_memory import worker_env
 from ..manifest import read_manifest, results_dir, work_items, write_results
 from ..request import EditRequest
 from ..storage import S3Settings, join, write_bytes
@@ -310,6 +311,9 @@ def build_dataset(items: list[dict], specs: list[StepSpec], opts: BatchOptions,
         # that stage's actor needed, and the pipeline waited forever (issue 23). Ray's default policy keeps
         # CPU-only work off GPU nodes while other nodes have room.
         scheduling = {} if gpus else {"scheduling_strategy": "DEFAULT"}
+        env = worker_env() if spec.model else {}  # Ray Data calls a step on a pool thread (host_memory)
+        if env:
+            scheduling["runtime_env"] = {"env_vars": env}
         fn = _named((stage_classes or {}).get(spec.name, spec.fn), spec.name)
         with warnings.catch_warnings():
             # Bounded restarts need ray_remote_args (deprecated in 2.60, no named parameter yet); Ray's

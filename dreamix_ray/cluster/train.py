@@ -22,6 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..config import _Dict
 from ..errors import UserError
+from ..host_memory import worker_env
 from ..finetune import (
     ARTIFACT_FILE, FinetuneConfig, _StageData, artifact_key, finetune_lr,
     finetuned_stage_names, save_artifact, video_bytes,
@@ -137,7 +138,8 @@ def run_training(job: dict, settings: TrainSettings, name: str, storage: str, fa
                                                placement_strategy="SPREAD" if settings.spread else "PACK"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
-            worker_runtime_env=None if settings.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
+            # the training loop runs on a thread of its own (host_memory.worker_env)
+            worker_runtime_env={"env_vars": {**worker_env(), **({} if settings.use_gpu else {"DS_ACCELERATOR": "cpu"})}},
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
     try:

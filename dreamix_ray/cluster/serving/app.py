@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
+from ...host_memory import worker_env
 from ...storage import ArtifactStore
 from .api import create_api
 from .jobs import JobStore
@@ -91,6 +92,8 @@ def build_app(args: dict | None = None):
     stages = list(cascade_config(settings.model_dir).stages)
     plain = settings.to_dict()
     actor = {"num_cpus": settings.stage_num_cpus, "num_gpus": settings.stage_num_gpus}
+    if worker_env():  # a replica runs its requests on a thread of its own (host_memory)
+        actor["runtime_env"] = {"env_vars": worker_env()}
     workers = [
         # One request per replica: a stage saturates its device, so Serve queues and autoscales instead.
         StageDeployment.options(name=f"stage-{s.name}", ray_actor_options=actor,
