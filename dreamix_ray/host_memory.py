@@ -12,7 +12,7 @@ actor or Serve replica does anyway. DREAMIX_KEEP_FREED_MEMORY=0 leaves malloc as
 
 Ray runs a step's calls on a thread of its own (Ray Data's map actors, Serve's replicas, Ray Train's training
 loop), and glibc gives such threads arenas of their own: heaps mmap'd 64 MiB at a time, which these settings keep
-less of. The same batch steps cost 1.11x the CPU-seconds on a pool thread as on the main thread, and no more
+less of. The same batch steps cost 1.1-1.2x the CPU-seconds on a pool thread as on the main thread, and 1.03x
 once the process has one arena (research/probe_actor_cpu.py). The arena count is read when malloc starts, so
 the actors that run networks get it from their environment (worker_env), not from mallopt.
 """

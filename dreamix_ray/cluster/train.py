@@ -22,11 +22,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..config import _Dict
 from ..errors import UserError
-from ..host_memory import worker_env
 from ..finetune import (
     ARTIFACT_FILE, FinetuneConfig, _StageData, artifact_key, finetune_lr,
     finetuned_stage_names, save_artifact, video_bytes,
 )
+from ..host_memory import worker_env
 from ..models.cascade import Cascade, Stage, load_cascade
 from ..pretrain import PretrainConfig, publish_ema
 from ..storage import ArtifactStore, filesystem, is_s3, join
@@ -125,6 +125,11 @@ def _user_error(exc: BaseException) -> UserError | None:
     return None
 
 
+def _worker_env_vars(settings: TrainSettings) -> dict[str, str]:
+    """The training loop runs on a thread of its own (host_memory.worker_env); DeepSpeed picks CUDA unless told."""
+    return {**worker_env(), **({} if settings.use_gpu else {"DS_ACCELERATOR": "cpu"})}
+
+
 def run_training(job: dict, settings: TrainSettings, name: str, storage: str, fail_after_step: int | None = None):
     """One TorchTrainer run (resumes `name` under `storage` if it has checkpoints); returns the Result."""
     fs, path = filesystem(storage) if is_s3(storage) else (None, str(Path(storage).expanduser().resolve()))
@@ -138,8 +143,7 @@ def run_training(job: dict, settings: TrainSettings, name: str, storage: str, fa
                                                placement_strategy="SPREAD" if settings.spread else "PACK"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
-            # the training loop runs on a thread of its own (host_memory.worker_env)
-            worker_runtime_env={"env_vars": {**worker_env(), **({} if settings.use_gpu else {"DS_ACCELERATOR": "cpu"})}},
+            worker_runtime_env={"env_vars": _worker_env_vars(settings)},
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
     try:
