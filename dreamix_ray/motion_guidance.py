@@ -16,12 +16,15 @@ coarse video of one frame moving, then edited) done at high noise. Prompts witho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .sampling import Denoise, signal_noise_scales
+
+if TYPE_CHECKING:
+    from .sampling import Denoise
 
 
 class MotionPriorError(UserError):
@@ -120,6 +123,10 @@ def motion_guided(denoise: Denoise, scheduler, prior: MotionPrior, pooled_bd: to
                   weight: float, input_bcfhw: torch.Tensor | None = None) -> Denoise:
     """`denoise` with its clean-clip estimate pulled towards the moving layout at t >= prior.from_t.
     With `input_bcfhw` (a motion edit) the layout moves the input's middle frame, not the base's estimate."""
+    # Here, not at the top: sampling imports diffusers' schedulers, and reading a cascade.json with a motion
+    # prior (config.CascadeConfig checks it) must not wait for them (the batch's Decode actors, the driver).
+    from .sampling import signal_noise_scales
+
     directions = prior.directions(pooled_bd)
     rows = directions.abs().sum(1) > 0
     # (our stages predict v; an epsilon stage from elsewhere has no fitted prior to guide it)

@@ -1,8 +1,8 @@
 """The batch pipeline's file steps (Decode, Encode) and the column helpers every step uses.
 
-Nothing here imports diffusers or the models: a Decode or Encode actor starts in the time PyAV, pyarrow and
-torch take, not the cascade's (several CPU-seconds less each at the start of every job; steps.py holds the
-steps that run networks).
+Nothing here imports diffusers or the models: a Decode or Encode actor starts in the time PyAV and pyarrow take
+(and torch, for Decode only), not the cascade's (several CPU-seconds less each at the start of every job, when
+every actor of the job imports at once; steps.py holds the steps that run networks).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from ..config import CascadeConfig, EditConfig
-from ..degrade import downsample_to_stage
 from ..errors import UserError
 from ..models.embedded import CASCADE_FILE, EMBEDDED_DIR, CascadeError, embedded_config
 from ..storage import S3Settings, exists, is_s3, join, read_bytes, write_bytes
@@ -125,13 +124,16 @@ class Decode:
     """Skip rows whose output exists, read each video, downsample it to the base stage (paper Sec. 4.1)."""
 
     def __init__(self, model: str | None = None, s3: dict | None = None, limits: dict | None = None):
+        from ..degrade import downsample_to_stage  # torch: imported here, so an Encode actor starts without it
+
+        self.downsample = downsample_to_stage
         self.s3, self.limits = s3_settings(s3), limits
         self.base = cascade_config(model, self.s3).stages[0]
         self.cache = Lru(4)  # a row's prompts arrive together: decode its video once
 
     def _x0(self, uri: str, cfg: EditConfig) -> np.ndarray:
         video = load_video(uri, self.s3, self.limits)[0]
-        return downsample_to_stage(video, self.base, cfg.num_frames, cfg.fit)[0].numpy()
+        return self.downsample(video, self.base, cfg.num_frames, cfg.fit)[0].numpy()
 
     def __call__(self, batch: dict) -> dict:
         rows = to_rows(batch)
