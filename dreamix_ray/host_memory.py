@@ -32,7 +32,7 @@ _INT_MAX = 2**31 - 1
 @functools.cache
 def keep_freed_memory() -> bool:
     """Tune this process's malloc once (glibc only; elsewhere a no-op). Returns whether it is tuned."""
-    if os.environ.get("DREAMIX_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
+    if _opted_out() or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(None)
@@ -45,6 +45,8 @@ def keep_freed_memory() -> bool:
 def worker_env() -> dict[str, str]:
     """Environment variables for a Ray worker that runs networks (a runtime_env's env_vars): one malloc arena, so
     the thread Ray runs its calls on shares the main heap that keep_freed_memory tunes."""
-    if os.environ.get("DREAMIX_KEEP_FREED_MEMORY", "1") == "0":
-        return {}
-    return {"MALLOC_ARENA_MAX": "1"}
+    return {} if _opted_out() else {"MALLOC_ARENA_MAX": "1"}
+
+
+def _opted_out() -> bool:
+    return os.environ.get("DREAMIX_KEEP_FREED_MEMORY", "1") == "0"

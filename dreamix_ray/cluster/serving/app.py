@@ -92,8 +92,9 @@ def build_app(args: dict | None = None):
     stages = list(cascade_config(settings.model_dir).stages)
     plain = settings.to_dict()
     actor = {"num_cpus": settings.stage_num_cpus, "num_gpus": settings.stage_num_gpus}
-    if worker_env():  # a replica runs its requests on a thread of its own (host_memory)
-        actor["runtime_env"] = {"env_vars": worker_env()}
+    env = worker_env()  # a replica runs its requests on a thread of its own (host_memory)
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
     workers = [
         # One request per replica: a stage saturates its device, so Serve queues and autoscales instead.
         StageDeployment.options(name=f"stage-{s.name}", ray_actor_options=actor,
